@@ -1,0 +1,102 @@
+//! Interchange round-trip latency and batched throughput, measured with an in-process
+//! fake worker pool (a DEALER speaking the htex_rs protocol that echoes every task).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use htex_rs::interchange::{Config, Event, Handle, NewTask};
+use htex_rs::protocol::{decode_meta, encode_meta, header, Kind, Registration, PROTOCOL_VERSION};
+
+/// Start an interchange plus an echoing pool thread with `capacity` slots.
+fn setup(capacity: u32) -> (Handle, std::thread::JoinHandle<()>) {
+    let h = Handle::start(Config { heartbeat_threshold: Duration::from_secs(600), ..Config::default() }).unwrap();
+    let port = h.port;
+    let pool = std::thread::spawn(move || {
+        let ctx = zmq::Context::new();
+        let s = ctx.socket(zmq::DEALER).unwrap();
+        s.set_identity(b"bench-pool").unwrap();
+        s.set_linger(0).unwrap();
+        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+        let reg = Registration {
+            protocol_version: PROTOCOL_VERSION,
+            uid: "bench-pool".into(),
+            block_id: Some("0".into()),
+            worker_count: capacity,
+            max_capacity: capacity,
+            ..Registration::default()
+        };
+        s.send_multipart([&header(Kind::Register)[..], &serde_json::to_vec(&reg).unwrap()], 0).unwrap();
+        loop {
+            let Ok(frames) = s.recv_multipart(0) else { return };
+            if frames[0] != header(Kind::Tasks) {
+                continue;
+            }
+            let meta = decode_meta(&frames[1], frames.len() - 2).unwrap();
+            if meta.first().is_some_and(|m| m.0 == u64::MAX) {
+                return;
+            }
+            let out: Vec<(u64, u8)> = meta.iter().map(|(id, _)| (*id, 0)).collect();
+            let mut msg: Vec<Vec<u8>> = vec![header(Kind::Results).to_vec(), encode_meta(&out)];
+            msg.extend(frames.into_iter().skip(2));
+            s.send_multipart(msg, 0).unwrap();
+        }
+    });
+    (h, pool)
+}
+
+fn wait_results(h: &Handle, n: usize) {
+    let mut got = 0;
+    while got < n {
+        for e in h.wait_events(Duration::from_secs(10), usize::MAX) {
+            if let Event::Result { .. } = e {
+                got += 1;
+            }
+        }
+    }
+}
+
+fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
+    h.submit([NewTask { task_id: u64::MAX, priority: 0.0, flags: 0, payload: vec![] }]);
+    pool.join().unwrap();
+}
+
+fn bench(c: &mut Criterion) {
+    let (h, pool) = setup(1);
+    // Warm-up outside the timer: TCP connect and registration.
+    h.submit([NewTask { task_id: 0, priority: 0.0, flags: 0, payload: vec![0; 64] }]);
+    wait_results(&h, 1);
+    let mut id = 1u64;
+    c.bench_function("round_trip_one_task", |b| {
+        b.iter(|| {
+            h.submit([NewTask { task_id: id, priority: 0.0, flags: 0, payload: vec![0; 64] }]);
+            id += 1;
+            wait_results(&h, 1);
+        });
+    });
+    stop(h, pool);
+
+    let (h, pool) = setup(1024);
+    h.submit([NewTask { task_id: 0, priority: 0.0, flags: 0, payload: vec![0; 64] }]);
+    wait_results(&h, 1);
+    let mut g = c.benchmark_group("batched");
+    let n = 10_000u64;
+    g.throughput(Throughput::Elements(n));
+    let mut id = 1u64;
+    g.bench_function("10k_tasks_capacity_1024", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                h.submit((0..n).map(|i| NewTask { task_id: id + i, priority: f64::INFINITY, flags: 0, payload: vec![0; 64] }));
+                id += n;
+                wait_results(&h, n as usize);
+            }
+            black_box(start.elapsed())
+        });
+    });
+    g.finish();
+    stop(h, pool);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,335 @@
+//! The manager table: registered worker pools, their outstanding tasks, capacity,
+//! heartbeats, drain and hold state, and the order in which they are offered tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::protocol::Registration;
+
+/// How managers with free capacity are ordered for dispatch (Parsl's selectors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    Random,
+    /// Highest block id first, compared as strings (Parsl's `BlockIdManagerSelector`).
+    BlockId,
+}
+
+pub struct Manager {
+    pub identity: Vec<u8>,
+    pub reg: Registration,
+    pub tasks: HashSet<u64>,
+    pub active: bool,
+    pub draining: bool,
+    pub last_seen: Instant,
+    pub idle_since: Option<Instant>,
+}
+
+impl Manager {
+    #[must_use]
+    pub fn free_capacity(&self) -> usize {
+        (self.reg.max_capacity as usize).saturating_sub(self.tasks.len())
+    }
+
+    fn eligible(&self) -> bool {
+        self.active && !self.draining && self.free_capacity() > 0
+    }
+}
+
+/// A snapshot of one manager for `connected_managers()`.
+#[derive(Debug, Clone)]
+pub struct ManagerInfo {
+    pub manager: String,
+    pub block_id: Option<String>,
+    pub worker_count: u32,
+    pub tasks: usize,
+    pub idle_duration: f64,
+    pub active: bool,
+    pub draining: bool,
+    pub parsl_version: String,
+    pub python_version: String,
+    pub hostname: String,
+}
+
+/// Tasks of a manager that was declared lost.
+pub struct Lost {
+    pub uid: String,
+    pub hostname: String,
+    pub tasks: Vec<u64>,
+}
+
+#[derive(Default)]
+pub struct Managers {
+    map: HashMap<Vec<u8>, Manager>,
+    /// Managers that may have free capacity; only these are looked at when dispatching.
+    interesting: HashSet<Vec<u8>>,
+    /// One block id per registration, duplicates kept (Parsl's `connected_block_history`).
+    pub block_history: Vec<String>,
+}
+
+#[must_use]
+pub fn epoch_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Managers {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&mut self, identity: Vec<u8>, reg: Registration) {
+        if let Some(b) = &reg.block_id {
+            self.block_history.push(b.clone());
+        }
+        let now = Instant::now();
+        self.interesting.insert(identity.clone());
+        self.map.insert(
+            identity.clone(),
+            Manager {
+                identity,
+                reg,
+                tasks: HashSet::new(),
+                active: true,
+                draining: false,
+                last_seen: now,
+                idle_since: Some(now),
+            },
+        );
+    }
+
+    #[must_use]
+    pub fn get(&self, identity: &[u8]) -> Option<&Manager> {
+        self.map.get(identity)
+    }
+
+    pub fn get_mut(&mut self, identity: &[u8]) -> Option<&mut Manager> {
+        self.map.get_mut(identity)
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn touch(&mut self, identity: &[u8]) -> bool {
+        match self.map.get_mut(identity) {
+            Some(m) => {
+                m.last_seen = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Record finished tasks; the manager becomes a dispatch candidate again.
+    pub fn complete(&mut self, identity: &[u8], task_ids: impl IntoIterator<Item = u64>) {
+        if let Some(m) = self.map.get_mut(identity) {
+            for id in task_ids {
+                m.tasks.remove(&id);
+            }
+            if m.tasks.is_empty() {
+                m.idle_since = Some(Instant::now());
+            }
+            self.interesting.insert(identity.to_vec());
+        }
+    }
+
+    /// Record tasks sent to a manager.
+    pub fn assign(&mut self, identity: &[u8], task_ids: &[u64]) {
+        if let Some(m) = self.map.get_mut(identity) {
+            m.tasks.extend(task_ids.iter().copied());
+            m.idle_since = None;
+            if m.free_capacity() == 0 {
+                self.interesting.remove(identity);
+            }
+        }
+    }
+
+    /// Managers with free capacity, in the order the selector offers them tasks.
+    /// Costs O(candidates), not O(all managers): saturated ones are not in the set.
+    pub fn dispatch_order(&mut self, selector: Selector) -> Vec<Vec<u8>> {
+        let map = &self.map;
+        self.interesting
+            .retain(|id| map.get(id).is_some_and(Manager::eligible));
+        let mut ids: Vec<Vec<u8>> = self.interesting.iter().cloned().collect();
+        match selector {
+            Selector::Random => fastrand::shuffle(&mut ids),
+            Selector::BlockId => {
+                ids.sort_by(|a, b| {
+                    let ka = map[a].reg.block_id.as_ref();
+                    let kb = map[b].reg.block_id.as_ref();
+                    // Descending: highest block id first, managers without one last.
+                    (kb.is_some(), kb).cmp(&(ka.is_some(), ka))
+                });
+            }
+        }
+        ids
+    }
+
+    pub fn hold(&mut self, uid: &str) -> bool {
+        let mut found = false;
+        for m in self.map.values_mut() {
+            if m.reg.uid == uid {
+                m.active = false;
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// Remove managers silent for longer than `threshold`; return their tasks.
+    pub fn expire_silent(&mut self, threshold: Duration) -> Vec<Lost> {
+        let now = Instant::now();
+        let dead: Vec<Vec<u8>> = self
+            .map
+            .values()
+            .filter(|m| now.duration_since(m.last_seen) > threshold)
+            .map(|m| m.identity.clone())
+            .collect();
+        dead.into_iter()
+            .filter_map(|id| self.remove(&id))
+            .map(|m| {
+                let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
+                tasks.sort_unstable();
+                Lost {
+                    uid: m.reg.uid,
+                    hostname: m.reg.hostname,
+                    tasks,
+                }
+            })
+            .collect()
+    }
+
+    /// Mark managers past their drain time as draining; return the identities of
+    /// draining managers with no tasks left, removed from the table (to be told to exit).
+    pub fn drained(&mut self) -> Vec<Vec<u8>> {
+        let now = epoch_now();
+        let mut done = Vec::new();
+        for m in self.map.values_mut() {
+            if !m.draining && m.reg.drain_time.is_some_and(|t| now >= t) {
+                m.draining = true;
+            }
+            if m.draining && m.tasks.is_empty() {
+                done.push(m.identity.clone());
+            }
+        }
+        for id in &done {
+            self.remove(id);
+        }
+        done
+    }
+
+    pub fn remove(&mut self, identity: &[u8]) -> Option<Manager> {
+        self.interesting.remove(identity);
+        self.map.remove(identity)
+    }
+
+    #[must_use]
+    pub fn infos(&self) -> Vec<ManagerInfo> {
+        let now = Instant::now();
+        self.map
+            .values()
+            .map(|m| ManagerInfo {
+                manager: m.reg.uid.clone(),
+                block_id: m.reg.block_id.clone(),
+                worker_count: m.reg.worker_count,
+                tasks: m.tasks.len(),
+                idle_duration: m
+                    .idle_since
+                    .map_or(0.0, |t| now.duration_since(t).as_secs_f64()),
+                active: m.active,
+                draining: m.draining,
+                parsl_version: m.reg.parsl_version.clone(),
+                python_version: m.reg.python_version.clone(),
+                hostname: m.reg.hostname.clone(),
+            })
+            .collect()
+    }
+
+    #[must_use]
+    pub fn packages(&self) -> Vec<(String, String)> {
+        self.map
+            .values()
+            .map(|m| {
+                (
+                    m.reg.uid.clone(),
+                    serde_json::Value::Object(m.reg.packages.clone()).to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(uid: &str, block: &str, cap: u32) -> Registration {
+        Registration {
+            uid: uid.into(),
+            block_id: Some(block.into()),
+            max_capacity: cap,
+            worker_count: cap,
+            ..Registration::default()
+        }
+    }
+
+    #[test]
+    fn block_selector_prefers_highest_block_string() {
+        let mut m = Managers::new();
+        m.register(b"a".to_vec(), reg("a", "10", 1));
+        m.register(b"b".to_vec(), reg("b", "9", 1));
+        m.register(b"c".to_vec(), reg("c", "1", 1));
+        let order = m.dispatch_order(Selector::BlockId);
+        assert_eq!(order, vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec()]);
+        assert_eq!(m.block_history, vec!["10", "9", "1"]);
+    }
+
+    #[test]
+    fn saturated_held_and_draining_managers_get_nothing() {
+        let mut m = Managers::new();
+        m.register(b"a".to_vec(), reg("a", "0", 2));
+        m.register(b"b".to_vec(), reg("b", "1", 1));
+        m.assign(b"a", &[1, 2]);
+        assert_eq!(m.dispatch_order(Selector::Random), vec![b"b".to_vec()]);
+        assert!(m.hold("b"));
+        assert!(m.dispatch_order(Selector::Random).is_empty());
+        m.complete(b"a", [1]);
+        assert_eq!(m.get(b"a").unwrap().free_capacity(), 1);
+        assert_eq!(m.dispatch_order(Selector::Random), vec![b"a".to_vec()]);
+    }
+
+    #[test]
+    fn silent_managers_are_lost_with_their_tasks() {
+        let mut m = Managers::new();
+        m.register(b"a".to_vec(), reg("a", "0", 4));
+        m.assign(b"a", &[7, 3]);
+        assert!(m.expire_silent(Duration::from_secs(60)).is_empty());
+        std::thread::sleep(Duration::from_millis(5));
+        let lost = m.expire_silent(Duration::from_millis(1));
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].tasks, vec![3, 7]);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn drained_idle_managers_are_removed() {
+        let mut m = Managers::new();
+        let mut r = reg("a", "0", 1);
+        r.drain_time = Some(0.0);
+        m.register(b"a".to_vec(), r);
+        m.assign(b"a", &[1]);
+        assert!(m.drained().is_empty());
+        assert!(m.get(b"a").unwrap().draining);
+        m.complete(b"a", [1]);
+        assert_eq!(m.drained(), vec![b"a".to_vec()]);
+        assert!(m.is_empty());
+    }
+}

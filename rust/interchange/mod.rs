@@ -1,0 +1,728 @@
+//! The interchange: a thread that owns the ROUTER socket worker pools connect to,
+//! queues tasks by priority, offers them to managers with free capacity in batches,
+//! forwards results, and declares silent managers lost. It never touches Python:
+//! the submit side hands it tasks through [`Handle::submit`] and collects
+//! [`Event`]s with [`Handle::wait_events`].
+
+pub mod logfile;
+pub mod managers;
+pub mod queue;
+pub mod zap;
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
+    PROTOCOL_VERSION,
+};
+use logfile::LogFile;
+pub use managers::{ManagerInfo, Selector};
+use managers::Managers;
+use queue::{PendingTask, TaskQueue};
+
+pub const HTEX_RS_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// CURVE server settings: our secret key and the client public keys to admit.
+#[derive(Clone)]
+pub struct CurveConfig {
+    /// Server secret key, 32 raw bytes or 40 Z85 characters.
+    pub server_secret: Vec<u8>,
+    pub allowed_clients: Vec<[u8; 32]>,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    /// IP literal to bind, or `*` for every interface.
+    pub bind_address: String,
+    pub worker_port: Option<u16>,
+    pub port_range: (u16, u16),
+    pub heartbeat_threshold: Duration,
+    pub poll_period: Duration,
+    pub selector: Selector,
+    pub curve: Option<CurveConfig>,
+    pub log_path: Option<PathBuf>,
+    pub debug: bool,
+    /// `major.minor` of the submit side's Python; pools must match unless `check_python` is off.
+    pub python_version: String,
+    pub check_python: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind_address: "127.0.0.1".into(),
+            worker_port: None,
+            port_range: (54000, 55000),
+            heartbeat_threshold: Duration::from_secs(120),
+            poll_period: Duration::from_millis(10),
+            selector: Selector::Random,
+            curve: None,
+            log_path: None,
+            debug: false,
+            python_version: String::new(),
+            check_python: false,
+        }
+    }
+}
+
+pub struct NewTask {
+    pub task_id: u64,
+    pub priority: f64,
+    pub flags: u8,
+    pub payload: Vec<u8>,
+}
+
+/// Queries and controls, answered by the interchange thread.
+pub enum Command {
+    Managers(Sender<Vec<ManagerInfo>>),
+    ConnectedBlocks(Sender<Vec<String>>),
+    Packages(Sender<Vec<(String, String)>>),
+    Hold(String, Sender<bool>),
+    Stop,
+}
+
+/// What the interchange reports to the submit side.
+pub enum Event {
+    Result {
+        task_id: u64,
+        status: u8,
+        payload: zmq::Message,
+    },
+    ManagerLost {
+        uid: String,
+        hostname: String,
+        tasks: Vec<u64>,
+    },
+    /// A pool the executor cannot work with (version mismatch): fail everything.
+    Fatal(String),
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub dropped: AtomicU64,
+    pub tasks_received: AtomicU64,
+    pub results_forwarded: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inbox {
+    tasks: Vec<NewTask>,
+    commands: Vec<Command>,
+}
+
+struct Shared {
+    inbox: Mutex<Inbox>,
+    wake_pending: AtomicBool,
+    wake_tx: UnixStream,
+    events: Mutex<VecDeque<Event>>,
+    events_cv: Condvar,
+    alive: AtomicBool,
+    stats: Stats,
+}
+
+impl Shared {
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            // A full pipe already means a wake-up is pending: ignore WouldBlock.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
+    }
+
+    fn emit(&self, events: impl IntoIterator<Item = Event>) {
+        let mut q = self.events.lock().unwrap();
+        let before = q.len();
+        q.extend(events);
+        if q.len() != before {
+            self.events_cv.notify_all();
+        }
+    }
+}
+
+/// Marks the interchange dead when its thread ends for any reason, panics included,
+/// so the submit side fails outstanding tasks instead of waiting forever.
+struct AliveGuard(Arc<Shared>);
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+        let _q = self.0.events.lock();
+        self.0.events_cv.notify_all();
+    }
+}
+
+/// The submit side's handle on a running interchange thread.
+pub struct Handle {
+    pub port: u16,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn tcp_url(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("tcp://[{address}]:{port}")
+    } else {
+        format!("tcp://{address}:{port}")
+    }
+}
+
+fn bind_router(router: &zmq::Socket, config: &Config) -> Result<u16, String> {
+    let addr = &config.bind_address;
+    if let Some(port) = config.worker_port {
+        router
+            .bind(&tcp_url(addr, port))
+            .map_err(|e| format!("cannot bind worker port {addr}:{port}: {e}"))?;
+        return Ok(port);
+    }
+    let (lo, hi) = config.port_range;
+    if lo >= hi {
+        return Err(format!("worker_port_range ({lo}, {hi}) is empty"));
+    }
+    let mut last = String::new();
+    for _ in 0..100 {
+        let port = fastrand::u16(lo..hi);
+        match router.bind(&tcp_url(addr, port)) {
+            Ok(()) => return Ok(port),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!(
+        "no free port for the worker ROUTER on {addr} in {lo}..{hi} after 100 tries: {last}"
+    ))
+}
+
+impl Handle {
+    /// Bind the worker port and start the interchange thread.
+    pub fn start(config: Config) -> Result<Handle, String> {
+        let ctx = zmq::Context::new();
+        let zap = match &config.curve {
+            Some(_) => {
+                let rep = ctx.socket(zmq::REP).map_err(|e| e.to_string())?;
+                rep.set_linger(0).map_err(|e| e.to_string())?;
+                // Must exist before the CURVE socket binds, or handshakes bypass it.
+                rep.bind(zap::ZAP_ENDPOINT)
+                    .map_err(|e| format!("cannot bind the ZAP handler: {e}"))?;
+                Some(rep)
+            }
+            None => None,
+        };
+        let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
+        let setup = || -> zmq::Result<()> {
+            router.set_linger(0)?;
+            router.set_router_mandatory(true)?;
+            router.set_ipv6(true)?;
+            router.set_sndhwm(0)?;
+            router.set_rcvhwm(0)?;
+            if let Some(c) = &config.curve {
+                router.set_curve_server(true)?;
+                router.set_curve_secretkey(&c.server_secret)?;
+                router.set_zap_domain("htex_rs")?;
+            }
+            Ok(())
+        };
+        setup().map_err(|e| format!("cannot configure the worker socket: {e}"))?;
+        let port = bind_router(&router, &config)?;
+
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(|e| e.to_string())?;
+        wake_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        wake_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let shared = Arc::new(Shared {
+            inbox: Mutex::new(Inbox::default()),
+            wake_pending: AtomicBool::new(false),
+            wake_tx,
+            events: Mutex::new(VecDeque::new()),
+            events_cv: Condvar::new(),
+            alive: AtomicBool::new(true),
+            stats: Stats::default(),
+        });
+        let mut log = LogFile::open(config.log_path.as_deref(), config.debug)
+            .map_err(|e| format!("cannot open the interchange log: {e}"))?;
+        log.info(&format!(
+            "htex_rs {HTEX_RS_VERSION} interchange (protocol v{PROTOCOL_VERSION}) bound worker port {port} on {}, encrypted={}",
+            config.bind_address,
+            config.curve.is_some()
+        ));
+        let allowed: HashSet<[u8; 32]> = config
+            .curve
+            .as_ref()
+            .map(|c| c.allowed_clients.iter().copied().collect())
+            .unwrap_or_default();
+        let mut ix = Interchange {
+            config,
+            ctx,
+            router,
+            zap,
+            allowed,
+            wake_rx,
+            shared: shared.clone(),
+            queue: TaskQueue::new(),
+            managers: Managers::new(),
+            log,
+            warned_peers: HashSet::new(),
+            refused_peers: HashSet::new(),
+            stop: false,
+        };
+        let guard = AliveGuard(shared.clone());
+        let thread = std::thread::Builder::new()
+            .name("htex-rs-interchange".into())
+            .spawn(move || {
+                let _guard = guard;
+                ix.run();
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Handle {
+            port,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn submit(&self, tasks: impl IntoIterator<Item = NewTask>) {
+        self.shared.inbox.lock().unwrap().tasks.extend(tasks);
+        self.shared.wake();
+    }
+
+    pub fn command(&self, command: Command) {
+        self.shared.inbox.lock().unwrap().commands.push(command);
+        self.shared.wake();
+    }
+
+    #[must_use]
+    pub fn alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Wait up to `timeout` for events; return at most `max` of them (possibly none).
+    pub fn wait_events(&self, timeout: Duration, max: usize) -> Vec<Event> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.shared.events.lock().unwrap();
+        while q.is_empty() && self.alive() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            q = self.shared.events_cv.wait_timeout(q, deadline - now).unwrap().0;
+        }
+        let n = q.len().min(max);
+        q.drain(..n).collect()
+    }
+
+    /// Stop the thread and wait for it (idempotent).
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.command(Command::Stop);
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Interchange {
+    config: Config,
+    #[allow(dead_code)] // keeps the context alive as long as its sockets
+    ctx: zmq::Context,
+    router: zmq::Socket,
+    zap: Option<zmq::Socket>,
+    allowed: HashSet<[u8; 32]>,
+    wake_rx: UnixStream,
+    shared: Arc<Shared>,
+    queue: TaskQueue,
+    managers: Managers,
+    log: LogFile,
+    warned_peers: HashSet<Vec<u8>>,
+    refused_peers: HashSet<Vec<u8>>,
+    stop: bool,
+}
+
+/// Most messages handled per socket per loop turn, so one busy peer cannot starve timers.
+const BATCH: usize = 4096;
+const MAX_WARNED_PEERS: usize = 10_000;
+
+fn recv_frames(sock: &zmq::Socket) -> Option<Vec<zmq::Message>> {
+    let mut frames = Vec::with_capacity(4);
+    loop {
+        let mut msg = zmq::Message::new();
+        let flags = if frames.is_empty() { zmq::DONTWAIT } else { 0 };
+        if sock.recv(&mut msg, flags).is_err() {
+            return None;
+        }
+        let more = msg.get_more();
+        frames.push(msg);
+        if !more {
+            return Some(frames);
+        }
+    }
+}
+
+impl Interchange {
+    fn run(&mut self) {
+        let mut last_timers = Instant::now();
+        let timer_period = Duration::from_millis(100).min(self.config.heartbeat_threshold / 4);
+        let poll_ms = self.config.poll_period.as_millis().clamp(1, 1000) as i64;
+        while !self.stop {
+            let wake_fd = self.wake_rx.as_raw_fd();
+            let (router_ready, wake_ready, zap_ready) = {
+                let mut items = vec![
+                    self.router.as_poll_item(zmq::POLLIN),
+                    zmq::PollItem::from_fd(wake_fd, zmq::POLLIN),
+                ];
+                if let Some(z) = &self.zap {
+                    items.push(z.as_poll_item(zmq::POLLIN));
+                }
+                if zmq::poll(&mut items, poll_ms).is_err() {
+                    continue;
+                }
+                (
+                    items[0].is_readable(),
+                    items[1].is_readable(),
+                    items.get(2).is_some_and(zmq::PollItem::is_readable),
+                )
+            };
+            if zap_ready {
+                self.serve_zap();
+            }
+            if wake_ready {
+                self.take_inbox();
+            }
+            if router_ready {
+                for _ in 0..BATCH {
+                    match recv_frames(&self.router) {
+                        Some(frames) => self.on_manager_message(frames),
+                        None => break,
+                    }
+                }
+            }
+            if last_timers.elapsed() >= timer_period {
+                last_timers = Instant::now();
+                self.expire();
+            }
+            self.dispatch();
+        }
+        self.log.info("interchange stopped");
+    }
+
+    fn take_inbox(&mut self) {
+        let mut buf = [0u8; 256];
+        loop {
+            match (&self.wake_rx).read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        // Clear before taking, so a submit racing with us wakes the next poll.
+        self.shared.wake_pending.store(false, Ordering::Release);
+        let inbox = std::mem::take(&mut *self.shared.inbox.lock().unwrap());
+        self.shared
+            .stats
+            .tasks_received
+            .fetch_add(inbox.tasks.len() as u64, Ordering::Relaxed);
+        for t in inbox.tasks {
+            if self.log.debug {
+                self.log.write(
+                    "DEBUG",
+                    &format!("Put task {} onto pending_task_queue", t.task_id),
+                );
+            }
+            self.queue.push(PendingTask {
+                task_id: t.task_id,
+                priority: t.priority,
+                flags: t.flags,
+                payload: zmq::Message::from(t.payload),
+            });
+        }
+        for c in inbox.commands {
+            self.on_command(c);
+        }
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Managers(tx) => {
+                let _ = tx.send(self.managers.infos());
+            }
+            Command::ConnectedBlocks(tx) => {
+                let _ = tx.send(self.managers.block_history.clone());
+            }
+            Command::Packages(tx) => {
+                let _ = tx.send(self.managers.packages());
+            }
+            Command::Hold(uid, tx) => {
+                let found = self.managers.hold(&uid);
+                self.log.info(&format!("Holding manager {uid} (found: {found})"));
+                let _ = tx.send(found);
+            }
+            Command::Stop => self.stop = true,
+        }
+    }
+
+    fn serve_zap(&mut self) {
+        let Some(z) = &self.zap else { return };
+        while let Ok(req) = z.recv_multipart(zmq::DONTWAIT) {
+            let reply = zap::decide(&req, &self.allowed);
+            if reply[2] != b"200" {
+                self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.log.warn(&format!(
+                    "refused a CURVE client from {}: {}",
+                    String::from_utf8_lossy(req.get(3).map_or(&[][..], |v| v)),
+                    String::from_utf8_lossy(&reply[3])
+                ));
+            }
+            let _ = z.send_multipart(reply, 0);
+        }
+    }
+
+    fn drop_junk(&mut self, identity: &[u8], why: &str) {
+        self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.warned_peers.len() < MAX_WARNED_PEERS && self.warned_peers.insert(identity.to_vec())
+        {
+            self.log.warn(&format!(
+                "dropping message from peer {:?}: {why} (further drops from this peer are counted, not logged)",
+                String::from_utf8_lossy(identity)
+            ));
+        }
+    }
+
+    fn send(&self, frames: &[&[u8]]) -> zmq::Result<()> {
+        let last = frames.len() - 1;
+        for (i, f) in frames.iter().enumerate() {
+            self.router
+                .send(*f, if i < last { zmq::SNDMORE } else { 0 })?;
+        }
+        Ok(())
+    }
+
+    fn on_manager_message(&mut self, frames: Vec<zmq::Message>) {
+        let identity = frames[0].to_vec();
+        if frames.len() < 2 {
+            self.drop_junk(&identity, "no payload frame");
+            return;
+        }
+        let kind = match decode_header(&frames[1]) {
+            Ok(k) => k,
+            Err(DecodeError::Version(v)) => {
+                self.refuse_version(&identity, v, frames.get(2).map(|m| &m[..]));
+                return;
+            }
+            Err(e) => {
+                self.drop_junk(&identity, &e.to_string());
+                return;
+            }
+        };
+        match kind {
+            Kind::Probe => {
+                let _ = self.send(&[&identity, &header(Kind::ProbeAck)]);
+            }
+            Kind::Register => self.on_register(identity, &frames),
+            Kind::Heartbeat => {
+                if self.managers.touch(&identity) {
+                    let _ = self.send(&[&identity, &header(Kind::HeartbeatReply)]);
+                } else {
+                    self.drop_junk(&identity, "heartbeat from an unregistered manager");
+                }
+            }
+            Kind::Results => self.on_results(&identity, frames),
+            _ => self.drop_junk(&identity, "message kind not accepted from a worker pool"),
+        }
+    }
+
+    fn refuse_version(&mut self, identity: &[u8], theirs: u8, doc: Option<&[u8]>) {
+        self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if !self.refused_peers.insert(identity.to_vec()) {
+            return;
+        }
+        let their_version = doc
+            .and_then(|d| serde_json::from_slice::<serde_json::Value>(d).ok())
+            .and_then(|v| v.get("htex_rs_version").and_then(|s| s.as_str()).map(String::from))
+            .map(|v| format!(" (htex_rs {v})"))
+            .unwrap_or_default();
+        let msg = format!(
+            "htex_rs protocol version mismatch: worker pool {:?} speaks protocol v{theirs}{their_version}, \
+             the interchange speaks protocol v{PROTOCOL_VERSION} (htex_rs {HTEX_RS_VERSION}). \
+             Install the same htex_rs version on the worker nodes as on the submit side.",
+            String::from_utf8_lossy(identity)
+        );
+        self.refuse(identity, msg);
+    }
+
+    fn refuse(&mut self, identity: &[u8], msg: String) {
+        self.log.warn(&msg);
+        let _ = self.send(&[identity, &header(Kind::Refused), msg.as_bytes()]);
+        self.shared.emit([Event::Fatal(msg)]);
+    }
+
+    fn on_register(&mut self, identity: Vec<u8>, frames: &[zmq::Message]) {
+        let reg = match frames.get(2).map(|f| Registration::decode(f)) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return self.drop_junk(&identity, &e.to_string()),
+            None => return self.drop_junk(&identity, "registration without a document"),
+        };
+        if reg.protocol_version != PROTOCOL_VERSION {
+            let doc = frames.get(2).map(|m| m.to_vec());
+            return self.refuse_version(&identity, reg.protocol_version, doc.as_deref());
+        }
+        if self.config.check_python && !same_minor(&reg.python_version, &self.config.python_version)
+        {
+            let msg = format!(
+                "Python version mismatch: worker pool {} on {} runs Python {}, the submit side runs Python {}. \
+                 Use the same Python major.minor on the workers, or set _check_python_mismatch=False.",
+                reg.uid, reg.hostname, reg.python_version, self.config.python_version
+            );
+            return self.refuse(&identity, msg);
+        }
+        if self.managers.get(&identity).is_some() {
+            return self.drop_junk(&identity, "duplicate registration");
+        }
+        self.log.info(&format!(
+            "Registered manager {} (block {:?}, host {}, {} workers, capacity {})",
+            reg.uid, reg.block_id, reg.hostname, reg.worker_count, reg.max_capacity
+        ));
+        let _ = self.send(&[&identity, &header(Kind::Registered)]);
+        self.managers.register(identity, reg);
+    }
+
+    fn on_results(&mut self, identity: &[u8], mut frames: Vec<zmq::Message>) {
+        if self.managers.get(identity).is_none() {
+            return self.drop_junk(identity, "results from an unregistered manager");
+        }
+        if frames.len() < 3 {
+            return self.drop_junk(identity, "results without a meta frame");
+        }
+        let payloads = frames.split_off(3);
+        let meta = match decode_meta(&frames[2], payloads.len()) {
+            Ok(m) => m,
+            Err(e) => return self.drop_junk(identity, &e.to_string()),
+        };
+        self.managers.touch(identity);
+        self.managers.complete(identity, meta.iter().map(|(id, _)| *id));
+        self.shared
+            .stats
+            .results_forwarded
+            .fetch_add(meta.len() as u64, Ordering::Relaxed);
+        self.shared.emit(
+            meta.into_iter()
+                .zip(payloads)
+                .map(|((task_id, status), payload)| Event::Result {
+                    task_id,
+                    status,
+                    payload,
+                }),
+        );
+    }
+
+    fn expire(&mut self) {
+        let lost = self.managers.expire_silent(self.config.heartbeat_threshold);
+        for l in &lost {
+            self.log.warn(&format!(
+                "Manager {} on {} missed heartbeats for {:?}; failing its {} tasks with ManagerLost",
+                l.uid,
+                l.hostname,
+                self.config.heartbeat_threshold,
+                l.tasks.len()
+            ));
+        }
+        self.shared.emit(lost.into_iter().map(|l| Event::ManagerLost {
+            uid: l.uid,
+            hostname: l.hostname,
+            tasks: l.tasks,
+        }));
+        for id in self.managers.drained() {
+            self.log.info(&format!(
+                "Manager {:?} drained and idle; telling it to exit",
+                String::from_utf8_lossy(&id)
+            ));
+            let _ = self.send(&[&id, &header(Kind::Shutdown)]);
+        }
+    }
+
+    fn dispatch(&mut self) {
+        if self.queue.is_empty() {
+            return;
+        }
+        for id in self.managers.dispatch_order(self.config.selector) {
+            if self.queue.is_empty() {
+                break;
+            }
+            let free = self.managers.get(&id).map_or(0, managers::Manager::free_capacity);
+            let n = free.min(self.queue.len());
+            let batch: Vec<PendingTask> = (0..n).filter_map(|_| self.queue.pop()).collect();
+            let meta: Vec<(u64, u8)> = batch.iter().map(|t| (t.task_id, t.flags)).collect();
+            let ids: Vec<u64> = meta.iter().map(|(i, _)| *i).collect();
+            match self.send_tasks(&id, &meta, batch) {
+                Ok(()) => self.managers.assign(&id, &ids),
+                Err(returned) => {
+                    // The peer is gone (ROUTER_MANDATORY): requeue and forget it; its
+                    // outstanding tasks are lost with it.
+                    for t in returned {
+                        self.queue.push(t);
+                    }
+                    if let Some(m) = self.managers.remove(&id) {
+                        let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
+                        tasks.sort_unstable();
+                        self.log.warn(&format!("Manager {} is unreachable; removed", m.reg.uid));
+                        self.shared.emit([Event::ManagerLost {
+                            uid: m.reg.uid,
+                            hostname: m.reg.hostname,
+                            tasks,
+                        }]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_tasks(
+        &self,
+        identity: &[u8],
+        meta: &[(u64, u8)],
+        batch: Vec<PendingTask>,
+    ) -> Result<(), Vec<PendingTask>> {
+        if self.router.send(identity, zmq::SNDMORE).is_err() {
+            return Err(batch);
+        }
+        // Once the identity frame is accepted the rest of the message goes through.
+        let _ = self.router.send(&header(Kind::Tasks)[..], zmq::SNDMORE);
+        let _ = self.router.send(encode_meta(meta), zmq::SNDMORE);
+        let last = batch.len() - 1;
+        for (i, t) in batch.into_iter().enumerate() {
+            let _ = self
+                .router
+                .send(t.payload, if i < last { zmq::SNDMORE } else { 0 });
+        }
+        Ok(())
+    }
+}
+
+fn same_minor(a: &str, b: &str) -> bool {
+    let mm = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+    mm(a) == mm(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_minor;
+
+    #[test]
+    fn python_versions_compare_by_major_minor() {
+        assert!(same_minor("3.11.7", "3.11"));
+        assert!(same_minor("3.11.2", "3.11.9"));
+        assert!(!same_minor("3.12.0", "3.11.7"));
+    }
+}

@@ -1,0 +1,210 @@
+//! htex_rs wire protocol between the interchange and worker pools.
+//!
+//! Every message is a ZMQ multipart message whose first frame is a 4-byte header
+//! `b"HX" + version + kind`. Task and result payloads are opaque bytes in frames of
+//! their own, so the interchange forwards them without copying or parsing them.
+//! Fixed fields (task ids, flags) travel in one packed "meta" frame per batch.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a frame layout or a message meaning changes.
+pub const PROTOCOL_VERSION: u8 = 1;
+pub const MAGIC: [u8; 2] = *b"HX";
+/// Bytes per entry of a task or result meta frame: task id (u64 LE) + flags/status (u8).
+pub const META_ENTRY: usize = 9;
+
+/// Message kinds. Pool -> interchange kinds are below 64, interchange -> pool at 64 and up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Probe = 1,
+    Register = 2,
+    Heartbeat = 3,
+    Results = 4,
+    ProbeAck = 65,
+    Tasks = 66,
+    HeartbeatReply = 67,
+    Shutdown = 68,
+    Refused = 69,
+    Registered = 70,
+}
+
+impl Kind {
+    #[must_use]
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Probe,
+            2 => Kind::Register,
+            3 => Kind::Heartbeat,
+            4 => Kind::Results,
+            65 => Kind::ProbeAck,
+            66 => Kind::Tasks,
+            67 => Kind::HeartbeatReply,
+            68 => Kind::Shutdown,
+            69 => Kind::Refused,
+            70 => Kind::Registered,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a frame could not be decoded. Malformed input is dropped and counted, never fatal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not an htex_rs header at all (wrong length or magic).
+    NotHtex,
+    /// An htex_rs header from another protocol version.
+    Version(u8),
+    UnknownKind(u8),
+    /// The meta frame's length is not a multiple of [`META_ENTRY`] or does not match
+    /// the number of payload frames.
+    BadBatch { entries: usize, payloads: usize },
+    BadRegistration(String),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::NotHtex => write!(f, "not an htex_rs frame"),
+            DecodeError::Version(v) => write!(
+                f,
+                "peer speaks htex_rs protocol v{v}, this interchange speaks v{PROTOCOL_VERSION}"
+            ),
+            DecodeError::UnknownKind(k) => write!(f, "unknown message kind {k}"),
+            DecodeError::BadBatch { entries, payloads } => write!(
+                f,
+                "batch meta names {entries} entries but {payloads} payload frames follow"
+            ),
+            DecodeError::BadRegistration(e) => write!(f, "malformed registration: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+#[must_use]
+pub fn header(kind: Kind) -> [u8; 4] {
+    [MAGIC[0], MAGIC[1], PROTOCOL_VERSION, kind as u8]
+}
+
+/// Decode a header frame.
+pub fn decode_header(frame: &[u8]) -> Result<Kind, DecodeError> {
+    if frame.len() != 4 || frame[0..2] != MAGIC {
+        return Err(DecodeError::NotHtex);
+    }
+    if frame[2] != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(frame[2]));
+    }
+    Kind::from_u8(frame[3]).ok_or(DecodeError::UnknownKind(frame[3]))
+}
+
+/// Pack `(task_id, flag)` pairs into a meta frame.
+#[must_use]
+pub fn encode_meta(entries: &[(u64, u8)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * META_ENTRY);
+    for (id, flag) in entries {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.push(*flag);
+    }
+    out
+}
+
+/// Unpack a meta frame, checking it against the number of payload frames that follow.
+pub fn decode_meta(meta: &[u8], payloads: usize) -> Result<Vec<(u64, u8)>, DecodeError> {
+    if meta.len() % META_ENTRY != 0 || meta.len() / META_ENTRY != payloads {
+        return Err(DecodeError::BadBatch {
+            entries: meta.len() / META_ENTRY,
+            payloads,
+        });
+    }
+    Ok(meta
+        .chunks_exact(META_ENTRY)
+        .map(|c| {
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&c[..8]);
+            (u64::from_le_bytes(id), c[8])
+        })
+        .collect())
+}
+
+/// Result status byte in a Results meta frame.
+pub const STATUS_RESULT: u8 = 0;
+pub const STATUS_EXCEPTION: u8 = 1;
+
+/// Registration document sent by a worker pool (JSON, second frame of `Register`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Registration {
+    pub protocol_version: u8,
+    pub htex_rs_version: String,
+    pub python_version: String,
+    pub parsl_version: String,
+    pub uid: String,
+    pub block_id: Option<String>,
+    pub hostname: String,
+    pub worker_count: u32,
+    pub prefetch_capacity: u32,
+    pub max_capacity: u32,
+    pub start_time: f64,
+    /// Epoch seconds after which the pool drains; `None` means never.
+    pub drain_time: Option<f64>,
+    pub os: String,
+    pub dir: String,
+    pub cpu_count: u32,
+    pub total_memory: u64,
+    pub packages: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Registration {
+    pub fn decode(frame: &[u8]) -> Result<Registration, DecodeError> {
+        let reg: Registration = serde_json::from_slice(frame)
+            .map_err(|e| DecodeError::BadRegistration(e.to_string()))?;
+        if reg.uid.is_empty() {
+            return Err(DecodeError::BadRegistration("empty uid".into()));
+        }
+        if reg.max_capacity == 0 {
+            return Err(DecodeError::BadRegistration("max_capacity is 0".into()));
+        }
+        Ok(reg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        for k in [Kind::Probe, Kind::Register, Kind::Tasks, Kind::Refused] {
+            assert_eq!(decode_header(&header(k)), Ok(k));
+        }
+    }
+
+    #[test]
+    fn header_rejects_junk_and_other_versions() {
+        assert_eq!(decode_header(b"FuzzyByte"), Err(DecodeError::NotHtex));
+        assert_eq!(decode_header(b"{}"), Err(DecodeError::NotHtex));
+        assert_eq!(decode_header(&[b'H', b'X', 99, 2]), Err(DecodeError::Version(99)));
+        assert_eq!(
+            decode_header(&[b'H', b'X', PROTOCOL_VERSION, 200]),
+            Err(DecodeError::UnknownKind(200))
+        );
+    }
+
+    #[test]
+    fn meta_round_trip_and_mismatch() {
+        let entries = vec![(1u64, 0u8), (u64::MAX, 1), (42, 0)];
+        let meta = encode_meta(&entries);
+        assert_eq!(decode_meta(&meta, 3).unwrap(), entries);
+        assert!(decode_meta(&meta, 2).is_err());
+        assert!(decode_meta(&meta[..10], 1).is_err());
+    }
+
+    #[test]
+    fn registration_requires_uid_and_capacity() {
+        assert!(Registration::decode(b"{\"uid\":\"a\",\"max_capacity\":2}").is_ok());
+        assert!(Registration::decode(b"{\"max_capacity\":2}").is_err());
+        assert!(Registration::decode(b"{\"uid\":\"a\"}").is_err());
+        assert!(Registration::decode(b"not json").is_err());
+    }
+}

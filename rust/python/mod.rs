@@ -1,0 +1,177 @@
+//! PyO3 binding: converts types and errors, nothing else. Every wait releases the GIL.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::interchange::{self, Command, CurveConfig, Event, Handle, NewTask, Selector};
+use crate::protocol::PROTOCOL_VERSION;
+
+/// A running interchange thread owned by one executor.
+#[pyclass(module = "htex_rs._core")]
+struct Interchange {
+    handle: Option<Handle>,
+}
+
+fn handle(slf: &Interchange) -> PyResult<&Handle> {
+    slf.handle
+        .as_ref()
+        .ok_or_else(|| PyRuntimeError::new_err("the interchange has been stopped"))
+}
+
+fn ask<T: Send>(py: Python<'_>, h: &Handle, make: impl FnOnce(mpsc::Sender<T>) -> Command) -> PyResult<T> {
+    let (tx, rx) = mpsc::channel();
+    h.command(make(tx));
+    py.detach(|| rx.recv_timeout(Duration::from_secs(30)))
+        .map_err(|_| PyRuntimeError::new_err("the interchange did not answer within 30 s"))
+}
+
+#[pymethods]
+impl Interchange {
+    #[new]
+    #[pyo3(signature = (bind_address, worker_port, port_range, heartbeat_threshold, poll_period_ms,
+                        selector, server_secret=None, allowed_clients=Vec::new(), log_path=None,
+                        debug=false, python_version=String::new(), check_python=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        bind_address: String,
+        worker_port: Option<u16>,
+        port_range: (u16, u16),
+        heartbeat_threshold: f64,
+        poll_period_ms: u64,
+        selector: &str,
+        server_secret: Option<Vec<u8>>,
+        allowed_clients: Vec<Vec<u8>>,
+        log_path: Option<String>,
+        debug: bool,
+        python_version: String,
+        check_python: bool,
+    ) -> PyResult<Self> {
+        let selector = match selector {
+            "random" => Selector::Random,
+            "block" => Selector::BlockId,
+            other => return Err(PyValueError::new_err(format!("unknown selector {other:?}; use 'random' or 'block'"))),
+        };
+        let curve = match server_secret {
+            Some(secret) => Some(CurveConfig {
+                server_secret: secret,
+                allowed_clients: allowed_clients
+                    .iter()
+                    .map(|k| interchange::zap::decode_key(k))
+                    .collect::<Result<_, _>>()
+                    .map_err(PyValueError::new_err)?,
+            }),
+            None => None,
+        };
+        let config = interchange::Config {
+            bind_address,
+            worker_port,
+            port_range,
+            heartbeat_threshold: Duration::from_secs_f64(heartbeat_threshold.max(0.001)),
+            poll_period: Duration::from_millis(poll_period_ms),
+            selector,
+            curve,
+            log_path: log_path.map(Into::into),
+            debug,
+            python_version,
+            check_python,
+        };
+        let h = py.detach(|| Handle::start(config)).map_err(PyRuntimeError::new_err)?;
+        Ok(Interchange { handle: Some(h) })
+    }
+
+    #[getter]
+    fn port(&self) -> PyResult<u16> {
+        Ok(handle(self)?.port)
+    }
+
+    /// Queue one task: id, priority (inf = none), flags, opaque payload.
+    fn submit(&self, task_id: u64, priority: f64, flags: u8, payload: &[u8]) -> PyResult<()> {
+        handle(self)?.submit([NewTask { task_id, priority, flags, payload: payload.to_vec() }]);
+        Ok(())
+    }
+
+    /// Wait up to `timeout_ms` for events. Returns (results, lost, fatal):
+    /// results = [(task_id, status, bytes)], lost = [(uid, hostname, [task_id])], fatal = [str].
+    fn wait_events<'py>(&self, py: Python<'py>, timeout_ms: u64, max_events: usize)
+        -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let h = handle(self)?;
+        let events = py.detach(|| h.wait_events(Duration::from_millis(timeout_ms), max_events));
+        let results = PyList::empty(py);
+        let lost = PyList::empty(py);
+        let fatal = PyList::empty(py);
+        for e in events {
+            match e {
+                Event::Result { task_id, status, payload } => {
+                    results.append((task_id, status, PyBytes::new(py, &payload)))?;
+                }
+                Event::ManagerLost { uid, hostname, tasks } => lost.append((uid, hostname, tasks))?,
+                Event::Fatal(msg) => fatal.append(msg)?,
+            }
+        }
+        Ok((results, lost, fatal))
+    }
+
+    fn alive(&self) -> bool {
+        self.handle.as_ref().is_some_and(Handle::alive)
+    }
+
+    fn managers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let infos = ask(py, handle(self)?, Command::Managers)?;
+        let out = PyList::empty(py);
+        for m in infos {
+            let d = PyDict::new(py);
+            d.set_item("manager", m.manager)?;
+            d.set_item("block_id", m.block_id)?;
+            d.set_item("worker_count", m.worker_count)?;
+            d.set_item("tasks", m.tasks)?;
+            d.set_item("idle_duration", m.idle_duration)?;
+            d.set_item("active", m.active)?;
+            d.set_item("parsl_version", m.parsl_version)?;
+            d.set_item("python_version", m.python_version)?;
+            d.set_item("draining", m.draining)?;
+            d.set_item("hostname", m.hostname)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    fn connected_blocks(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        ask(py, handle(self)?, Command::ConnectedBlocks)
+    }
+
+    /// {uid: packages-as-JSON-text}
+    fn packages(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {
+        ask(py, handle(self)?, Command::Packages)
+    }
+
+    fn hold(&self, py: Python<'_>, uid: String) -> PyResult<bool> {
+        ask(py, handle(self)?, |tx| Command::Hold(uid, tx))
+    }
+
+    /// (dropped messages, tasks received, results forwarded)
+    fn stats(&self) -> PyResult<(u64, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = handle(self)?.stats();
+        Ok((s.dropped.load(Relaxed), s.tasks_received.load(Relaxed), s.results_forwarded.load(Relaxed)))
+    }
+
+    fn stop(&mut self, py: Python<'_>) {
+        if let Some(mut h) = self.handle.take() {
+            py.detach(move || h.stop());
+        }
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Interchange>()?;
+    m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
+    m.add("VERSION", interchange::HTEX_RS_VERSION)?;
+    m.add("HAS_CURVE", zmq::has("curve") == Some(true))?;
+    Ok(())
+}
