@@ -232,6 +232,11 @@ impl Managers {
     }
 
     #[must_use]
+    pub fn identities(&self) -> Vec<Vec<u8>> {
+        self.map.keys().cloned().collect()
+    }
+
+    #[must_use]
     pub fn infos(&self) -> Vec<ManagerInfo> {
         let now = Instant::now();
         self.map

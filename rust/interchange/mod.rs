@@ -215,7 +215,7 @@ impl Handle {
         };
         let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
         let setup = || -> zmq::Result<()> {
-            router.set_linger(0)?;
+            router.set_linger(500)?; // lets the final Shutdown messages out
             router.set_router_mandatory(true)?;
             router.set_ipv6(true)?;
             router.set_sndhwm(0)?;
@@ -414,6 +414,10 @@ impl Interchange {
                 self.expire();
             }
             self.dispatch();
+        }
+        // Tell every pool to exit now rather than after heartbeat_threshold of silence.
+        for id in self.managers.identities() {
+            let _ = self.send(&[&id, &header(Kind::Shutdown)]);
         }
         self.log.info("interchange stopped");
     }

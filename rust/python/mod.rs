@@ -25,7 +25,7 @@ fn handle(slf: &Interchange) -> PyResult<&Handle> {
 fn ask<T: Send>(py: Python<'_>, h: &Handle, make: impl FnOnce(mpsc::Sender<T>) -> Command) -> PyResult<T> {
     let (tx, rx) = mpsc::channel();
     h.command(make(tx));
-    py.detach(|| rx.recv_timeout(Duration::from_secs(30)))
+    py.detach(move || rx.recv_timeout(Duration::from_secs(30)))
         .map_err(|_| PyRuntimeError::new_err("the interchange did not answer within 30 s"))
 }
 

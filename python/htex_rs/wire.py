@@ -1,0 +1,54 @@
+"""Python side of the htex_rs wire protocol (see rust/protocol/mod.rs).
+
+Frames: a 4-byte header ``b"HX" + version + kind``, then for batches a packed meta
+frame of (task id u64 LE, flag u8) entries followed by one opaque payload frame each.
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+from htex_rs._core import PROTOCOL_VERSION
+
+MAGIC = b"HX"
+META = struct.Struct("<QB")
+
+PROBE, REGISTER, HEARTBEAT, RESULTS = 1, 2, 3, 4
+PROBE_ACK, TASKS, HEARTBEAT_REPLY, SHUTDOWN, REFUSED, REGISTERED = 65, 66, 67, 68, 69, 70
+
+STATUS_RESULT, STATUS_EXCEPTION = 0, 1
+FLAG_CONTEXT = 1  # the payload is pickle((context, buffer)) instead of the bare buffer
+
+
+def header(kind: int, version: int = PROTOCOL_VERSION) -> bytes:
+    return MAGIC + bytes((version, kind))
+
+
+def kind_of(frame: bytes) -> int:
+    """Return the message kind, or -1 for a frame that is not an htex_rs header."""
+    if len(frame) != 4 or frame[:2] != MAGIC or frame[2] != PROTOCOL_VERSION:
+        return -1
+    return frame[3]
+
+
+def encode_meta(entries: list[tuple[int, int]]) -> bytes:
+    return b"".join(META.pack(tid, flag) for tid, flag in entries)
+
+
+def decode_meta(meta: bytes) -> list[tuple[int, int]]:
+    return list(META.iter_unpack(meta))
+
+
+def encode_task(context: dict[str, Any], buffer: bytes) -> tuple[int, bytes]:
+    """Executor side: the flags and payload for one task."""
+    if context:
+        return FLAG_CONTEXT, pickle.dumps((context, buffer), protocol=pickle.HIGHEST_PROTOCOL)
+    return 0, buffer
+
+
+def decode_task(flags: int, payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """Worker side: the inverse of :func:`encode_task`."""
+    if flags & FLAG_CONTEXT:
+        return pickle.loads(payload)
+    return {}, payload

@@ -1,0 +1,122 @@
+"""A long-lived worker process: receives task batches from its pool, runs them, sends
+result batches back in protocol form (the pool forwards them unchanged).
+
+Dies with its pool: PR_SET_PDEATHSIG, plus a parent check while idle.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from htex_rs import wire
+
+logger = logging.getLogger("htex_rs.worker")
+
+#: Results are flushed at the end of a batch, or sooner once this old.
+FLUSH_AFTER_S = 0.005
+
+
+def die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent:  # the pool died before prctl took effect
+        os._exit(1)
+
+
+def run_task(context: dict, buffer: bytes, unpack, serialize):
+    spec = context.get("resource_spec") or {}
+    for key, value in spec.items():
+        os.environ["PARSL_" + str(key).upper()] = str(value)
+    executor = context.get("task_executor")
+    if executor:
+        module, _, name = executor["f"].rpartition(".")
+        fn = getattr(importlib.import_module(module), name)
+        return fn(buffer, *executor.get("a", ()), **executor.get("k", {}))
+    f, args, kwargs = unpack(buffer)
+    return f(*args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="htex_rs.worker")
+    p.add_argument("--url", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--logfile", required=True)
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    parent = os.getppid()
+    die_with_parent(parent)
+    os.makedirs(os.path.dirname(args.logfile), exist_ok=True)
+    logging.basicConfig(filename=args.logfile, level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(process)d [%(levelname)s] %(message)s")
+    cpus = os.environ.get("HTEX_RS_CPUS")
+    if cpus:
+        os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
+        logger.info("Set worker CPU affinity to %s", cpus)
+
+    from parsl.app.errors import RemoteExceptionWrapper
+    from parsl.serialize import serialize, unpack_apply_message
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, str(args.rank).encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(args.url)
+    sock.send(wire.header(wire.REGISTER))
+    logger.info("Worker %d ready (pid %d)", args.rank, os.getpid())
+    meta_out: list[tuple[int, int]] = []
+    payloads: list[bytes] = []
+
+    def flush() -> None:
+        if meta_out:
+            sock.send_multipart([wire.header(wire.RESULTS), wire.encode_meta(meta_out), *payloads])
+            meta_out.clear()
+            payloads.clear()
+
+    while True:
+        if not sock.poll(1000):
+            if os.getppid() != parent:
+                logger.warning("Pool process gone; exiting")
+                return
+            continue
+        frames = sock.recv_multipart(copy=False)
+        if wire.kind_of(frames[0].bytes) != wire.TASKS:
+            continue
+        started = 0.0
+        for (task_id, flags), frame in zip(wire.decode_meta(frames[1].bytes), frames[2:]):
+            if not meta_out:
+                started = time.monotonic()
+            try:
+                context, buffer = wire.decode_task(flags, frame.bytes)
+                result = serialize(run_task(context, buffer, unpack_apply_message, serialize),
+                                   buffer_threshold=1_000_000)
+                meta_out.append((task_id, wire.STATUS_RESULT))
+                payloads.append(result)
+            except Exception:
+                logger.debug("Task %s raised", task_id, exc_info=True)
+                try:
+                    exc = serialize(RemoteExceptionWrapper(*sys.exc_info()))
+                except Exception as e:
+                    try:
+                        raise RuntimeError(f"the task's exception could not be serialized: {e!r}") from None
+                    except RuntimeError:
+                        exc = serialize(RemoteExceptionWrapper(*sys.exc_info()))
+                meta_out.append((task_id, wire.STATUS_EXCEPTION))
+                payloads.append(exc)
+            if time.monotonic() - started >= FLUSH_AFTER_S:
+                flush()
+        flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""htex-rs-worker-pool: the per-node manager.
+
+Registers with the interchange, starts N long-lived worker processes, hands them task
+batches over an ipc socket, forwards their result batches unchanged, heartbeats, and
+turns a worker that died mid-task into WorkerLost (then restarts it). It exits when
+the interchange says so (drain, shutdown) or goes silent past ``--hb_threshold``.
+Takes the same options as Parsl's process_worker_pool.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from typing import Optional
+
+_SCRIPT_LOAD_TIME = time.time()
+
+import psutil  # noqa: E402
+import zmq  # noqa: E402
+
+from htex_rs import _core, affinity, wire  # noqa: E402
+from htex_rs.addresses import tcp_url  # noqa: E402
+
+logger = logging.getLogger("htex_rs.worker_pool")
+
+
+def none_or(conv):
+    return lambda s: None if s in (None, "None", "none", "") else conv(s)
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="htex-rs-worker-pool", description=__doc__.splitlines()[0])
+    p.add_argument("-d", "--debug", action="store_true")
+    p.add_argument("-a", "--addresses", required=True, help="comma-separated interchange addresses")
+    p.add_argument("--cert_dir", required=True, help="CURVE certificate directory, or None")
+    p.add_argument("-l", "--logdir", default="process_worker_pool_logs")
+    p.add_argument("-L", "--logconf", default=None)
+    p.add_argument("-u", "--uid", default=uuid.uuid4().hex[-12:])
+    p.add_argument("-b", "--block_id", default=None)
+    p.add_argument("-c", "--cores_per_worker", type=float, default=1.0)
+    p.add_argument("-m", "--mem_per_worker", type=none_or(float), default=None)
+    p.add_argument("-P", "--port", type=int, required=True)
+    p.add_argument("--max_workers_per_node", type=int, default=math.inf)
+    p.add_argument("-p", "--prefetch_capacity", type=int, default=0)
+    p.add_argument("--hb_period", type=float, default=30)
+    p.add_argument("--hb_threshold", type=float, default=120)
+    p.add_argument("--drain_period", type=none_or(float), default=None)
+    p.add_argument("--address_probe_timeout", type=float, default=30)
+    p.add_argument("--poll", type=int, default=10, help="accepted for compatibility; unused")
+    p.add_argument("--cpu-affinity", type=str.lower, required=True)
+    p.add_argument("--available-accelerators", nargs="*", default=[])
+    p.add_argument("--enable_mpi_mode", action="store_true")
+    p.add_argument("--mpi-launcher", choices=["srun", "aprun", "mpiexec"], default="mpiexec")
+    return p
+
+
+def usable_cores() -> int:
+    """Cores this pool may use: $PARSL_CORES, else the affinity mask (taskset, cgroups)."""
+    if "PARSL_CORES" in os.environ:
+        return int(os.environ["PARSL_CORES"])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_count(args: argparse.Namespace) -> int:
+    mem_gb = float(os.environ.get("PARSL_MEMORY_GB",
+                                  round(psutil.virtual_memory().available / 2**30, 1)))
+    count = args.max_workers_per_node
+    if args.mem_per_worker and args.mem_per_worker > 0:
+        count = min(count, math.floor(mem_gb / args.mem_per_worker))
+    count = min(count, math.floor(usable_cores() / args.cores_per_worker))
+    if args.available_accelerators:
+        count = min(count, len(args.available_accelerators))
+    return max(1, int(count))
+
+
+def count_cuda_gpus() -> Optional[int]:
+    """GPUs without vendor tools: entries of /proc/driver/nvidia/gpus; None if unknown."""
+    override = os.environ.get("HTEX_RS_NUM_GPUS")
+    if override:
+        return int(override)
+    try:
+        n = len(os.listdir("/proc/driver/nvidia/gpus"))
+        return n or None
+    except OSError:
+        return None
+
+
+def setup_logging(path: str, debug: bool) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d %(name)s:%(lineno)d %(processName)s(%(process)d) "
+        "%(threadName)s %(funcName)s [%(levelname)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def curve_client(sock: zmq.Socket, cert_dir: Optional[str]) -> None:
+    if cert_dir is None:
+        return
+    mode = os.stat(cert_dir).st_mode & 0o777
+    if mode != 0o700:
+        raise OSError(f"The certificates directory must be private: {cert_dir} has mode {oct(mode)}")
+    pub, sec = zmq.auth.load_certificate(os.path.join(cert_dir, "client.key_secret"))
+    server_pub, _ = zmq.auth.load_certificate(os.path.join(cert_dir, "server.key_secret"))
+    sock.curve_publickey = pub
+    sock.curve_secretkey = sec
+    sock.curve_serverkey = server_pub
+
+
+class Worker:
+    """One worker process and the tasks it holds."""
+
+    def __init__(self, rank: int, proc: subprocess.Popen, pidfd: int) -> None:
+        self.rank = rank
+        self.identity = str(rank).encode()
+        self.proc = proc
+        self.pidfd = pidfd
+        self.ready = False
+        self.tasks: set[int] = set()
+
+
+class Pool:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.uid = args.uid
+        self.block_id = args.block_id
+        self.cert_dir = None if args.cert_dir in (None, "None") else args.cert_dir
+        self.count = worker_count(args)
+        self.capacity = self.count + args.prefetch_capacity
+        # Tasks a worker may hold at once: 1 unless prefetch spreads more over the workers.
+        self.per_worker = max(1, math.ceil(self.capacity / self.count))
+        self.drain_time = _SCRIPT_LOAD_TIME + args.drain_period if args.drain_period is not None else None
+        self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
+        self.ctx = zmq.Context()
+        self.ipc_dir = tempfile.mkdtemp(prefix=f"htex-rs-{self.uid}-")
+        self.pending: deque[tuple[bytes, bytes]] = deque()  # (meta entry, payload)
+        self.workers: dict[int, Worker] = {}
+        self.stopping = False
+        self.num_cuda = count_cuda_gpus() if args.available_accelerators else None
+        try:
+            self.available_cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:
+            self.available_cpus = list(range(os.cpu_count() or 1))
+
+    # ----------------------------------------------------------------- connect
+    def probe(self) -> str:
+        """Try every address at once; return the URL of the first interchange that answers."""
+        urls = [tcp_url(a.strip(), self.args.port) for a in self.args.addresses.split(",") if a.strip()]
+        socks = {}
+        poller = zmq.Poller()
+        for url in urls:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IPV6, 1)
+            curve_client(s, self.cert_dir)
+            s.connect(url)
+            s.send(wire.header(wire.PROBE))
+            socks[s] = url
+            poller.register(s, zmq.POLLIN)
+        deadline = time.monotonic() + self.args.address_probe_timeout
+        try:
+            while time.monotonic() < deadline:
+                for s, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                    frames = s.recv_multipart()
+                    kind = wire.kind_of(frames[0])
+                    if kind == wire.PROBE_ACK:
+                        return socks[s]
+                    self.refused(frames)
+        finally:
+            for s in socks:
+                s.close()
+        raise ConnectionError(f"No viable ZMQ url from: {urls}")
+
+    def refused(self, frames: list[bytes]) -> None:
+        """An interchange that refuses us (other protocol or Python version): exit loudly."""
+        if len(frames[0]) == 4 and frames[0][:2] == wire.MAGIC and frames[0][3] == wire.REFUSED:
+            msg = frames[1].decode(errors="replace") if len(frames) > 1 else "refused"
+            logger.critical("Interchange refused this pool: %s", msg)
+            print(f"htex-rs-worker-pool: refused by the interchange: {msg}", file=sys.stderr, flush=True)
+            raise SystemExit(3)
+
+    def registration(self) -> bytes:
+        import parsl
+        try:
+            from importlib.metadata import distributions
+            packages = {d.metadata["Name"]: d.version for d in distributions() if d.metadata["Name"]}
+        except Exception:
+            packages = {}
+        vm = psutil.virtual_memory()
+        return json.dumps({
+            "protocol_version": _core.PROTOCOL_VERSION,
+            "htex_rs_version": _core.VERSION,
+            "python_version": platform.python_version(),
+            "parsl_version": parsl.__version__,
+            "uid": self.uid,
+            "block_id": self.block_id,
+            "hostname": socket.gethostname(),
+            "worker_count": self.count,
+            "prefetch_capacity": self.args.prefetch_capacity,
+            "max_capacity": self.capacity,
+            "start_time": _SCRIPT_LOAD_TIME,
+            "drain_time": self.drain_time,
+            "os": platform.system(),
+            "dir": os.getcwd(),
+            "cpu_count": psutil.cpu_count(logical=False) or 1,
+            "total_memory": vm.total,
+            "packages": packages,
+        }).encode()
+
+    # ----------------------------------------------------------------- workers
+    def start_worker(self, rank: int) -> Worker:
+        env = dict(os.environ)
+        env.update({
+            "PARSL_WORKER_RANK": str(rank),
+            "PARSL_WORKER_COUNT": str(self.count),
+            "PARSL_WORKER_POOL_ID": self.uid,
+            "PARSL_WORKER_BLOCK_ID": str(self.block_id),
+        })
+        cpus = affinity.worker_cpus(self.args.cpu_affinity, rank, self.count, self.available_cpus)
+        if cpus is not None:
+            env.update(affinity.affinity_env(cpus))
+            env["HTEX_RS_CPUS"] = ",".join(map(str, cpus))
+        accs = self.args.available_accelerators
+        if accs:
+            env.update(affinity.accelerator_env(accs[rank], self.count, self.num_cuda))
+        cmd = [sys.executable, "-m", "htex_rs.worker",
+               "--url", self.worker_url, "--rank", str(rank),
+               "--logfile", os.path.join(self.logdir, f"worker_{rank}.log")]
+        if self.args.debug:
+            cmd.append("--debug")
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        w = Worker(rank, proc, os.pidfd_open(proc.pid))
+        self.workers[rank] = w
+        logger.info("Started worker %d as pid %d (cpus=%s)", rank, proc.pid, cpus)
+        return w
+
+    def worker_lost(self, w: Worker) -> None:
+        """A worker process ended: fail its tasks with WorkerLost and start a new one."""
+        code = w.proc.wait()
+        os.close(w.pidfd)
+        self.poller.unregister(w.pidfd)
+        logger.error("Worker %d (pid %d) exited with code %s holding tasks %s",
+                     w.rank, w.proc.pid, code, sorted(w.tasks))
+        if w.tasks:
+            from parsl.app.errors import RemoteExceptionWrapper
+            from parsl.executors.high_throughput.errors import WorkerLost
+            from parsl.serialize import serialize
+            try:
+                raise WorkerLost(w.rank, socket.gethostname())
+            except Exception:
+                payload = serialize(RemoteExceptionWrapper(*sys.exc_info()))
+            ids = sorted(w.tasks)
+            self.ix.send_multipart([wire.header(wire.RESULTS),
+                                    wire.encode_meta([(t, wire.STATUS_EXCEPTION) for t in ids]),
+                                    *([payload] * len(ids))])
+        del self.workers[w.rank]
+        if not self.stopping:
+            nw = self.start_worker(w.rank)
+            self.poller.register(nw.pidfd, zmq.POLLIN)
+
+    def dispatch(self) -> None:
+        if not self.pending:
+            return
+        for w in self.workers.values():
+            room = self.per_worker - len(w.tasks)
+            if not w.ready or room <= 0:
+                continue
+            n = min(room, len(self.pending))
+            batch = [self.pending.popleft() for _ in range(n)]
+            meta = b"".join(m for m, _ in batch)
+            w.tasks.update(tid for tid, _ in wire.decode_meta(meta))
+            self.workers_sock.send_multipart([w.identity, wire.header(wire.TASKS), meta,
+                                              *(p for _, p in batch)], copy=False)
+            if not self.pending:
+                return
+
+    # ----------------------------------------------------------------- main loop
+    def run(self) -> int:
+        os.makedirs(self.logdir, exist_ok=True)
+        url = self.probe()
+        logger.info("Interchange found at %s", url)
+        self.ix = self.ctx.socket(zmq.DEALER)
+        self.ix.setsockopt(zmq.IDENTITY, self.uid.encode())
+        self.ix.setsockopt(zmq.LINGER, 0)
+        self.ix.setsockopt(zmq.IPV6, 1)
+        curve_client(self.ix, self.cert_dir)
+        self.ix.connect(url)
+        self.worker_url = f"ipc://{self.ipc_dir}/workers"
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.setsockopt(zmq.LINGER, 0)
+        self.workers_sock.bind(self.worker_url)
+        self.poller = zmq.Poller()
+        self.poller.register(self.ix, zmq.POLLIN)
+        self.poller.register(self.workers_sock, zmq.POLLIN)
+        for rank in range(self.count):
+            self.poller.register(self.start_worker(rank).pidfd, zmq.POLLIN)
+        self.ix.send_multipart([wire.header(wire.REGISTER), self.registration()])
+        logger.info("Registered pool %s: block %s, %d workers, capacity %d",
+                    self.uid, self.block_id, self.count, self.capacity)
+        hb_period, hb_threshold = self.args.hb_period, self.args.hb_threshold
+        last_contact = last_beat = time.monotonic()
+        exit_code = 0
+        while not self.stopping:
+            now = time.monotonic()
+            if now - last_beat >= hb_period:
+                self.ix.send(wire.header(wire.HEARTBEAT))
+                last_beat = now
+            if now - last_contact > hb_threshold:
+                logger.critical("Missing contact with interchange beyond heartbeat_threshold; exiting")
+                exit_code = 1
+                break
+            timeout = max(0.0, min(last_beat + hb_period, last_contact + hb_threshold) - now)
+            events = dict(self.poller.poll(min(1000, int(timeout * 1000) + 1)))
+            if self.ix in events:
+                last_contact = time.monotonic()
+                for _ in range(1000):
+                    try:
+                        frames = self.ix.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.on_interchange(frames)
+            if self.workers_sock in events:
+                for _ in range(1000):
+                    try:
+                        frames = self.workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.on_worker(frames)
+            for w in list(self.workers.values()):
+                if w.pidfd in events:
+                    self.worker_lost(w)
+            self.dispatch()
+        self.stop()
+        print("Process worker pool exiting normally", flush=True)
+        return exit_code
+
+    def on_interchange(self, frames: list) -> None:
+        kind = wire.kind_of(frames[0].bytes)
+        if kind == wire.TASKS:
+            meta = frames[1].bytes
+            n = len(meta) // wire.META.size
+            for i in range(n):
+                self.pending.append((meta[i * wire.META.size:(i + 1) * wire.META.size], frames[2 + i]))
+        elif kind in (wire.HEARTBEAT_REPLY, wire.REGISTERED):
+            pass
+        elif kind == wire.SHUTDOWN:
+            logger.info("Interchange asked this pool to exit (drained or shut down)")
+            self.stopping = True
+        else:
+            self.refused([f.bytes for f in frames])
+            logger.warning("Ignoring unexpected message kind %s from the interchange", kind)
+
+    def on_worker(self, frames: list) -> None:
+        rank = int(frames[0].bytes)
+        w = self.workers.get(rank)
+        kind = wire.kind_of(frames[1].bytes)
+        if w is None:
+            return
+        if kind == wire.REGISTER:
+            w.ready = True
+        elif kind == wire.RESULTS:
+            for tid, _ in wire.decode_meta(frames[2].bytes):
+                w.tasks.discard(tid)
+            # Already in protocol form: forward without re-encoding.
+            self.ix.send_multipart(frames[1:], copy=False)
+
+    def stop(self) -> None:
+        self.stopping = True
+        procs = [w.proc for w in self.workers.values()]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 1.0
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.ctx.destroy(linger=0)
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = arg_parser().parse_args(argv)
+    ca = args.cpu_affinity
+    if ca not in affinity.STRATEGIES and not ca.startswith("list"):
+        print(f"cpu-affinity must be one of {affinity.STRATEGIES} or a list format", file=sys.stderr)
+        return 2
+    pool = Pool(args)
+    setup_logging(os.path.join(pool.logdir, "manager.log"), args.debug)
+    logger.info("htex-rs-worker-pool %s (protocol v%s) starting: %s", _core.VERSION, _core.PROTOCOL_VERSION,
+                " ".join(sys.argv))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
+    try:
+        return pool.run()
+    except SystemExit as e:
+        pool.stop()
+        return int(e.code or 0)
+    except Exception:
+        logger.exception("Worker pool failed")
+        pool.stop()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
