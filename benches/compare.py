@@ -1,0 +1,154 @@
+"""Side-by-side benchmark: htex_rs vs Parsl's HighThroughputExecutor, same machine,
+same run, same worker count. Prints the figures and their ratios, writes JSON.
+
+    python benches/compare.py --rounds 3 --tasks 20000 --json docs/benchmarks.json
+
+Measures, per executor, interleaved over rounds (medians reported):
+  * no-op throughput via ``executor.submit`` (submit N, wait for all);
+  * one-at-a-time round-trip latency (median, p99);
+  * throughput through the DataFlowKernel (parsl-perf style ``@python_app``);
+  * the same throughput with encryption off, for the encrypted/unencrypted ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import parsl
+from parsl.config import Config
+from parsl.executors import HighThroughputExecutor as ParslHTEX
+from parsl.providers import LocalProvider
+
+from htex_rs import HighThroughputExecutor as RustHTEX
+
+KINDS: dict[str, Callable[..., Any]] = {"parsl": ParslHTEX, "htex_rs": RustHTEX}
+
+
+def noop(x: int = 0) -> int:
+    return x
+
+
+def make(kind: str, run_dir: str, workers: int, encrypted: bool, prefetch: int) -> Any:
+    ex = KINDS[kind](label=f"bench_{kind}", address="127.0.0.1", max_workers_per_node=workers,
+                     encrypted=encrypted, prefetch_capacity=prefetch,
+                     provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1))
+    ex.run_dir = run_dir
+    ex.provider.script_dir = os.path.join(run_dir, "scripts")
+    os.makedirs(ex.provider.script_dir, exist_ok=True)
+    return ex
+
+
+def start(ex: Any) -> None:
+    ex.start()
+    ex.scale_out_facade(1)
+    ex.submit(noop, {}, 0).result(timeout=120)  # wait for the pool to register
+
+
+def stop(ex: Any) -> None:
+    ex.scale_in_facade(1)
+    ex.shutdown()
+
+
+def throughput(ex: Any, n: int) -> float:
+    t = time.perf_counter()
+    futs = [ex.submit(noop, {}, i) for i in range(n)]
+    for f in futs:
+        f.result()
+    return n / (time.perf_counter() - t)
+
+
+def latency(ex: Any, n: int) -> tuple[float, float]:
+    lat = []
+    for i in range(n):
+        t = time.perf_counter()
+        ex.submit(noop, {}, i).result()
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    return statistics.median(lat) * 1e3, lat[int(0.99 * (len(lat) - 1))] * 1e3
+
+
+def direct_round(kind: str, args: argparse.Namespace, encrypted: bool) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as d:
+        ex = make(kind, d, args.workers, encrypted, args.prefetch)
+        start(ex)
+        try:
+            throughput(ex, min(2000, args.tasks))  # warm-up
+            out = {"throughput": throughput(ex, args.tasks)}
+            if encrypted:
+                out["lat_median_ms"], out["lat_p99_ms"] = latency(ex, args.latency_tasks)
+            return out
+        finally:
+            stop(ex)
+
+
+def dfk_round(kind: str, args: argparse.Namespace) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        ex = make(kind, d, args.workers, True, args.prefetch)
+        dfk = parsl.load(Config(executors=[ex], run_dir=d, strategy="none", initialize_logging=False))
+        try:
+            app = parsl.python_app(noop, executors=[ex.label])
+            app(0).result()
+            [f.result() for f in [app(i) for i in range(min(1000, args.dfk_tasks))]]
+            t = time.perf_counter()
+            futs = [app(i) for i in range(args.dfk_tasks)]
+            for f in futs:
+                f.result()
+            return args.dfk_tasks / (time.perf_counter() - t)
+        finally:
+            dfk.cleanup()
+            parsl.clear()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tasks", type=int, default=20000)
+    p.add_argument("--dfk-tasks", type=int, default=5000)
+    p.add_argument("--latency-tasks", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    raw: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+    for r in range(args.rounds):
+        for kind in KINDS:  # interleaved so drift hits both alike
+            for enc in (True, False):
+                res = direct_round(kind, args, enc)
+                suffix = "" if enc else "_unencrypted"
+                for key, v in res.items():
+                    raw[kind].setdefault(key + suffix, []).append(v)
+            raw[kind].setdefault("dfk_throughput", []).append(dfk_round(kind, args))
+            print(f"round {r + 1}/{args.rounds} {kind}: " + ", ".join(
+                f"{k}={v[-1]:.4g}" for k, v in raw[kind].items()), file=sys.stderr, flush=True)
+
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in raw.items()}
+    p_, r_ = med["parsl"], med["htex_rs"]
+    ratios = {
+        "throughput (x Parsl)": r_["throughput"] / p_["throughput"],
+        "latency median (fraction of Parsl)": r_["lat_median_ms"] / p_["lat_median_ms"],
+        "latency p99 (fraction of Parsl)": r_["lat_p99_ms"] / p_["lat_p99_ms"],
+        "DFK throughput (x Parsl)": r_["dfk_throughput"] / p_["dfk_throughput"],
+        "htex_rs encrypted / unencrypted": r_["throughput"] / r_["throughput_unencrypted"],
+        "parsl encrypted / unencrypted": p_["throughput"] / p_["throughput_unencrypted"],
+    }
+    print(f"\n{args.workers} workers, prefetch_capacity={args.prefetch}, {args.rounds} rounds, medians")
+    print(f"{'metric':<34}{'parsl':>12}{'htex_rs':>12}")
+    for m in ("throughput", "throughput_unencrypted", "dfk_throughput", "lat_median_ms", "lat_p99_ms"):
+        print(f"{m:<34}{p_[m]:>12.4g}{r_[m]:>12.4g}")
+    print()
+    for k, v in ratios.items():
+        print(f"{k:<40}{v:>8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "raw": raw, "median": med, "ratios": ratios}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

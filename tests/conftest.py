@@ -1,0 +1,157 @@
+"""Shared pytest fixtures for the htex_rs test suite.
+
+Parsl-derived fixtures (used by the vendored tests/test_parsl_*.py, which are
+adapted from Parsl's local-mode tests under parsl/tests/):
+
+* ``try_assert``  - copied from parsl/tests/conftest.py: poll a predicate until
+  it holds or a timeout expires, then fail with an AssertionError.
+* ``load_dfk``    - replaces Parsl's ``--config local`` machinery
+  (``load_dfk_local_module``): ``load_dfk(config)`` calls ``parsl.load`` with
+  a per-test run_dir/working_dir under ``tmp_path``, and cleans the DFK up at
+  teardown unless the test already did (e.g. ``with parsl.load(...)``).
+* ``fresh_config`` - a factory equivalent to
+  parsl/tests/configs/htex_local.py:fresh_config(), built on
+  ``htex_rs.HighThroughputExecutor`` and bound to 127.0.0.1.
+
+Everything here stays on loopback: executors are always given
+``address="127.0.0.1"`` and usage tracking is left disabled.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+import typing as t
+
+import parsl
+import pytest
+from parsl.config import Config
+from parsl.dataflow.dflow import DataFlowKernelLoader
+from parsl.launchers import SimpleLauncher
+from parsl.providers import LocalProvider
+from parsl.utils import RepresentationMixin
+
+from htex_rs import HighThroughputExecutor
+
+#: The only interface the vendored tests may use for interchange <-> pool traffic.
+LOOPBACK = "127.0.0.1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Marker kept from Parsl's originals (documentation only; nothing filters on it).
+    config.addinivalue_line("markers", "multiple_cores_required: needs at least two usable CPU cores")
+
+
+@pytest.fixture
+def try_assert():
+    """Copied from parsl/tests/conftest.py (``try_assert``)."""
+    def _impl(
+        test_func: t.Callable[[], bool],
+        fail_msg: str = "",
+        timeout_ms: float = 5000,
+        attempts: int = 0,
+        check_period_ms: int = 20,
+        factor: float = 2,
+    ):
+        check_period_s = abs(check_period_ms) / 1000.0
+        if attempts > 0:
+            for _attempt_no in range(attempts):
+                fraction = random.random()
+                time.sleep(fraction * check_period_s)  # jitter
+                check_period_s *= factor ** fraction
+                if test_func():
+                    return
+            raise AssertionError(
+                f"{fail_msg}\n  (Still failing after attempt limit [{attempts}], "
+                f"testing every {check_period_ms}ms)".strip())
+        elif timeout_ms > 0:
+            timeout_s = abs(timeout_ms) / 1000.0
+            end = time.monotonic() + timeout_s
+            while time.monotonic() < end:
+                fraction = random.random()
+                wait_for = fraction * check_period_s  # jitter
+                time.sleep(max(0.0, min(wait_for, end - time.monotonic())))
+                check_period_s *= factor ** fraction
+                if test_func():
+                    return
+            raise AssertionError(
+                f"{fail_msg}\n  (Still failing after timeout [{timeout_ms}ms], with attempts "
+                f"every {check_period_ms}ms)".strip())
+        else:
+            raise AssertionError("Bad assert call: no attempts or timeout period")
+
+    yield _impl
+
+
+@pytest.fixture
+def load_dfk(tmp_path, monkeypatch):
+    """``load_dfk(config) -> DataFlowKernel``, like Parsl's local-mode loader.
+
+    Puts the default run_dir and every executor's working_dir under tmp_path,
+    turns on Parsl's repr validation (as Parsl's conftest does) and guarantees
+    the DFK is cleaned up after the test.
+
+    Apps defined in a test module are pickled by reference (module name), as in
+    Parsl's own suite, where the tests are importable as ``parsl.tests.*``. Our
+    test modules are imported by pytest from tests/ (rootdir-style), so that
+    directory is put on PYTHONPATH for the worker pools the DFK launches.
+    """
+    assert DataFlowKernelLoader._dfk is None, "a DFK leaked from an earlier test"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    old_validate = RepresentationMixin._validate_repr
+    RepresentationMixin._validate_repr = True
+    loaded: list = []
+
+    def _load(config: Config):
+        if config.run_dir == "runinfo":  # Parsl's default
+            config.run_dir = str(tmp_path / "runinfo")
+        dfk = parsl.load(config)
+        loaded.append(dfk)
+        for ex in dfk.executors.values():
+            ex.working_dir = str(tmp_path)
+        return dfk
+
+    try:
+        yield _load
+    finally:
+        RepresentationMixin._validate_repr = old_validate
+        try:
+            for dfk in loaded:
+                if not dfk.cleanup_called:
+                    dfk.cleanup()
+        finally:
+            if DataFlowKernelLoader._dfk is not None:  # never leak into the next test
+                parsl.clear()
+
+
+@pytest.fixture
+def fresh_config(tmp_path):
+    """Factory equivalent to parsl/tests/configs/htex_local.py:fresh_config().
+
+    Same settings (label htex_local, worker_debug, cores_per_worker=1,
+    encrypted, one LocalProvider block with SimpleLauncher, strategy 'none'),
+    with htex_rs's executor, address 127.0.0.1 and run_dir under tmp_path.
+    """
+    def _fresh_config() -> Config:
+        return Config(
+            executors=[
+                HighThroughputExecutor(
+                    label="htex_local",
+                    address=LOOPBACK,
+                    loopback_address="::1",
+                    worker_debug=True,
+                    cores_per_worker=1,
+                    encrypted=True,
+                    provider=LocalProvider(
+                        init_blocks=1,
+                        max_blocks=1,
+                        launcher=SimpleLauncher(),
+                    ),
+                )
+            ],
+            strategy='none',
+            run_dir=str(tmp_path / "runinfo"),
+        )
+    return _fresh_config
