@@ -24,6 +24,7 @@ import zmq.auth
 from parsl import curvezmq
 from parsl.app.errors import RemoteExceptionWrapper
 from parsl.data_provider.staging import Staging
+from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.errors import ManagerLost
 from parsl.executors.high_throughput.executor import HighThroughputExecutor as ParslHTEX
 from parsl.executors.high_throughput.executor import HTEXFuture
@@ -314,8 +315,11 @@ class HighThroughputExecutor(ParslHTEX):
         while not self._result_queue_thread_exit.is_set():
             try:
                 results, lost, fatal = ix.wait_events(timeout, _RESULT_BATCH)
-            except RuntimeError:
-                break  # stopped under us during shutdown
+            except RuntimeError:  # the interchange was stopped
+                if not self._result_queue_thread_exit.is_set():
+                    self.set_bad_state_and_fail_all(InterchangeDied(
+                        "the htex_rs interchange was stopped while the executor was running"))
+                break
             for task_id, status, data in results:
                 self._complete(task_id, status, data)
             for uid, hostname, task_ids in lost:
@@ -354,29 +358,50 @@ class HighThroughputExecutor(ParslHTEX):
         else:
             fut.set_exception(DeserializationError(f"Unknown exception-like type received: {type(obj)}"))
 
+    def set_bad_state_and_fail_all(self, exception: Exception) -> None:
+        """Fail every outstanding task once. Unlike Parsl's version this removes the
+        futures as it fails them, so it is safe to call twice and against the result
+        thread, which also pops futures before completing them."""
+        logger.error("Setting bad state: %s", exception)
+        if not self._executor_bad_state.is_set():
+            self._executor_exception = exception
+            self._executor_bad_state.set()
+        while True:
+            try:
+                _, fut = self.tasks.popitem()
+            except KeyError:
+                break
+            fut.set_exception(BadStateException(self, self._executor_exception))
+
     # ------------------------------------------------------------------ queries
-    def _interchange(self) -> Any:
+    def _query(self, method: str, *args: Any, default: Any = None) -> Any:
+        """Ask the interchange; once it has stopped nothing is connected any more."""
         if self._ix is None:
             raise RuntimeError("the executor has not been started")
-        return self._ix
+        try:
+            return getattr(self._ix, method)(*args)
+        except RuntimeError:
+            if self._ix.alive():
+                raise
+            return default
 
     def connected_managers(self) -> List[Dict[str, Any]]:
         """One dict per registered worker pool (Parsl's MANAGERS keys); thread-safe."""
-        return self._interchange().managers()
+        return self._query("managers", default=[])
 
     def connected_managers_packages(self) -> Dict[str, Dict[str, str]]:
-        return {uid: json.loads(doc) for uid, doc in self._interchange().packages()}
+        return {uid: json.loads(doc) for uid, doc in self._query("packages", default=[])}
 
     def connected_blocks(self) -> List[str]:
-        return self._interchange().connected_blocks()
+        return self._query("connected_blocks", default=[])
 
     def _hold_manager(self, manager_id: str) -> None:
-        self._interchange().hold(manager_id)
+        self._query("hold", manager_id)
         logger.debug("Held manager %s", manager_id)
 
     def interchange_stats(self) -> Dict[str, int]:
         """Counters from the interchange: dropped (malformed or refused) messages, tasks, results."""
-        dropped, received, forwarded = self._interchange().stats()
+        dropped, received, forwarded = self._query("stats", default=(0, 0, 0))
         return {"dropped_messages": dropped, "tasks_received": received, "results_forwarded": forwarded}
 
     # ------------------------------------------------------------------ shutdown

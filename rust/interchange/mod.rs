@@ -162,7 +162,7 @@ impl Drop for AliveGuard {
 pub struct Handle {
     pub port: u16,
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn tcp_url(address: &str, port: u16) -> String {
@@ -280,7 +280,7 @@ impl Handle {
         Ok(Handle {
             port,
             shared,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -319,9 +319,10 @@ impl Handle {
         q.drain(..n).collect()
     }
 
-    /// Stop the thread and wait for it (idempotent).
-    pub fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
+    /// Stop the thread and wait for it (idempotent, callable from any thread).
+    pub fn stop(&self) {
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(t) = thread {
             self.command(Command::Stop);
             let _ = t.join();
         }

@@ -1,6 +1,6 @@
 //! PyO3 binding: converts types and errors, nothing else. Every wait releases the GIL.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -10,15 +10,18 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use crate::interchange::{self, Command, CurveConfig, Event, Handle, NewTask, Selector};
 use crate::protocol::PROTOCOL_VERSION;
 
-/// A running interchange thread owned by one executor.
-#[pyclass(module = "htex_rs._core")]
+/// A running interchange thread owned by one executor. Frozen, so calls from
+/// several Python threads (result thread, strategy, user) never conflict on a borrow.
+#[pyclass(module = "htex_rs._core", frozen)]
 struct Interchange {
-    handle: Option<Handle>,
+    handle: Mutex<Option<Arc<Handle>>>,
 }
 
-fn handle(slf: &Interchange) -> PyResult<&Handle> {
+fn handle(slf: &Interchange) -> PyResult<Arc<Handle>> {
     slf.handle
-        .as_ref()
+        .lock()
+        .unwrap()
+        .clone()
         .ok_or_else(|| PyRuntimeError::new_err("the interchange has been stopped"))
 }
 
@@ -81,7 +84,7 @@ impl Interchange {
             check_python,
         };
         let h = py.detach(|| Handle::start(config)).map_err(PyRuntimeError::new_err)?;
-        Ok(Interchange { handle: Some(h) })
+        Ok(Interchange { handle: Mutex::new(Some(Arc::new(h))) })
     }
 
     #[getter]
@@ -100,7 +103,7 @@ impl Interchange {
     fn wait_events<'py>(&self, py: Python<'py>, timeout_ms: u64, max_events: usize)
         -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
         let h = handle(self)?;
-        let events = py.detach(|| h.wait_events(Duration::from_millis(timeout_ms), max_events));
+        let events = py.detach(move || h.wait_events(Duration::from_millis(timeout_ms), max_events));
         let results = PyList::empty(py);
         let lost = PyList::empty(py);
         let fatal = PyList::empty(py);
@@ -117,11 +120,11 @@ impl Interchange {
     }
 
     fn alive(&self) -> bool {
-        self.handle.as_ref().is_some_and(Handle::alive)
+        self.handle.lock().unwrap().as_ref().is_some_and(|h| h.alive())
     }
 
     fn managers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let infos = ask(py, handle(self)?, Command::Managers)?;
+        let infos = ask(py, &*handle(self)?, Command::Managers)?;
         let out = PyList::empty(py);
         for m in infos {
             let d = PyDict::new(py);
@@ -141,27 +144,29 @@ impl Interchange {
     }
 
     fn connected_blocks(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        ask(py, handle(self)?, Command::ConnectedBlocks)
+        ask(py, &*handle(self)?, Command::ConnectedBlocks)
     }
 
     /// {uid: packages-as-JSON-text}
     fn packages(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {
-        ask(py, handle(self)?, Command::Packages)
+        ask(py, &*handle(self)?, Command::Packages)
     }
 
     fn hold(&self, py: Python<'_>, uid: String) -> PyResult<bool> {
-        ask(py, handle(self)?, |tx| Command::Hold(uid, tx))
+        ask(py, &*handle(self)?, |tx| Command::Hold(uid, tx))
     }
 
     /// (dropped messages, tasks received, results forwarded)
     fn stats(&self) -> PyResult<(u64, u64, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
-        let s = handle(self)?.stats();
+        let h = handle(self)?;
+        let s = h.stats();
         Ok((s.dropped.load(Relaxed), s.tasks_received.load(Relaxed), s.results_forwarded.load(Relaxed)))
     }
 
-    fn stop(&mut self, py: Python<'_>) {
-        if let Some(mut h) = self.handle.take() {
+    fn stop(&self, py: Python<'_>) {
+        let h = self.handle.lock().unwrap().take();
+        if let Some(h) = h {
             py.detach(move || h.stop());
         }
     }

@@ -1,0 +1,163 @@
+"""The executor's public surface: Parsl's constructor, validation at construction,
+standalone use, remote exceptions, dynamic task executors, worker loss and shutdown.
+Every test runs real worker pools on loopback."""
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import traceback
+
+import parsl
+import psutil
+import pytest
+from parsl.executors import HighThroughputExecutor as ParslHTEX
+from parsl.executors.errors import InvalidResourceSpecification
+from parsl.executors.high_throughput.errors import WorkerLost
+from parsl.providers import LocalProvider
+
+from htex_rs import HighThroughputExecutor
+from htex_rs.errors import HtexRsConfigurationError, InterchangeDied
+
+pytestmark = pytest.mark.timeout(120)
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def add(a, b=0):
+    return a + b
+
+
+def boom():
+    def inner_frame():
+        raise ValueError("boom from the worker")
+    inner_frame()
+
+
+def getenv(name):
+    return os.environ.get(name)
+
+
+def exit_worker():
+    os._exit(7)
+
+
+def pids():
+    return os.getpid(), os.getppid()
+
+
+def test_constructor_matches_parsl_exactly():
+    ours = inspect.signature(HighThroughputExecutor.__init__, eval_str=True).parameters
+    theirs = inspect.signature(ParslHTEX.__init__).parameters
+    assert list(ours) == list(theirs)
+    assert len(theirs) - 1 == 28
+    for name, p in theirs.items():
+        if name == "self":
+            continue
+        assert ours[name].default == p.default or (name == "manager_selector"), name
+        assert ours[name].annotation == p.annotation, name
+    ex = HighThroughputExecutor(address="127.0.0.1")
+    assert isinstance(ex, parsl.executors.HighThroughputExecutor)
+    for name in theirs:
+        if name != "self":
+            assert hasattr(ex, name), name
+    assert ex.max_workers_per_node == float("inf")
+    assert ex.encrypted is True and ex.label == "HighThroughputExecutor"
+    assert HighThroughputExecutor(address="127.0.0.1", available_accelerators=3).available_accelerators == ["0", "1", "2"]
+    from parsl.utils import RepresentationMixin
+    old, RepresentationMixin._validate_repr = RepresentationMixin._validate_repr, True
+    try:  # every argument is readable back as an attribute, as Parsl's repr requires
+        assert "address='127.0.0.1'" in repr(ex)
+    finally:
+        RepresentationMixin._validate_repr = old
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"address": "login1.cluster"}, "not an IP address literal"),
+    ({"address": "127.0.0.1", "loopback_address": "localhost"}, "loopback_address"),
+    ({"address": "127.0.0.1", "worker_port": 70000}, "out of range"),
+    ({"address": "127.0.0.1", "worker_port_range": (5000, 4000)}, "port range"),
+    ({"address": "127.0.0.1", "interchange_port_range": (0, 10)}, "port range"),
+    ({"address": "127.0.0.1", "heartbeat_period": 0}, "heartbeat_period"),
+    ({"address": "127.0.0.1", "launch_cmd": "process_worker_pool.py -a x"}, "htex-rs-worker-pool"),
+    ({"address": "127.0.0.1", "cpu_affinity": "blocky"}, "not supported"),
+    ({"address": "127.0.0.1", "cpu_affinity": "list:0-1:1-2", "max_workers_per_node": 2}, "CPU 1"),
+    ({"address": "127.0.0.1", "cpu_affinity": "list:0-3:4-7", "max_workers_per_node": 4}, "2 worker ranks"),
+    ({"address": "127.0.0.1", "cpu_affinity": "list:3-1", "max_workers_per_node": 1}, "backwards"),
+])
+def test_bad_configuration_fails_in_the_constructor(kwargs, match):
+    with pytest.raises(HtexRsConfigurationError, match=match):
+        HighThroughputExecutor(**kwargs)
+
+
+@pytest.fixture
+def executor(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
+    ex = HighThroughputExecutor(label="api", address="127.0.0.1", max_workers_per_node=2,
+                                heartbeat_period=1, heartbeat_threshold=4,
+                                provider=LocalProvider(init_blocks=1, max_blocks=1))
+    ex.run_dir = str(tmp_path)
+    with ex:
+        yield ex
+
+
+def test_resource_spec_is_checked_at_submit(executor):
+    with pytest.raises(InvalidResourceSpecification, match="priority"):
+        executor.submit(add, {"num_nodes": 2}, 1)
+    with pytest.raises(InvalidResourceSpecification, match="must be a number"):
+        executor.submit(add, {"priority": "high"}, 1)
+    assert executor.submit(getenv, {"priority": 5}, "PARSL_PRIORITY").result(timeout=60) == "5"
+
+
+def test_results_remote_exceptions_and_worker_environment(executor):
+    assert executor.submit(add, {}, 2, b=3).result(timeout=60) == 5
+    with pytest.raises(ValueError, match="boom from the worker") as info:
+        executor.submit(boom, {}).result(timeout=60)
+    assert "inner_frame" in "".join(traceback.format_exception(info.value))
+    ranks = {executor.submit(getenv, {}, "PARSL_WORKER_RANK").result(timeout=60) for _ in range(40)}
+    assert ranks <= {"0", "1"}
+    assert executor.submit(getenv, {}, "PARSL_WORKER_COUNT").result() == "2"
+    assert executor.submit(getenv, {}, "PARSL_WORKER_BLOCK_ID").result() == "0"
+    pool_id = executor.submit(getenv, {}, "PARSL_WORKER_POOL_ID").result()
+    assert [m["manager"] for m in executor.connected_managers()] == [pool_id]
+    assert executor.outstanding() == 0
+
+
+def test_submit_payload_runs_an_importable_task_executor(executor):
+    import zlib
+    fut = executor.submit_payload({"task_executor": {"f": "zlib.crc32", "a": (), "k": {}}}, b"htex_rs")
+    assert fut.result(timeout=60) == zlib.crc32(b"htex_rs")
+    fut = executor.submit_payload({"task_executor": {"f": "no_such_module.fn", "a": (), "k": {}}}, b"")
+    with pytest.raises(ModuleNotFoundError):
+        fut.result(timeout=60)
+
+
+def test_worker_death_is_worker_lost_and_the_worker_is_restarted(executor):
+    for _ in range(2):
+        with pytest.raises(WorkerLost):
+            executor.submit(exit_worker, {}).result(timeout=60)
+    assert executor.submit(add, {}, 1, 1).result(timeout=60) == 2
+    assert len(executor.connected_managers()) == 1
+
+
+def test_stopped_interchange_fails_outstanding_tasks(executor):
+    fut = executor.submit(time.sleep, {}, 30)
+    executor._ix.stop()
+    with pytest.raises(Exception) as info:
+        fut.result(timeout=10)
+    assert isinstance(info.value.__cause__ or info.value, Exception)
+    assert "interchange" in str(info.value)
+    assert isinstance(executor.executor_exception, InterchangeDied)
+
+
+def test_shutdown_leaves_no_pool_or_worker_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
+    ex = HighThroughputExecutor(label="bye", address="127.0.0.1", max_workers_per_node=2,
+                                provider=LocalProvider(init_blocks=1, max_blocks=1))
+    ex.run_dir = str(tmp_path)
+    with ex:
+        worker_pid, pool_pid = ex.submit(pids, {}).result(timeout=60)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (psutil.pid_exists(pool_pid) or psutil.pid_exists(worker_pid)):
+        time.sleep(0.1)
+    for pid in (pool_pid, worker_pid):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

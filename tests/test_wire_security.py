@@ -1,0 +1,119 @@
+"""The worker port against hostile and foreign peers: CURVE client authentication,
+junk frames, and pools of another protocol version. Raw pyzmq peers, real sockets."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import zmq
+import zmq.auth
+
+from htex_rs import HighThroughputExecutor, _core, wire
+from htex_rs.errors import ProtocolVersionMismatch
+from parsl.executors.errors import BadStateException
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def noop(x=0):
+    return x
+
+
+@pytest.fixture
+def executor(tmp_path, request):
+    """A started executor with no worker blocks; param = encrypted."""
+    ex = HighThroughputExecutor(label="wire", address="127.0.0.1", encrypted=request.param,
+                                heartbeat_period=1, heartbeat_threshold=3)
+    ex.run_dir = str(tmp_path)
+    ex.start()
+    yield ex
+    ex.shutdown()
+
+
+def dealer(ctx: zmq.Context, port: int, identity: bytes, keys=None) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, identity)
+    if keys is not None:
+        pub, sec, server = keys
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, server
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def probe_answered(s: zmq.Socket, timeout_ms: int = 1500) -> bool:
+    s.send(wire.header(wire.PROBE))
+    if not s.poll(timeout_ms):
+        return False
+    return wire.kind_of(s.recv_multipart()[0]) == wire.PROBE_ACK
+
+
+@pytest.mark.parametrize("executor", [True], indirect=True)
+def test_curve_admits_only_keys_from_the_certificate_directory(executor):
+    certs = executor.cert_dir
+    assert os.stat(certs).st_mode & 0o777 == 0o700
+    server_pub, _ = zmq.auth.load_certificate(os.path.join(certs, "server.key"))
+    good_pub, good_sec = zmq.auth.load_certificate(os.path.join(certs, "client.key_secret"))
+    rogue_pub, rogue_sec = zmq.curve_keypair()
+    ctx = zmq.Context()
+    try:
+        assert not probe_answered(dealer(ctx, executor.worker_port, b"rogue", (rogue_pub, rogue_sec, server_pub)))
+        assert not probe_answered(dealer(ctx, executor.worker_port, b"plain"))
+        # The interchange keeps serving the legitimate client after both.
+        assert probe_answered(dealer(ctx, executor.worker_port, b"good", (good_pub, good_sec, server_pub)))
+        assert executor.interchange_stats()["dropped_messages"] >= 1  # the ZAP refusal
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("executor", [False], indirect=True)
+def test_junk_is_dropped_counted_and_serving_continues(executor):
+    ctx = zmq.Context()
+    try:
+        s = dealer(ctx, executor.worker_port, b"junk")
+        junk = [[b"FuzzyByte\rSTREAM"], [b"{}"], [b'{"type":"heartbeat"}'],
+                [wire.header(wire.HEARTBEAT)],                      # unregistered heartbeat
+                [wire.header(wire.RESULTS), b"\x01\x02"],            # unregistered + truncated
+                [wire.header(wire.REGISTER), b"not json"],
+                [b"HX\x01\xfe"],                                     # unknown kind
+                [wire.header(wire.TASKS)]]                           # wrong direction
+        for frames in junk:
+            s.send_multipart(frames)
+        deadline = time.monotonic() + 10
+        while executor.interchange_stats()["dropped_messages"] < len(junk) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert executor.interchange_stats()["dropped_messages"] == len(junk)
+        assert probe_answered(s)
+        # A registered peer with a truncated result batch is dropped too, without harm.
+        reg = {"protocol_version": _core.PROTOCOL_VERSION, "uid": "junk", "block_id": "0",
+               "max_capacity": 1, "worker_count": 1, "python_version": "3.11.0"}
+        executor._check_python_mismatch = False
+        s.send_multipart([wire.header(wire.REGISTER), json.dumps(reg).encode()])
+        assert s.poll(5000) and wire.kind_of(s.recv_multipart()[0]) in (wire.REGISTERED, wire.REFUSED)
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("executor", [False], indirect=True)
+def test_pool_of_another_protocol_version_is_refused_and_tasks_fail(executor):
+    fut = executor.submit(noop, {}, 1)
+    ctx = zmq.Context()
+    try:
+        s = dealer(ctx, executor.worker_port, b"future-pool")
+        future_version = _core.PROTOCOL_VERSION + 1
+        doc = {"protocol_version": future_version, "htex_rs_version": "99.0.0", "uid": "future-pool",
+               "max_capacity": 1}
+        s.send_multipart([wire.header(wire.REGISTER, version=future_version), json.dumps(doc).encode()])
+        assert s.poll(5000), "the interchange did not answer a pool of another version"
+        frames = s.recv_multipart()
+        assert frames[0][3] == wire.REFUSED
+        msg = frames[1].decode()
+        assert f"v{future_version}" in msg and f"v{_core.PROTOCOL_VERSION}" in msg and "99.0.0" in msg
+        with pytest.raises(BadStateException, match=f"v{future_version}"):
+            fut.result(timeout=10)
+        assert executor.bad_state_is_set
+        assert isinstance(executor.executor_exception, ProtocolVersionMismatch)
+    finally:
+        ctx.destroy(linger=0)
