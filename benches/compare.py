@@ -90,7 +90,8 @@ def direct_round(kind: str, args: argparse.Namespace, encrypted: bool) -> dict[s
 def dfk_round(kind: str, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as d:
         ex = make(kind, d, args.workers, True, args.prefetch)
-        dfk = parsl.load(Config(executors=[ex], run_dir=d, strategy="none", initialize_logging=False))
+        # Config defaults (DEBUG parsl.log on), as parsl-perf runs it.
+        dfk = parsl.load(Config(executors=[ex], run_dir=d, strategy="none"))
         try:
             app = parsl.python_app(noop, executors=[ex.label])
             app(0).result()
