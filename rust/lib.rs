@@ -1,9 +1,11 @@
 //! htex_rs: the Rust core of a Parsl-compatible HighThroughputExecutor.
 //!
-//! `protocol` is the wire format, `interchange` the task router. Neither knows
+//! `protocol` is the wire format, `interchange` the task router, `manager` a worker
+//! pool's data path. None of them knows
 //! Python; the thin PyO3 layer in `python` exists only under the `python` feature.
 
 pub mod interchange;
+pub mod manager;
 pub mod protocol;
 
 #[cfg(feature = "python")]

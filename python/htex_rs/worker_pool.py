@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import select
 import shutil
 import signal
 import socket
@@ -22,7 +23,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from typing import Optional
 
 _SCRIPT_LOAD_TIME = time.time()
@@ -111,12 +111,17 @@ def setup_logging(path: str, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def check_private(cert_dir: str) -> None:
+    mode = os.stat(cert_dir).st_mode & 0o777
+    if mode != 0o700:
+        raise OSError(f"The certificates directory must be private: {cert_dir} has mode {oct(mode)}; "
+                      f"run `chmod 700 {cert_dir}`")
+
+
 def curve_client(sock: zmq.Socket, cert_dir: Optional[str]) -> None:
     if cert_dir is None:
         return
-    mode = os.stat(cert_dir).st_mode & 0o777
-    if mode != 0o700:
-        raise OSError(f"The certificates directory must be private: {cert_dir} has mode {oct(mode)}")
+    check_private(cert_dir)
     pub, sec = zmq.auth.load_certificate(os.path.join(cert_dir, "client.key_secret"))
     server_pub, _ = zmq.auth.load_certificate(os.path.join(cert_dir, "server.key_secret"))
     sock.curve_publickey = pub
@@ -132,8 +137,6 @@ class Worker:
         self.identity = str(rank).encode()
         self.proc = proc
         self.pidfd = pidfd
-        self.ready = False
-        self.tasks: set[int] = set()
 
 
 class Pool:
@@ -150,7 +153,6 @@ class Pool:
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
         self.ctx = zmq.Context()
         self.ipc_dir = tempfile.mkdtemp(prefix=f"htex-rs-{self.uid}-")
-        self.pending: deque[tuple[bytes, bytes]] = deque()  # (meta entry, payload)
         self.workers: dict[int, Worker] = {}
         self.stopping = False
         self.num_cuda = count_cuda_gpus() if args.available_accelerators else None
@@ -254,11 +256,12 @@ class Pool:
     def worker_lost(self, w: Worker) -> None:
         """A worker process ended: fail its tasks with WorkerLost and start a new one."""
         code = w.proc.wait()
-        os.close(w.pidfd)
         self.poller.unregister(w.pidfd)
-        logger.error("Worker %d (pid %d) exited with code %s holding tasks %s",
-                     w.rank, w.proc.pid, code, sorted(w.tasks))
-        if w.tasks:
+        os.close(w.pidfd)
+        del self.workers[w.rank]
+        held = self.core.worker_died(w.identity)
+        logger.error("Worker %d (pid %d) exited with code %s holding tasks %s", w.rank, w.proc.pid, code, held)
+        if held:
             from parsl.app.errors import RemoteExceptionWrapper
             from parsl.executors.high_throughput.errors import WorkerLost
             from parsl.serialize import serialize
@@ -266,124 +269,65 @@ class Pool:
                 raise WorkerLost(w.rank, socket.gethostname())
             except Exception:
                 payload = serialize(RemoteExceptionWrapper(*sys.exc_info()))
-            ids = sorted(w.tasks)
-            self.ix.send_multipart([wire.header(wire.RESULTS),
-                                    wire.encode_meta([(t, wire.STATUS_EXCEPTION) for t in ids]),
-                                    *([payload] * len(ids))])
-        del self.workers[w.rank]
+            self.core.send_results([(t, wire.STATUS_EXCEPTION) for t in held], [payload] * len(held))
         if not self.stopping:
-            nw = self.start_worker(w.rank)
-            self.poller.register(nw.pidfd, zmq.POLLIN)
-
-    def dispatch(self) -> None:
-        if not self.pending:
-            return
-        for w in self.workers.values():
-            room = self.per_worker - len(w.tasks)
-            if not w.ready or room <= 0:
-                continue
-            n = min(room, len(self.pending))
-            batch = [self.pending.popleft() for _ in range(n)]
-            meta = b"".join(m for m, _ in batch)
-            w.tasks.update(tid for tid, _ in wire.decode_meta(meta))
-            self.workers_sock.send_multipart([w.identity, wire.header(wire.TASKS), meta,
-                                              *(p for _, p in batch)], copy=False)
-            if not self.pending:
-                return
+            self.poller.register(self.start_worker(w.rank).pidfd, select.POLLIN)
 
     # ----------------------------------------------------------------- main loop
+    def curve_keys(self) -> Optional[tuple[bytes, bytes, bytes]]:
+        if self.cert_dir is None:
+            return None
+        check_private(self.cert_dir)
+        pub, sec = zmq.auth.load_certificate(os.path.join(self.cert_dir, "client.key_secret"))
+        server_pub, _ = zmq.auth.load_certificate(os.path.join(self.cert_dir, "server.key_secret"))
+        return bytes(pub), bytes(sec), bytes(server_pub)
+
     def run(self) -> int:
+        """Probe, hand the data path to the Rust core, then supervise the workers."""
         os.makedirs(self.logdir, exist_ok=True)
         url = self.probe()
         logger.info("Interchange found at %s", url)
-        self.ix = self.ctx.socket(zmq.DEALER)
-        self.ix.setsockopt(zmq.IDENTITY, self.uid.encode())
-        self.ix.setsockopt(zmq.LINGER, 0)
-        self.ix.setsockopt(zmq.IPV6, 1)
-        curve_client(self.ix, self.cert_dir)
-        self.ix.connect(url)
         self.worker_url = f"ipc://{self.ipc_dir}/workers"
-        self.workers_sock = self.ctx.socket(zmq.ROUTER)
-        self.workers_sock.setsockopt(zmq.LINGER, 0)
-        self.workers_sock.bind(self.worker_url)
-        self.poller = zmq.Poller()
-        self.poller.register(self.ix, zmq.POLLIN)
-        self.poller.register(self.workers_sock, zmq.POLLIN)
-        for rank in range(self.count):
-            self.poller.register(self.start_worker(rank).pidfd, zmq.POLLIN)
-        self.ix.send_multipart([wire.header(wire.REGISTER), self.registration()])
+        self.core = _core.PoolCore(url, self.uid.encode(), self.worker_url, self.registration(),
+                                   float(self.args.hb_period), float(self.args.hb_threshold),
+                                   self.per_worker, self.curve_keys())
         logger.info("Registered pool %s: block %s, %d workers, capacity %d",
                     self.uid, self.block_id, self.count, self.capacity)
-        hb_period, hb_threshold = self.args.hb_period, self.args.hb_threshold
-        last_contact = last_beat = time.monotonic()
+        self.poller = select.poll()
+        for rank in range(self.count):
+            self.poller.register(self.start_worker(rank).pidfd, select.POLLIN)
         exit_code = 0
         while not self.stopping:
-            now = time.monotonic()
-            if now - last_beat >= hb_period:
-                self.ix.send(wire.header(wire.HEARTBEAT))
-                last_beat = now
-            if now - last_contact > hb_threshold:
+            dead = {fd for fd, _ in self.poller.poll(200)}
+            for w in list(self.workers.values()):
+                if w.pidfd in dead:
+                    self.worker_lost(w)
+            stopped = self.core.wait_stopped(0)
+            if stopped is None:
+                continue
+            reason, detail = stopped
+            if reason == "refused":
+                logger.critical("Interchange refused this pool: %s", detail)
+                print(f"htex-rs-worker-pool: refused by the interchange: {detail}", file=sys.stderr, flush=True)
+                exit_code = 3
+            elif reason == "silent":
                 logger.critical("Missing contact with interchange beyond heartbeat_threshold; exiting")
                 exit_code = 1
-                break
-            timeout = max(0.0, min(last_beat + hb_period, last_contact + hb_threshold) - now)
-            events = dict(self.poller.poll(min(1000, int(timeout * 1000) + 1)))
-            if self.ix in events:
-                last_contact = time.monotonic()
-                for _ in range(1000):
-                    try:
-                        frames = self.ix.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.on_interchange(frames)
-            if self.workers_sock in events:
-                for _ in range(1000):
-                    try:
-                        frames = self.workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.on_worker(frames)
-            for w in list(self.workers.values()):
-                if w.pidfd in events:
-                    self.worker_lost(w)
-            self.dispatch()
+            else:
+                logger.info("Interchange asked this pool to exit (%s)", reason)
+            break
         self.stop()
         print("Process worker pool exiting normally", flush=True)
         return exit_code
 
-    def on_interchange(self, frames: list) -> None:
-        kind = wire.kind_of(frames[0].bytes)
-        if kind == wire.TASKS:
-            meta = frames[1].bytes
-            n = len(meta) // wire.META.size
-            for i in range(n):
-                self.pending.append((meta[i * wire.META.size:(i + 1) * wire.META.size], frames[2 + i]))
-        elif kind in (wire.HEARTBEAT_REPLY, wire.REGISTERED):
-            pass
-        elif kind == wire.SHUTDOWN:
-            logger.info("Interchange asked this pool to exit (drained or shut down)")
-            self.stopping = True
-        else:
-            self.refused([f.bytes for f in frames])
-            logger.warning("Ignoring unexpected message kind %s from the interchange", kind)
-
-    def on_worker(self, frames: list) -> None:
-        rank = int(frames[0].bytes)
-        w = self.workers.get(rank)
-        kind = wire.kind_of(frames[1].bytes)
-        if w is None:
-            return
-        if kind == wire.REGISTER:
-            w.ready = True
-        elif kind == wire.RESULTS:
-            for tid, _ in wire.decode_meta(frames[2].bytes):
-                w.tasks.discard(tid)
-            # Already in protocol form: forward without re-encoding.
-            self.ix.send_multipart(frames[1:], copy=False)
-
     def stop(self) -> None:
+        """Stop the core and every worker (SIGTERM, 1 s grace, SIGKILL); idempotent."""
         self.stopping = True
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.stop()
         procs = [w.proc for w in self.workers.values()]
+        self.workers.clear()
         for p in procs:
             if p.poll() is None:
                 p.terminate()

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::interchange::{self, Command, CurveConfig, Event, Handle, NewTask, Selector};
+use crate::manager;
 use crate::protocol::PROTOCOL_VERSION;
 
 /// A running interchange thread owned by one executor. Frozen, so calls from
@@ -172,9 +173,97 @@ impl Interchange {
     }
 }
 
+/// The data path of one worker pool (see `manager`): a thread that never holds the GIL.
+#[pyclass(module = "htex_rs._core", frozen)]
+struct PoolCore {
+    handle: Mutex<Option<Arc<manager::Handle>>>,
+}
+
+fn pool_handle(slf: &PoolCore) -> PyResult<Arc<manager::Handle>> {
+    slf.handle
+        .lock()
+        .unwrap()
+        .clone()
+        .ok_or_else(|| PyRuntimeError::new_err("the pool core has been stopped"))
+}
+
+#[pymethods]
+impl PoolCore {
+    #[new]
+    #[pyo3(signature = (interchange_url, identity, worker_url, registration, heartbeat_period,
+                        heartbeat_threshold, per_worker, curve_keys=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        interchange_url: String,
+        identity: Vec<u8>,
+        worker_url: String,
+        registration: Vec<u8>,
+        heartbeat_period: f64,
+        heartbeat_threshold: f64,
+        per_worker: usize,
+        curve_keys: Option<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+    ) -> PyResult<Self> {
+        let config = manager::Config {
+            interchange_url,
+            identity,
+            worker_url,
+            registration,
+            heartbeat_period: Duration::from_secs_f64(heartbeat_period.max(0.001)),
+            heartbeat_threshold: Duration::from_secs_f64(heartbeat_threshold.max(0.001)),
+            per_worker: per_worker.max(1),
+            curve: curve_keys.map(|(public, secret, server_public)| manager::ClientKeys {
+                public,
+                secret,
+                server_public,
+            }),
+        };
+        let h = py.detach(|| manager::Handle::start(config)).map_err(PyRuntimeError::new_err)?;
+        Ok(PoolCore { handle: Mutex::new(Some(Arc::new(h))) })
+    }
+
+    /// Forget a dead worker; returns the task ids it held.
+    fn worker_died(&self, py: Python<'_>, identity: Vec<u8>) -> PyResult<Vec<u64>> {
+        let h = pool_handle(self)?;
+        let (tx, rx) = mpsc::channel();
+        h.command(manager::Command::WorkerDied(identity, tx));
+        py.detach(move || rx.recv_timeout(Duration::from_secs(30)))
+            .map_err(|_| PyRuntimeError::new_err("the pool core did not answer within 30 s"))
+    }
+
+    /// Send results made in Python: [(task_id, status)], [payload].
+    fn send_results(&self, meta: Vec<(u64, u8)>, payloads: Vec<Vec<u8>>) -> PyResult<()> {
+        if meta.len() != payloads.len() {
+            return Err(PyValueError::new_err("one payload per result"));
+        }
+        pool_handle(self)?.command(manager::Command::Results(meta, payloads));
+        Ok(())
+    }
+
+    /// Wait up to `timeout_ms`; returns None while running, else (reason, detail).
+    fn wait_stopped(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<(String, String)>> {
+        let h = pool_handle(self)?;
+        let s = py.detach(move || h.wait_stopped(Duration::from_millis(timeout_ms)));
+        Ok(s.map(|s| match s {
+            manager::Stopped::Shutdown => ("shutdown".to_string(), String::new()),
+            manager::Stopped::Refused(why) => ("refused".to_string(), why),
+            manager::Stopped::Silent => ("silent".to_string(), String::new()),
+            manager::Stopped::Requested => ("requested".to_string(), String::new()),
+        }))
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        let h = self.handle.lock().unwrap().take();
+        if let Some(h) = h {
+            py.detach(move || h.stop());
+        }
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Interchange>()?;
+    m.add_class::<PoolCore>()?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add("VERSION", interchange::HTEX_RS_VERSION)?;
     m.add("HAS_CURVE", zmq::has("curve") == Some(true))?;

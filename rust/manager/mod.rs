@@ -1,0 +1,400 @@
+//! The worker pool's data path: a thread that owns the DEALER to the interchange and
+//! the ROUTER its worker processes connect to. It registers the pool, heartbeats,
+//! spreads task batches over ready workers and forwards their result batches without
+//! re-encoding them. Python keeps the process supervision (start, pin, restart workers)
+//! and is told why the core stopped: shutdown, refusal, or interchange silence.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind, META_ENTRY};
+
+/// CURVE client keys (40-character Z85 text or 32 raw bytes each).
+#[derive(Clone)]
+pub struct ClientKeys {
+    pub public: Vec<u8>,
+    pub secret: Vec<u8>,
+    pub server_public: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub interchange_url: String,
+    pub identity: Vec<u8>,
+    pub worker_url: String,
+    pub registration: Vec<u8>,
+    pub heartbeat_period: Duration,
+    pub heartbeat_threshold: Duration,
+    /// Tasks one worker may hold at once.
+    pub per_worker: usize,
+    pub curve: Option<ClientKeys>,
+}
+
+/// Why the core stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// The interchange told the pool to exit (drained, or the executor shut down).
+    Shutdown,
+    /// The interchange refused this pool; the text says why.
+    Refused(String),
+    /// Nothing heard from the interchange for longer than the heartbeat threshold.
+    Silent,
+    /// Python asked the core to stop.
+    Requested,
+}
+
+pub enum Command {
+    /// A worker process died: forget it, return the tasks it held.
+    WorkerDied(Vec<u8>, Sender<Vec<u64>>),
+    /// Results made on the Python side (e.g. WorkerLost), forwarded to the interchange.
+    Results(Vec<(u64, u8)>, Vec<Vec<u8>>),
+    Stop,
+}
+
+struct Shared {
+    inbox: Mutex<Vec<Command>>,
+    wake_pending: AtomicBool,
+    wake_tx: UnixStream,
+    stopped: Mutex<Option<Stopped>>,
+    stopped_cv: Condvar,
+}
+
+struct StopGuard(Arc<Shared>);
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.stopped.lock().unwrap();
+        if s.is_none() {
+            *s = Some(Stopped::Requested);
+        }
+        self.0.stopped_cv.notify_all();
+    }
+}
+
+pub struct Handle {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Handle {
+    /// Connect to the interchange, bind the worker socket, register, start the thread.
+    pub fn start(config: Config) -> Result<Handle, String> {
+        let ctx = zmq::Context::new();
+        let ix = ctx.socket(zmq::DEALER).map_err(|e| e.to_string())?;
+        let workers = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
+        let setup = || -> zmq::Result<()> {
+            ix.set_identity(&config.identity)?;
+            ix.set_linger(0)?;
+            ix.set_ipv6(true)?;
+            ix.set_sndhwm(0)?;
+            ix.set_rcvhwm(0)?;
+            if let Some(k) = &config.curve {
+                ix.set_curve_publickey(&k.public)?;
+                ix.set_curve_secretkey(&k.secret)?;
+                ix.set_curve_serverkey(&k.server_public)?;
+            }
+            workers.set_linger(0)?;
+            workers.set_router_handover(true)?;
+            workers.set_sndhwm(0)?;
+            workers.set_rcvhwm(0)?;
+            Ok(())
+        };
+        setup().map_err(|e| format!("cannot configure the pool sockets: {e}"))?;
+        workers
+            .bind(&config.worker_url)
+            .map_err(|e| format!("cannot bind {}: {e}", config.worker_url))?;
+        ix.connect(&config.interchange_url)
+            .map_err(|e| format!("cannot connect to {}: {e}", config.interchange_url))?;
+        ix.send_multipart([&header(Kind::Register)[..], &config.registration], 0)
+            .map_err(|e| format!("cannot send the registration: {e}"))?;
+
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(|e| e.to_string())?;
+        wake_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        wake_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let shared = Arc::new(Shared {
+            inbox: Mutex::new(Vec::new()),
+            wake_pending: AtomicBool::new(false),
+            wake_tx,
+            stopped: Mutex::new(None),
+            stopped_cv: Condvar::new(),
+        });
+        let guard = StopGuard(shared.clone());
+        let mut core = Core {
+            config,
+            _ctx: ctx,
+            ix,
+            workers,
+            wake_rx,
+            shared: shared.clone(),
+            pending: VecDeque::new(),
+            ready: HashMap::new(),
+            stop: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("htex-rs-pool-core".into())
+            .spawn(move || {
+                let _guard = guard;
+                core.run();
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Handle {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn command(&self, c: Command) {
+        self.shared.inbox.lock().unwrap().push(c);
+        if !self.shared.wake_pending.swap(true, Ordering::AcqRel) {
+            let _ = (&self.shared.wake_tx).write(&[1]);
+        }
+    }
+
+    /// Wait up to `timeout` for the core to stop; `None` while it runs.
+    pub fn wait_stopped(&self, timeout: Duration) -> Option<Stopped> {
+        let s = self.shared.stopped.lock().unwrap();
+        let (s, _) = self
+            .shared
+            .stopped_cv
+            .wait_timeout_while(s, timeout, |s| s.is_none())
+            .unwrap();
+        s.clone()
+    }
+
+    pub fn stop(&self) {
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(t) = thread {
+            self.command(Command::Stop);
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Core {
+    config: Config,
+    _ctx: zmq::Context,
+    ix: zmq::Socket,
+    workers: zmq::Socket,
+    wake_rx: UnixStream,
+    shared: Arc<Shared>,
+    /// (meta entry, payload) of tasks not yet given to a worker.
+    pending: VecDeque<([u8; META_ENTRY], zmq::Message)>,
+    /// Registered workers and the task ids each holds.
+    ready: HashMap<Vec<u8>, HashSet<u64>>,
+    stop: Option<Stopped>,
+}
+
+fn recv_frames(sock: &zmq::Socket) -> Option<Vec<zmq::Message>> {
+    let mut frames = Vec::with_capacity(4);
+    loop {
+        let mut msg = zmq::Message::new();
+        let flags = if frames.is_empty() { zmq::DONTWAIT } else { 0 };
+        if sock.recv(&mut msg, flags).is_err() {
+            return None;
+        }
+        let more = msg.get_more();
+        frames.push(msg);
+        if !more {
+            return Some(frames);
+        }
+    }
+}
+
+fn send_frames<T: zmq::Sendable>(sock: &zmq::Socket, frames: Vec<T>) {
+    let last = frames.len().saturating_sub(1);
+    for (i, f) in frames.into_iter().enumerate() {
+        let _ = sock.send(f, if i < last { zmq::SNDMORE } else { 0 });
+    }
+}
+
+impl Core {
+    fn run(&mut self) {
+        let mut last_beat = Instant::now();
+        let mut last_contact = Instant::now();
+        let hb = self.config.heartbeat_period;
+        let threshold = self.config.heartbeat_threshold;
+        while self.stop.is_none() {
+            let now = Instant::now();
+            if now.duration_since(last_beat) >= hb {
+                let _ = self.ix.send(&header(Kind::Heartbeat)[..], 0);
+                last_beat = now;
+            }
+            if now.duration_since(last_contact) > threshold {
+                self.stop = Some(Stopped::Silent);
+                break;
+            }
+            let next = (last_beat + hb).min(last_contact + threshold);
+            let timeout = next.saturating_duration_since(now).as_millis().clamp(1, 1000) as i64;
+            let (ix_ready, workers_ready, wake_ready) = {
+                let mut items = [
+                    self.ix.as_poll_item(zmq::POLLIN),
+                    self.workers.as_poll_item(zmq::POLLIN),
+                    zmq::PollItem::from_fd(self.wake_rx.as_raw_fd(), zmq::POLLIN),
+                ];
+                if zmq::poll(&mut items, timeout).is_err() {
+                    continue;
+                }
+                (
+                    items[0].is_readable(),
+                    items[1].is_readable(),
+                    items[2].is_readable(),
+                )
+            };
+            if ix_ready {
+                last_contact = Instant::now();
+                for _ in 0..1024 {
+                    match recv_frames(&self.ix) {
+                        Some(f) => self.on_interchange(f),
+                        None => break,
+                    }
+                }
+            }
+            if workers_ready {
+                for _ in 0..1024 {
+                    match recv_frames(&self.workers) {
+                        Some(f) => self.on_worker(f),
+                        None => break,
+                    }
+                }
+            }
+            if wake_ready {
+                self.take_inbox();
+            }
+            self.dispatch();
+        }
+        let mut s = self.shared.stopped.lock().unwrap();
+        *s = self.stop.take();
+        self.shared.stopped_cv.notify_all();
+    }
+
+    fn take_inbox(&mut self) {
+        let mut buf = [0u8; 64];
+        loop {
+            match (&self.wake_rx).read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        self.shared.wake_pending.store(false, Ordering::Release);
+        let inbox = std::mem::take(&mut *self.shared.inbox.lock().unwrap());
+        for c in inbox {
+            match c {
+                Command::WorkerDied(id, tx) => {
+                    let mut held: Vec<u64> = self
+                        .ready
+                        .remove(&id)
+                        .map(|s| s.into_iter().collect())
+                        .unwrap_or_default();
+                    held.sort_unstable();
+                    let _ = tx.send(held);
+                }
+                Command::Results(meta, payloads) => {
+                    let mut frames = vec![header(Kind::Results).to_vec(), encode_meta(&meta)];
+                    frames.extend(payloads);
+                    send_frames(&self.ix, frames);
+                }
+                Command::Stop => self.stop = Some(Stopped::Requested),
+            }
+        }
+    }
+
+    fn on_interchange(&mut self, mut frames: Vec<zmq::Message>) {
+        match decode_header(&frames[0]) {
+            Ok(Kind::Tasks) if frames.len() >= 2 => {
+                let payloads = frames.split_off(2);
+                let meta = &frames[1];
+                if meta.len() != payloads.len() * META_ENTRY {
+                    return; // malformed; the interchange never sends this
+                }
+                for (entry, p) in meta.chunks_exact(META_ENTRY).zip(payloads) {
+                    let mut e = [0u8; META_ENTRY];
+                    e.copy_from_slice(entry);
+                    self.pending.push_back((e, p));
+                }
+            }
+            Ok(Kind::Shutdown) => self.stop = Some(Stopped::Shutdown),
+            Ok(Kind::Refused) => {
+                let why = frames
+                    .get(1)
+                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default();
+                self.stop = Some(Stopped::Refused(why));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_worker(&mut self, mut frames: Vec<zmq::Message>) {
+        if frames.len() < 2 {
+            return;
+        }
+        let id = frames[0].to_vec();
+        match decode_header(&frames[1]) {
+            Ok(Kind::Register) => {
+                self.ready.entry(id).or_default();
+            }
+            Ok(Kind::Results) if frames.len() >= 3 => {
+                if let Ok(meta) = decode_meta(&frames[2], frames.len() - 3) {
+                    if let Some(held) = self.ready.get_mut(&id) {
+                        for (tid, _) in meta {
+                            held.remove(&tid);
+                        }
+                    }
+                }
+                // Already in protocol form: forward as is, minus the worker identity.
+                send_frames(&self.ix, frames.split_off(1));
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let per_worker = self.config.per_worker;
+        // Least-loaded first, so prefetched tasks spread over the workers.
+        let mut order: Vec<(usize, Vec<u8>)> = self
+            .ready
+            .iter()
+            .filter(|(_, held)| held.len() < per_worker)
+            .map(|(id, held)| (held.len(), id.clone()))
+            .collect();
+        order.sort_unstable();
+        for (held, id) in order {
+            if self.pending.is_empty() {
+                break;
+            }
+            let n = (per_worker - held).min(self.pending.len());
+            let batch: Vec<_> = self.pending.drain(..n).collect();
+            let mut meta = Vec::with_capacity(n * META_ENTRY);
+            let set = self.ready.get_mut(&id).expect("worker in order is ready");
+            for (e, _) in &batch {
+                meta.extend_from_slice(e);
+                let mut tid = [0u8; 8];
+                tid.copy_from_slice(&e[..8]);
+                set.insert(u64::from_le_bytes(tid));
+            }
+            let _ = self.workers.send(&id[..], zmq::SNDMORE);
+            let _ = self.workers.send(&header(Kind::Tasks)[..], zmq::SNDMORE);
+            let _ = self.workers.send(meta, zmq::SNDMORE);
+            let last = batch.len() - 1;
+            for (i, (_, p)) in batch.into_iter().enumerate() {
+                let _ = self.workers.send(p, if i < last { zmq::SNDMORE } else { 0 });
+            }
+        }
+    }
+}
