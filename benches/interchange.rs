@@ -59,6 +59,7 @@ fn wait_results(h: &Handle, n: usize) {
 fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
     h.submit([NewTask { task_id: u64::MAX, priority: 0.0, flags: 0, payload: vec![] }]);
     pool.join().unwrap();
+    drop(h);
 }
 
 fn bench(c: &mut Criterion) {

@@ -398,3 +398,115 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{STATUS_EXCEPTION, STATUS_RESULT};
+
+    /// A fake interchange (ROUTER) and a core with one fake worker (DEALER), real sockets.
+    struct Rig {
+        _ctx: zmq::Context,
+        ix: zmq::Socket,
+        worker: zmq::Socket,
+        core: Handle,
+    }
+
+    fn rig(per_worker: usize, threshold: Duration) -> Rig {
+        let ctx = zmq::Context::new();
+        let ix = ctx.socket(zmq::ROUTER).unwrap();
+        ix.set_linger(0).unwrap();
+        ix.bind("tcp://127.0.0.1:*").unwrap();
+        let url = ix.get_last_endpoint().unwrap().unwrap();
+        let dir = std::env::temp_dir().join(format!("htex-rs-core-test-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let worker_url = format!("ipc://{}/w", dir.display());
+        let core = Handle::start(Config {
+            interchange_url: url,
+            identity: b"pool-1".to_vec(),
+            worker_url: worker_url.clone(),
+            registration: b"{}".to_vec(),
+            heartbeat_period: Duration::from_millis(50),
+            heartbeat_threshold: threshold,
+            per_worker,
+            curve: None,
+        })
+        .unwrap();
+        let worker = ctx.socket(zmq::DEALER).unwrap();
+        worker.set_linger(0).unwrap();
+        worker.set_identity(b"0").unwrap();
+        worker.connect(&worker_url).unwrap();
+        worker.send(&header(Kind::Register)[..], 0).unwrap();
+        Rig { _ctx: ctx, ix, worker, core }
+    }
+
+    fn recv_kind(sock: &zmq::Socket, kind: Kind) -> Vec<Vec<u8>> {
+        loop {
+            assert!(sock.poll(zmq::POLLIN, 5000).unwrap() > 0, "timed out waiting for {kind:?}");
+            let frames = sock.recv_multipart(0).unwrap();
+            let at = frames.iter().position(|f| f.len() == 4 && f[..2] == *b"HX").unwrap();
+            if decode_header(&frames[at]) == Ok(kind) {
+                return frames[at..].to_vec();
+            }
+        }
+    }
+
+    fn send_tasks(r: &Rig, ids: &[u64]) {
+        let meta = encode_meta(&ids.iter().map(|i| (*i, 0)).collect::<Vec<_>>());
+        let mut frames = vec![b"pool-1".to_vec(), header(Kind::Tasks).to_vec(), meta];
+        frames.extend(ids.iter().map(|i| i.to_le_bytes().to_vec()));
+        r.ix.send_multipart(frames, 0).unwrap();
+    }
+
+    #[test]
+    fn registers_routes_tasks_and_forwards_results() {
+        let r = rig(2, Duration::from_secs(30));
+        let reg = recv_kind(&r.ix, Kind::Register);
+        assert_eq!(reg[1], b"{}");
+        send_tasks(&r, &[1, 2, 3]);
+        // The worker may hold 2 at once: it gets 2, the third waits.
+        let batch = recv_kind(&r.worker, Kind::Tasks);
+        let meta = decode_meta(&batch[1], batch.len() - 2).unwrap();
+        assert_eq!(meta.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(batch[2], 1u64.to_le_bytes());
+        let results = encode_meta(&[(1, STATUS_RESULT), (2, STATUS_EXCEPTION)]);
+        r.worker
+            .send_multipart([&header(Kind::Results)[..], &results, b"r1", b"r2"], 0)
+            .unwrap();
+        let fwd = recv_kind(&r.ix, Kind::Results);
+        assert_eq!(fwd[1], results);
+        assert_eq!(&fwd[2..], &[b"r1".to_vec(), b"r2".to_vec()]);
+        let batch = recv_kind(&r.worker, Kind::Tasks);
+        assert_eq!(decode_meta(&batch[1], 1).unwrap(), vec![(3, 0)]);
+        // The worker dies holding task 3: the core hands it back for WorkerLost.
+        let (tx, rx) = std::sync::mpsc::channel();
+        r.core.command(Command::WorkerDied(b"0".to_vec(), tx));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), vec![3]);
+        r.core.command(Command::Results(vec![(3, STATUS_EXCEPTION)], vec![b"lost".to_vec()]));
+        let fwd = recv_kind(&r.ix, Kind::Results);
+        assert_eq!(fwd[2], b"lost");
+        assert_eq!(r.core.wait_stopped(Duration::from_millis(10)), None);
+    }
+
+    #[test]
+    fn heartbeats_then_stops_on_shutdown() {
+        let r = rig(1, Duration::from_secs(30));
+        recv_kind(&r.ix, Kind::Register);
+        recv_kind(&r.ix, Kind::Heartbeat);
+        r.ix.send_multipart([&b"pool-1"[..], &header(Kind::Shutdown)[..]], 0).unwrap();
+        assert_eq!(r.core.wait_stopped(Duration::from_secs(5)), Some(Stopped::Shutdown));
+    }
+
+    #[test]
+    fn stops_when_the_interchange_is_silent_or_refuses() {
+        let r = rig(1, Duration::from_millis(300));
+        assert_eq!(r.core.wait_stopped(Duration::from_secs(5)), Some(Stopped::Silent));
+        let r = rig(1, Duration::from_secs(30));
+        recv_kind(&r.ix, Kind::Register); // connected: the ROUTER can address it now
+        r.ix.send_multipart([&b"pool-1"[..], &header(Kind::Refused)[..], b"other version"], 0).unwrap();
+        assert_eq!(
+            r.core.wait_stopped(Duration::from_secs(5)),
+            Some(Stopped::Refused("other version".into()))
+        );
+    }
+}
