@@ -1,7 +1,6 @@
 """Adapted from parsl/tests/test_htex/test_basic.py (test_app): one no-op app."""
 import pytest
 
-import parsl
 from parsl.app.app import python_app
 
 

@@ -17,6 +17,14 @@ from parsl.providers import LocalProvider
 from htex_rs import HighThroughputExecutor
 
 
+def cleanup_in_test():
+    """Parsl's local-mode harness cleans the DFK up after the test; it is done
+    inside the test here so that a failing executor shutdown fails this test.
+    Regression check: htex_rs's shutdown() used to re-fail the futures already
+    failed by the block error handler (InvalidStateError; fixed in 7200b37)."""
+    parsl.dfk().cleanup()
+
+
 class FailingProvider(LocalProvider):
     def submit(*args, **kwargs):
         raise RuntimeError("Deliberate failure of provider.submit")
@@ -78,6 +86,8 @@ def test_disconnected_blocks(load_dfk, tmp_path):
     connected_blocks = executor.connected_blocks()
     assert not connected_blocks, "Expected 0 blocks"
 
+    cleanup_in_test()
+
 
 @pytest.mark.timeout(120)
 def test_disconnected_blocks_failing_provider(load_dfk, tmp_path):
@@ -130,6 +140,8 @@ def test_disconnected_blocks_failing_provider(load_dfk, tmp_path):
     connected_blocks = executor.connected_blocks()
     assert connected_blocks == [], "Expected exactly 0 connected blocks"
 
+    cleanup_in_test()
+
 
 @pytest.mark.timeout(120)
 def test_multiple_disconnected_blocks(load_dfk, tmp_path):
@@ -181,3 +193,5 @@ def test_multiple_disconnected_blocks(load_dfk, tmp_path):
 
     connected_blocks = executor.connected_blocks()
     assert not connected_blocks, "Expected 0 blocks"
+
+    cleanup_in_test()

@@ -281,7 +281,7 @@ class HighThroughputExecutor(ParslHTEX):
 
     def submit(self, func: Callable, resource_specification: dict, *args: Any, **kwargs: Any) -> HTEXFuture:
         """Serialize ``func(*args, **kwargs)`` and queue it; returns a future."""
-        validation.check_resource_spec(resource_specification)
+        self.validate_resource_spec(resource_specification)
         try:
             buffer = pack_apply_message(func, args, kwargs, buffer_threshold=1 << 20)
         except TypeError:

@@ -15,12 +15,10 @@ import math
 import os
 import platform
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from typing import Optional
@@ -152,7 +150,6 @@ class Pool:
         self.drain_time = _SCRIPT_LOAD_TIME + args.drain_period if args.drain_period is not None else None
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
         self.ctx = zmq.Context()
-        self.ipc_dir = tempfile.mkdtemp(prefix=f"htex-rs-{self.uid}-")
         self.workers: dict[int, Worker] = {}
         self.stopping = False
         self.num_cuda = count_cuda_gpus() if args.available_accelerators else None
@@ -287,7 +284,8 @@ class Pool:
         os.makedirs(self.logdir, exist_ok=True)
         url = self.probe()
         logger.info("Interchange found at %s", url)
-        self.worker_url = f"ipc://{self.ipc_dir}/workers"
+        # Linux abstract socket: no file to leave behind if the pool is SIGKILLed.
+        self.worker_url = f"ipc://@htex-rs-{self.uid}-{os.getpid()}"
         self.core = _core.PoolCore(url, self.uid.encode(), self.worker_url, self.registration(),
                                    float(self.args.hb_period), float(self.args.hb_threshold),
                                    self.per_worker, self.curve_keys())
@@ -339,7 +337,6 @@ class Pool:
                 p.kill()
                 p.wait()
         self.ctx.destroy(linger=0)
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
