@@ -10,7 +10,11 @@ use htex_rs::protocol::{decode_meta, encode_meta, header, Kind, Registration, PR
 
 /// Start an interchange plus an echoing pool thread with `capacity` slots.
 fn setup(capacity: u32) -> (Handle, std::thread::JoinHandle<()>) {
-    let h = Handle::start(Config { heartbeat_threshold: Duration::from_secs(600), ..Config::default() }).unwrap();
+    let h = Handle::start(Config {
+        heartbeat_threshold: Duration::from_secs(600),
+        ..Config::default()
+    })
+    .unwrap();
     let port = h.port;
     let pool = std::thread::spawn(move || {
         let ctx = zmq::Context::new();
@@ -26,9 +30,18 @@ fn setup(capacity: u32) -> (Handle, std::thread::JoinHandle<()>) {
             max_capacity: capacity,
             ..Registration::default()
         };
-        s.send_multipart([&header(Kind::Register)[..], &serde_json::to_vec(&reg).unwrap()], 0).unwrap();
+        s.send_multipart(
+            [
+                &header(Kind::Register)[..],
+                &serde_json::to_vec(&reg).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
         loop {
-            let Ok(frames) = s.recv_multipart(0) else { return };
+            let Ok(frames) = s.recv_multipart(0) else {
+                return;
+            };
             if frames[0] != header(Kind::Tasks) {
                 continue;
             }
@@ -57,7 +70,12 @@ fn wait_results(h: &Handle, n: usize) {
 }
 
 fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
-    h.submit([NewTask { task_id: u64::MAX, priority: 0.0, flags: 0, payload: vec![] }]);
+    h.submit([NewTask {
+        task_id: u64::MAX,
+        priority: 0.0,
+        flags: 0,
+        payload: vec![],
+    }]);
     pool.join().unwrap();
     drop(h);
 }
@@ -65,12 +83,22 @@ fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
 fn bench(c: &mut Criterion) {
     let (h, pool) = setup(1);
     // Warm-up outside the timer: TCP connect and registration.
-    h.submit([NewTask { task_id: 0, priority: 0.0, flags: 0, payload: vec![0; 64] }]);
+    h.submit([NewTask {
+        task_id: 0,
+        priority: 0.0,
+        flags: 0,
+        payload: vec![0; 64],
+    }]);
     wait_results(&h, 1);
     let mut id = 1u64;
     c.bench_function("round_trip_one_task", |b| {
         b.iter(|| {
-            h.submit([NewTask { task_id: id, priority: 0.0, flags: 0, payload: vec![0; 64] }]);
+            h.submit([NewTask {
+                task_id: id,
+                priority: 0.0,
+                flags: 0,
+                payload: vec![0; 64],
+            }]);
             id += 1;
             wait_results(&h, 1);
         });
@@ -78,7 +106,12 @@ fn bench(c: &mut Criterion) {
     stop(h, pool);
 
     let (h, pool) = setup(1024);
-    h.submit([NewTask { task_id: 0, priority: 0.0, flags: 0, payload: vec![0; 64] }]);
+    h.submit([NewTask {
+        task_id: 0,
+        priority: 0.0,
+        flags: 0,
+        payload: vec![0; 64],
+    }]);
     wait_results(&h, 1);
     let mut g = c.benchmark_group("batched");
     let n = 10_000u64;
@@ -88,7 +121,12 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let start = Instant::now();
             for _ in 0..iters {
-                h.submit((0..n).map(|i| NewTask { task_id: id + i, priority: f64::INFINITY, flags: 0, payload: vec![0; 64] }));
+                h.submit((0..n).map(|i| NewTask {
+                    task_id: id + i,
+                    priority: f64::INFINITY,
+                    flags: 0,
+                    payload: vec![0; 64],
+                }));
                 id += n;
                 wait_results(&h, n as usize);
             }

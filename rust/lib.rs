@@ -1,11 +1,12 @@
 //! htex_rs: the Rust core of a Parsl-compatible HighThroughputExecutor.
 //!
 //! `protocol` is the wire format, `interchange` the task router, `manager` a worker
-//! pool's data path. None of them knows
-//! Python; the thin PyO3 layer in `python` exists only under the `python` feature.
+//! pool's data path, `planner` the CPU-affinity and accelerator planner. None of them
+//! knows Python; the thin PyO3 layer in `python` exists only under the `python` feature.
 
 pub mod interchange;
 pub mod manager;
+pub mod planner;
 pub mod protocol;
 
 #[cfg(feature = "python")]

@@ -45,6 +45,7 @@ from parsl.serialize.errors import DeserializationError, SerializationError
 from htex_rs import _core, validation, wire
 from htex_rs.addresses import local_addresses
 from htex_rs.errors import HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch
+from htex_rs.planner import validate_cpu_affinity
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,7 @@ class HighThroughputExecutor(ParslHTEX):
             )
         accelerators = (list(map(str, range(available_accelerators)))
                         if isinstance(available_accelerators, int) else list(available_accelerators))
-        from htex_rs.affinity import validate_strategy
-        validate_strategy(cpu_affinity, max_workers_per_node, accelerators)
+        validate_cpu_affinity(cpu_affinity, max_workers_per_node, accelerators)
 
         BlockProviderExecutor.__init__(self,
                                        provider=provider if provider else LocalProvider(),

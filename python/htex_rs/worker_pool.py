@@ -28,7 +28,7 @@ _SCRIPT_LOAD_TIME = time.time()
 import psutil  # noqa: E402
 import zmq  # noqa: E402
 
-from htex_rs import _core, affinity, wire  # noqa: E402
+from htex_rs import _core, planner, wire  # noqa: E402
 from htex_rs.addresses import tcp_url  # noqa: E402
 
 logger = logging.getLogger("htex_rs.worker_pool")
@@ -86,18 +86,6 @@ def worker_count(args: argparse.Namespace) -> int:
     return max(1, int(count))
 
 
-def count_cuda_gpus() -> Optional[int]:
-    """GPUs without vendor tools: entries of /proc/driver/nvidia/gpus; None if unknown."""
-    override = os.environ.get("HTEX_RS_NUM_GPUS")
-    if override:
-        return int(override)
-    try:
-        n = len(os.listdir("/proc/driver/nvidia/gpus"))
-        return n or None
-    except OSError:
-        return None
-
-
 def setup_logging(path: str, debug: bool) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     handler = logging.FileHandler(path)
@@ -152,11 +140,9 @@ class Pool:
         self.ctx = zmq.Context()
         self.workers: dict[int, Worker] = {}
         self.stopping = False
-        self.num_cuda = count_cuda_gpus() if args.available_accelerators else None
-        try:
-            self.available_cpus = sorted(os.sched_getaffinity(0))
-        except AttributeError:
-            self.available_cpus = list(range(os.cpu_count() or 1))
+        # Planned once for the pool; a bad plan fails the pool here, clearly, instead of
+        # every worker crashing at start-up and being restarted forever.
+        self.plan = planner.plan_pool(args.cpu_affinity, self.count, args.available_accelerators)
 
     # ----------------------------------------------------------------- connect
     def probe(self) -> str:
@@ -232,13 +218,11 @@ class Pool:
             "PARSL_WORKER_POOL_ID": self.uid,
             "PARSL_WORKER_BLOCK_ID": str(self.block_id),
         })
-        cpus = affinity.worker_cpus(self.args.cpu_affinity, rank, self.count, self.available_cpus)
+        plan = self.plan[rank]
+        cpus = plan["cpus"]
+        env.update(plan["env"])
         if cpus is not None:
-            env.update(affinity.affinity_env(cpus))
             env["HTEX_RS_CPUS"] = ",".join(map(str, cpus))
-        accs = self.args.available_accelerators
-        if accs:
-            env.update(affinity.accelerator_env(accs[rank], self.count, self.num_cuda))
         cmd = [sys.executable, "-m", "htex_rs.worker",
                "--url", self.worker_url, "--rank", str(rank),
                "--logfile", os.path.join(self.logdir, f"worker_{rank}.log")]
@@ -341,11 +325,11 @@ class Pool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = arg_parser().parse_args(argv)
-    ca = args.cpu_affinity
-    if ca not in affinity.STRATEGIES and not ca.startswith("list"):
-        print(f"cpu-affinity must be one of {affinity.STRATEGIES} or a list format", file=sys.stderr)
+    try:
+        pool = Pool(args)
+    except ValueError as e:  # an affinity plan that cannot work on this node
+        print(f"htex-rs-worker-pool: {e}", file=sys.stderr)
         return 2
-    pool = Pool(args)
     setup_logging(os.path.join(pool.logdir, "manager.log"), args.debug)
     logger.info("htex-rs-worker-pool %s (protocol v%s) starting: %s", _core.VERSION, _core.PROTOCOL_VERSION,
                 " ".join(sys.argv))

@@ -25,8 +25,8 @@ use crate::protocol::{
     PROTOCOL_VERSION,
 };
 use logfile::LogFile;
-pub use managers::{ManagerInfo, Selector};
 use managers::Managers;
+pub use managers::{ManagerInfo, Selector};
 use queue::{PendingTask, TaskQueue};
 
 pub const HTEX_RS_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -313,7 +313,12 @@ impl Handle {
             if now >= deadline {
                 break;
             }
-            q = self.shared.events_cv.wait_timeout(q, deadline - now).unwrap().0;
+            q = self
+                .shared
+                .events_cv
+                .wait_timeout(q, deadline - now)
+                .unwrap()
+                .0;
         }
         let n = q.len().min(max);
         q.drain(..n).collect()
@@ -471,7 +476,8 @@ impl Interchange {
             }
             Command::Hold(uid, tx) => {
                 let found = self.managers.hold(&uid);
-                self.log.info(&format!("Holding manager {uid} (found: {found})"));
+                self.log
+                    .info(&format!("Holding manager {uid} (found: {found})"));
                 let _ = tx.send(found);
             }
             Command::Stop => self.stop = true,
@@ -555,7 +561,11 @@ impl Interchange {
         }
         let their_version = doc
             .and_then(|d| serde_json::from_slice::<serde_json::Value>(d).ok())
-            .and_then(|v| v.get("htex_rs_version").and_then(|s| s.as_str()).map(String::from))
+            .and_then(|v| {
+                v.get("htex_rs_version")
+                    .and_then(|s| s.as_str())
+                    .map(String::from)
+            })
             .map(|v| format!(" (htex_rs {v})"))
             .unwrap_or_default();
         let msg = format!(
@@ -616,7 +626,8 @@ impl Interchange {
             Err(e) => return self.drop_junk(identity, &e.to_string()),
         };
         self.managers.touch(identity);
-        self.managers.complete(identity, meta.iter().map(|(id, _)| *id));
+        self.managers
+            .complete(identity, meta.iter().map(|(id, _)| *id));
         self.shared
             .stats
             .results_forwarded
@@ -643,11 +654,12 @@ impl Interchange {
                 l.tasks.len()
             ));
         }
-        self.shared.emit(lost.into_iter().map(|l| Event::ManagerLost {
-            uid: l.uid,
-            hostname: l.hostname,
-            tasks: l.tasks,
-        }));
+        self.shared
+            .emit(lost.into_iter().map(|l| Event::ManagerLost {
+                uid: l.uid,
+                hostname: l.hostname,
+                tasks: l.tasks,
+            }));
         for id in self.managers.drained() {
             self.log.info(&format!(
                 "Manager {:?} drained and idle; telling it to exit",
@@ -665,7 +677,10 @@ impl Interchange {
             if self.queue.is_empty() {
                 break;
             }
-            let free = self.managers.get(&id).map_or(0, managers::Manager::free_capacity);
+            let free = self
+                .managers
+                .get(&id)
+                .map_or(0, managers::Manager::free_capacity);
             let n = free.min(self.queue.len());
             let batch: Vec<PendingTask> = (0..n).filter_map(|_| self.queue.pop()).collect();
             let meta: Vec<(u64, u8)> = batch.iter().map(|t| (t.task_id, t.flags)).collect();
@@ -681,7 +696,8 @@ impl Interchange {
                     if let Some(m) = self.managers.remove(&id) {
                         let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
                         tasks.sort_unstable();
-                        self.log.warn(&format!("Manager {} is unreachable; removed", m.reg.uid));
+                        self.log
+                            .warn(&format!("Manager {} is unreachable; removed", m.reg.uid));
                         self.shared.emit([Event::ManagerLost {
                             uid: m.reg.uid,
                             hostname: m.reg.hostname,
@@ -757,8 +773,14 @@ mod tests {
             drain_time: drain,
             ..Registration::default()
         };
-        s.send_multipart([&header(Kind::Register)[..], &serde_json::to_vec(&reg).unwrap()], 0)
-            .unwrap();
+        s.send_multipart(
+            [
+                &header(Kind::Register)[..],
+                &serde_json::to_vec(&reg).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
         assert_eq!(recv(&s)[0], header(Kind::Registered));
         s
     }
@@ -769,7 +791,12 @@ mod tests {
     }
 
     fn task(id: u64, priority: f64) -> NewTask {
-        NewTask { task_id: id, priority, flags: 0, payload: id.to_le_bytes().to_vec() }
+        NewTask {
+            task_id: id,
+            priority,
+            flags: 0,
+            payload: id.to_le_bytes().to_vec(),
+        }
     }
 
     fn wait_for<T>(h: &Handle, mut pick: impl FnMut(Event) -> Option<T>) -> T {
@@ -787,18 +814,35 @@ mod tests {
     #[test]
     fn tasks_go_out_in_priority_order_in_batches_and_results_come_back() {
         let h = start(Duration::from_secs(60), None);
-        h.submit([task(1, f64::INFINITY), task(2, 5.0), task(3, 1.0), task(4, 5.0)]);
+        h.submit([
+            task(1, f64::INFINITY),
+            task(2, 5.0),
+            task(3, 1.0),
+            task(4, 5.0),
+        ]);
         let ctx = zmq::Context::new();
         let p = pool(&ctx, h.port, "p1", 4, None);
         let frames = recv(&p);
         assert_eq!(frames[0], header(Kind::Tasks));
         let meta = decode_meta(&frames[1], frames.len() - 2).unwrap();
-        assert_eq!(meta.iter().map(|m| m.0).collect::<Vec<_>>(), vec![3, 2, 4, 1]);
+        assert_eq!(
+            meta.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![3, 2, 4, 1]
+        );
         assert_eq!(frames[2], 3u64.to_le_bytes());
-        p.send_multipart([&header(Kind::Results)[..], &encode_meta(&[(3, STATUS_RESULT)]), b"ok"], 0)
-            .unwrap();
+        p.send_multipart(
+            [
+                &header(Kind::Results)[..],
+                &encode_meta(&[(3, STATUS_RESULT)]),
+                b"ok",
+            ],
+            0,
+        )
+        .unwrap();
         let (id, payload) = wait_for(&h, |e| match e {
-            Event::Result { task_id, payload, .. } => Some((task_id, payload.to_vec())),
+            Event::Result {
+                task_id, payload, ..
+            } => Some((task_id, payload.to_vec())),
             _ => None,
         });
         assert_eq!((id, payload), (3, b"ok".to_vec()));
@@ -819,10 +863,17 @@ mod tests {
         h.submit([task(7, 0.0), task(8, 0.0)]);
         recv(&p);
         let lost = wait_for(&h, |e| match e {
-            Event::ManagerLost { uid, hostname, tasks } => Some((uid, hostname, tasks)),
+            Event::ManagerLost {
+                uid,
+                hostname,
+                tasks,
+            } => Some((uid, hostname, tasks)),
             _ => None,
         });
-        assert_eq!(lost, ("quiet".to_string(), "testhost".to_string(), vec![7, 8]));
+        assert_eq!(
+            lost,
+            ("quiet".to_string(), "testhost".to_string(), vec![7, 8])
+        );
     }
 
     #[test]
@@ -846,7 +897,11 @@ mod tests {
         let s = ctx.socket(zmq::DEALER).unwrap();
         s.set_linger(0).unwrap();
         s.connect(&format!("tcp://127.0.0.1:{}", h.port)).unwrap();
-        s.send(&[b'H', b'X', PROTOCOL_VERSION + 1, Kind::Probe as u8][..], 0).unwrap();
+        s.send(
+            &[b'H', b'X', PROTOCOL_VERSION + 1, Kind::Probe as u8][..],
+            0,
+        )
+        .unwrap();
         let frames = recv(&s);
         assert_eq!(frames[0], header(Kind::Refused));
         let msg = wait_for(&h, |e| match e {
@@ -865,7 +920,10 @@ mod tests {
         let rogue = zmq::CurveKeyPair::new().unwrap();
         let h = start(
             Duration::from_secs(60),
-            Some(CurveConfig { server_secret: server.secret_key.to_vec(), allowed_clients: vec![client.public_key] }),
+            Some(CurveConfig {
+                server_secret: server.secret_key.to_vec(),
+                allowed_clients: vec![client.public_key],
+            }),
         );
         let ctx = zmq::Context::new();
         let probe = |keys: &zmq::CurveKeyPair| {

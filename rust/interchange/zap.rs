@@ -39,7 +39,11 @@ pub fn decode_key(key: &[u8]) -> Result<[u8; 32], String> {
             let text = std::str::from_utf8(key).map_err(|e| e.to_string())?;
             zmq::z85_decode(text).map_err(|e| format!("invalid Z85 key: {e}"))?
         }
-        n => return Err(format!("a CURVE key is 32 bytes or 40 Z85 characters, got {n}")),
+        n => {
+            return Err(format!(
+                "a CURVE key is 32 bytes or 40 Z85 characters, got {n}"
+            ))
+        }
     };
     <[u8; 32]>::try_from(raw.as_slice()).map_err(|_| "decoded key is not 32 bytes".to_string())
 }

@@ -236,7 +236,10 @@ impl Core {
                 break;
             }
             let next = (last_beat + hb).min(last_contact + threshold);
-            let timeout = next.saturating_duration_since(now).as_millis().clamp(1, 1000) as i64;
+            let timeout = next
+                .saturating_duration_since(now)
+                .as_millis()
+                .clamp(1, 1000) as i64;
             let (ix_ready, workers_ready, wake_ready) = {
                 let mut items = [
                     self.ix.as_poll_item(zmq::POLLIN),
@@ -393,7 +396,9 @@ impl Core {
             let _ = self.workers.send(meta, zmq::SNDMORE);
             let last = batch.len() - 1;
             for (i, (_, p)) in batch.into_iter().enumerate() {
-                let _ = self.workers.send(p, if i < last { zmq::SNDMORE } else { 0 });
+                let _ = self
+                    .workers
+                    .send(p, if i < last { zmq::SNDMORE } else { 0 });
             }
         }
     }
@@ -418,7 +423,11 @@ mod tests {
         ix.set_linger(0).unwrap();
         ix.bind("tcp://127.0.0.1:*").unwrap();
         let url = ix.get_last_endpoint().unwrap().unwrap();
-        let dir = std::env::temp_dir().join(format!("htex-rs-core-test-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = std::env::temp_dir().join(format!(
+            "htex-rs-core-test-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let worker_url = format!("ipc://{}/w", dir.display());
         let core = Handle::start(Config {
@@ -437,14 +446,25 @@ mod tests {
         worker.set_identity(b"0").unwrap();
         worker.connect(&worker_url).unwrap();
         worker.send(&header(Kind::Register)[..], 0).unwrap();
-        Rig { _ctx: ctx, ix, worker, core }
+        Rig {
+            _ctx: ctx,
+            ix,
+            worker,
+            core,
+        }
     }
 
     fn recv_kind(sock: &zmq::Socket, kind: Kind) -> Vec<Vec<u8>> {
         loop {
-            assert!(sock.poll(zmq::POLLIN, 5000).unwrap() > 0, "timed out waiting for {kind:?}");
+            assert!(
+                sock.poll(zmq::POLLIN, 5000).unwrap() > 0,
+                "timed out waiting for {kind:?}"
+            );
             let frames = sock.recv_multipart(0).unwrap();
-            let at = frames.iter().position(|f| f.len() == 4 && f[..2] == *b"HX").unwrap();
+            let at = frames
+                .iter()
+                .position(|f| f.len() == 4 && f[..2] == *b"HX")
+                .unwrap();
             if decode_header(&frames[at]) == Ok(kind) {
                 return frames[at..].to_vec();
             }
@@ -482,7 +502,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         r.core.command(Command::WorkerDied(b"0".to_vec(), tx));
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), vec![3]);
-        r.core.command(Command::Results(vec![(3, STATUS_EXCEPTION)], vec![b"lost".to_vec()]));
+        r.core.command(Command::Results(
+            vec![(3, STATUS_EXCEPTION)],
+            vec![b"lost".to_vec()],
+        ));
         let fwd = recv_kind(&r.ix, Kind::Results);
         assert_eq!(fwd[2], b"lost");
         assert_eq!(r.core.wait_stopped(Duration::from_millis(10)), None);
@@ -493,17 +516,28 @@ mod tests {
         let r = rig(1, Duration::from_secs(30));
         recv_kind(&r.ix, Kind::Register);
         recv_kind(&r.ix, Kind::Heartbeat);
-        r.ix.send_multipart([&b"pool-1"[..], &header(Kind::Shutdown)[..]], 0).unwrap();
-        assert_eq!(r.core.wait_stopped(Duration::from_secs(5)), Some(Stopped::Shutdown));
+        r.ix.send_multipart([&b"pool-1"[..], &header(Kind::Shutdown)[..]], 0)
+            .unwrap();
+        assert_eq!(
+            r.core.wait_stopped(Duration::from_secs(5)),
+            Some(Stopped::Shutdown)
+        );
     }
 
     #[test]
     fn stops_when_the_interchange_is_silent_or_refuses() {
         let r = rig(1, Duration::from_millis(300));
-        assert_eq!(r.core.wait_stopped(Duration::from_secs(5)), Some(Stopped::Silent));
+        assert_eq!(
+            r.core.wait_stopped(Duration::from_secs(5)),
+            Some(Stopped::Silent)
+        );
         let r = rig(1, Duration::from_secs(30));
         recv_kind(&r.ix, Kind::Register); // connected: the ROUTER can address it now
-        r.ix.send_multipart([&b"pool-1"[..], &header(Kind::Refused)[..], b"other version"], 0).unwrap();
+        r.ix.send_multipart(
+            [&b"pool-1"[..], &header(Kind::Refused)[..], b"other version"],
+            0,
+        )
+        .unwrap();
         assert_eq!(
             r.core.wait_stopped(Duration::from_secs(5)),
             Some(Stopped::Refused("other version".into()))

@@ -58,7 +58,10 @@ pub enum DecodeError {
     UnknownKind(u8),
     /// The meta frame's length is not a multiple of [`META_ENTRY`] or does not match
     /// the number of payload frames.
-    BadBatch { entries: usize, payloads: usize },
+    BadBatch {
+        entries: usize,
+        payloads: usize,
+    },
     BadRegistration(String),
 }
 
@@ -184,7 +187,10 @@ mod tests {
     fn header_rejects_junk_and_other_versions() {
         assert_eq!(decode_header(b"FuzzyByte"), Err(DecodeError::NotHtex));
         assert_eq!(decode_header(b"{}"), Err(DecodeError::NotHtex));
-        assert_eq!(decode_header(&[b'H', b'X', 99, 2]), Err(DecodeError::Version(99)));
+        assert_eq!(
+            decode_header(&[b'H', b'X', 99, 2]),
+            Err(DecodeError::Version(99))
+        );
         assert_eq!(
             decode_header(&[b'H', b'X', PROTOCOL_VERSION, 200]),
             Err(DecodeError::UnknownKind(200))

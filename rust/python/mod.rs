@@ -9,6 +9,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::interchange::{self, Command, CurveConfig, Event, Handle, NewTask, Selector};
 use crate::manager;
+use crate::planner;
 use crate::protocol::PROTOCOL_VERSION;
 
 /// A running interchange thread owned by one executor. Frozen, so calls from
@@ -26,7 +27,11 @@ fn handle(slf: &Interchange) -> PyResult<Arc<Handle>> {
         .ok_or_else(|| PyRuntimeError::new_err("the interchange has been stopped"))
 }
 
-fn ask<T: Send>(py: Python<'_>, h: &Handle, make: impl FnOnce(mpsc::Sender<T>) -> Command) -> PyResult<T> {
+fn ask<T: Send>(
+    py: Python<'_>,
+    h: &Handle,
+    make: impl FnOnce(mpsc::Sender<T>) -> Command,
+) -> PyResult<T> {
     let (tx, rx) = mpsc::channel();
     h.command(make(tx));
     py.detach(move || rx.recv_timeout(Duration::from_secs(30)))
@@ -58,7 +63,11 @@ impl Interchange {
         let selector = match selector {
             "random" => Selector::Random,
             "block" => Selector::BlockId,
-            other => return Err(PyValueError::new_err(format!("unknown selector {other:?}; use 'random' or 'block'"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown selector {other:?}; use 'random' or 'block'"
+                )))
+            }
         };
         let curve = match server_secret {
             Some(secret) => Some(CurveConfig {
@@ -84,8 +93,12 @@ impl Interchange {
             python_version,
             check_python,
         };
-        let h = py.detach(|| Handle::start(config)).map_err(PyRuntimeError::new_err)?;
-        Ok(Interchange { handle: Mutex::new(Some(Arc::new(h))) })
+        let h = py
+            .detach(|| Handle::start(config))
+            .map_err(PyRuntimeError::new_err)?;
+        Ok(Interchange {
+            handle: Mutex::new(Some(Arc::new(h))),
+        })
     }
 
     #[getter]
@@ -95,25 +108,43 @@ impl Interchange {
 
     /// Queue one task: id, priority (inf = none), flags, opaque payload.
     fn submit(&self, task_id: u64, priority: f64, flags: u8, payload: &[u8]) -> PyResult<()> {
-        handle(self)?.submit([NewTask { task_id, priority, flags, payload: payload.to_vec() }]);
+        handle(self)?.submit([NewTask {
+            task_id,
+            priority,
+            flags,
+            payload: payload.to_vec(),
+        }]);
         Ok(())
     }
 
     /// Wait up to `timeout_ms` for events. Returns (results, lost, fatal):
     /// results = [(task_id, status, bytes)], lost = [(uid, hostname, [task_id])], fatal = [str].
-    fn wait_events<'py>(&self, py: Python<'py>, timeout_ms: u64, max_events: usize)
-        -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+    fn wait_events<'py>(
+        &self,
+        py: Python<'py>,
+        timeout_ms: u64,
+        max_events: usize,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
         let h = handle(self)?;
-        let events = py.detach(move || h.wait_events(Duration::from_millis(timeout_ms), max_events));
+        let events =
+            py.detach(move || h.wait_events(Duration::from_millis(timeout_ms), max_events));
         let results = PyList::empty(py);
         let lost = PyList::empty(py);
         let fatal = PyList::empty(py);
         for e in events {
             match e {
-                Event::Result { task_id, status, payload } => {
+                Event::Result {
+                    task_id,
+                    status,
+                    payload,
+                } => {
                     results.append((task_id, status, PyBytes::new(py, &payload)))?;
                 }
-                Event::ManagerLost { uid, hostname, tasks } => lost.append((uid, hostname, tasks))?,
+                Event::ManagerLost {
+                    uid,
+                    hostname,
+                    tasks,
+                } => lost.append((uid, hostname, tasks))?,
                 Event::Fatal(msg) => fatal.append(msg)?,
             }
         }
@@ -121,7 +152,11 @@ impl Interchange {
     }
 
     fn alive(&self) -> bool {
-        self.handle.lock().unwrap().as_ref().is_some_and(|h| h.alive())
+        self.handle
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|h| h.alive())
     }
 
     fn managers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
@@ -162,7 +197,11 @@ impl Interchange {
         use std::sync::atomic::Ordering::Relaxed;
         let h = handle(self)?;
         let s = h.stats();
-        Ok((s.dropped.load(Relaxed), s.tasks_received.load(Relaxed), s.results_forwarded.load(Relaxed)))
+        Ok((
+            s.dropped.load(Relaxed),
+            s.tasks_received.load(Relaxed),
+            s.results_forwarded.load(Relaxed),
+        ))
     }
 
     fn stop(&self, py: Python<'_>) {
@@ -218,8 +257,12 @@ impl PoolCore {
                 server_public,
             }),
         };
-        let h = py.detach(|| manager::Handle::start(config)).map_err(PyRuntimeError::new_err)?;
-        Ok(PoolCore { handle: Mutex::new(Some(Arc::new(h))) })
+        let h = py
+            .detach(|| manager::Handle::start(config))
+            .map_err(PyRuntimeError::new_err)?;
+        Ok(PoolCore {
+            handle: Mutex::new(Some(Arc::new(h))),
+        })
     }
 
     /// Forget a dead worker; returns the task ids it held.
@@ -260,10 +303,93 @@ impl PoolCore {
     }
 }
 
+fn plan_error(e: planner::PlanError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// Validate a `cpu_affinity` string at configuration time; `workers` when known.
+#[pyfunction]
+#[pyo3(signature = (value, workers=None))]
+fn validate_cpu_affinity(value: &str, workers: Option<usize>) -> PyResult<()> {
+    planner::Strategy::validate(value, workers)
+        .map(|_| ())
+        .map_err(plan_error)
+}
+
+#[pyfunction]
+fn parse_cpu_list(text: &str) -> PyResult<Vec<u32>> {
+    planner::cpulist::parse(text).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+#[pyfunction]
+fn format_cpu_list(cpus: Vec<u32>) -> String {
+    planner::cpulist::format(&cpus)
+}
+
+/// The CPUs this process may run on (sched_getaffinity).
+#[pyfunction]
+fn allowed_cpus() -> PyResult<Vec<u32>> {
+    planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Plan a pool. Topology comes from `synthetic=(packages, cores, threads, numa_per_package)`
+/// or else from sysfs under `sysfs_root`; `allowed` defaults to this process's mask.
+#[pyfunction]
+#[pyo3(signature = (strategy, workers, accelerators=Vec::new(), allowed=None, sysfs_root="/".to_string(),
+                    num_gpus=None, synthetic=None))]
+#[allow(clippy::needless_pass_by_value)]
+fn plan_pool<'py>(
+    py: Python<'py>,
+    strategy: &str,
+    workers: usize,
+    accelerators: Vec<String>,
+    allowed: Option<Vec<u32>>,
+    sysfs_root: String,
+    num_gpus: Option<usize>,
+    synthetic: Option<(u32, u32, u32, u32)>,
+) -> PyResult<Bound<'py, PyList>> {
+    let strategy = planner::Strategy::parse(strategy).map_err(plan_error)?;
+    let topo = match synthetic {
+        Some((p, c, t, n)) => planner::Topology::synthetic(p, c, t, n),
+        None => planner::Topology::read(std::path::Path::new(&sysfs_root))
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+    };
+    let allowed = match allowed {
+        Some(a) => a,
+        None if synthetic.is_some() => topo.cpus.keys().copied().collect(),
+        None => {
+            planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))?
+        }
+    };
+    let plan = planner::plan(&strategy, &allowed, &topo, workers, &accelerators, num_gpus)
+        .map_err(plan_error)?;
+    let out = PyList::empty(py);
+    for w in plan {
+        let d = PyDict::new(py);
+        d.set_item("rank", w.rank)?;
+        d.set_item("cpus", w.cpus)?;
+        d.set_item("cores", w.cores)?;
+        d.set_item("numa_nodes", w.numa_nodes)?;
+        d.set_item("accelerator", w.accelerator)?;
+        let env = PyDict::new(py);
+        for (k, v) in w.env {
+            env.set_item(k, v)?;
+        }
+        d.set_item("env", env)?;
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Interchange>()?;
     m.add_class::<PoolCore>()?;
+    m.add_function(wrap_pyfunction!(validate_cpu_affinity, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_cpu_list, m)?)?;
+    m.add_function(wrap_pyfunction!(format_cpu_list, m)?)?;
+    m.add_function(wrap_pyfunction!(allowed_cpus, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_pool, m)?)?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add("VERSION", interchange::HTEX_RS_VERSION)?;
     m.add("HAS_CURVE", zmq::has("curve") == Some(true))?;
