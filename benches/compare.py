@@ -23,6 +23,7 @@ from typing import Any, Callable
 import parsl
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor as ParslHTEX
+from parsl.executors.threads import ThreadPoolExecutor
 from parsl.providers import LocalProvider
 
 from htex_rs import HighThroughputExecutor as RustHTEX
@@ -87,11 +88,15 @@ def direct_round(kind: str, args: argparse.Namespace, encrypted: bool) -> dict[s
             stop(ex)
 
 
-def dfk_round(kind: str, args: argparse.Namespace) -> float:
+def dfk_round(kind: str, args: argparse.Namespace, log: bool) -> float:
+    """parsl-perf style: N @python_app no-ops through the DataFlowKernel. With ``log``
+    the Config default (DEBUG parsl.log, as parsl-perf runs it); without, executor-bound."""
     with tempfile.TemporaryDirectory() as d:
-        ex = make(kind, d, args.workers, True, args.prefetch)
-        # Config defaults (DEBUG parsl.log on), as parsl-perf runs it.
-        dfk = parsl.load(Config(executors=[ex], run_dir=d, strategy="none"))
+        if kind == "threads":  # the DFK's own ceiling: no executor hop at all
+            ex: Any = ThreadPoolExecutor(label="bench_threads", max_threads=args.workers)
+        else:
+            ex = make(kind, d, args.workers, True, args.prefetch)
+        dfk = parsl.load(Config(executors=[ex], run_dir=d, strategy="none", initialize_logging=log))
         try:
             app = parsl.python_app(noop, executors=[ex.label])
             app(0).result()
@@ -118,6 +123,7 @@ def main() -> None:
     args = p.parse_args()
 
     raw: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+    raw["threads"] = {}
     for r in range(args.rounds):
         for kind in KINDS:  # interleaved so drift hits both alike
             for enc in (True, False):
@@ -125,9 +131,13 @@ def main() -> None:
                 suffix = "" if enc else "_unencrypted"
                 for key, v in res.items():
                     raw[kind].setdefault(key + suffix, []).append(v)
-            raw[kind].setdefault("dfk_throughput", []).append(dfk_round(kind, args))
+            raw[kind].setdefault("dfk_throughput", []).append(dfk_round(kind, args, True))
+            raw[kind].setdefault("dfk_throughput_nolog", []).append(dfk_round(kind, args, False))
             print(f"round {r + 1}/{args.rounds} {kind}: " + ", ".join(
                 f"{k}={v[-1]:.4g}" for k, v in raw[kind].items()), file=sys.stderr, flush=True)
+
+        raw.setdefault("threads", {}).setdefault("dfk_throughput", []).append(dfk_round("threads", args, True))
+        raw["threads"].setdefault("dfk_throughput_nolog", []).append(dfk_round("threads", args, False))
 
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in raw.items()}
     p_, r_ = med["parsl"], med["htex_rs"]
@@ -135,14 +145,19 @@ def main() -> None:
         "throughput (x Parsl)": r_["throughput"] / p_["throughput"],
         "latency median (fraction of Parsl)": r_["lat_median_ms"] / p_["lat_median_ms"],
         "latency p99 (fraction of Parsl)": r_["lat_p99_ms"] / p_["lat_p99_ms"],
-        "DFK throughput (x Parsl)": r_["dfk_throughput"] / p_["dfk_throughput"],
+        "DFK throughput, parsl.log on (x Parsl)": r_["dfk_throughput"] / p_["dfk_throughput"],
+        "DFK throughput, logging off (x Parsl)": r_["dfk_throughput_nolog"] / p_["dfk_throughput_nolog"],
         "htex_rs encrypted / unencrypted": r_["throughput"] / r_["throughput_unencrypted"],
         "parsl encrypted / unencrypted": p_["throughput"] / p_["throughput_unencrypted"],
     }
     print(f"\n{args.workers} workers, prefetch_capacity={args.prefetch}, {args.rounds} rounds, medians")
     print(f"{'metric':<34}{'parsl':>12}{'htex_rs':>12}")
-    for m in ("throughput", "throughput_unencrypted", "dfk_throughput", "lat_median_ms", "lat_p99_ms"):
+    for m in ("throughput", "throughput_unencrypted", "dfk_throughput", "dfk_throughput_nolog",
+              "lat_median_ms", "lat_p99_ms"):
         print(f"{m:<34}{p_[m]:>12.4g}{r_[m]:>12.4g}")
+    t_ = med["threads"]
+    print(f"DFK ceiling with ThreadPoolExecutor: {t_['dfk_throughput']:.4g}/s (parsl.log on), "
+          f"{t_['dfk_throughput_nolog']:.4g}/s (off)")
     print()
     for k, v in ratios.items():
         print(f"{k:<40}{v:>8.3f}")

@@ -25,7 +25,7 @@ fn bench(c: &mut Criterion) {
         .join(":");
     let value = format!("list:{list}");
     c.bench_function("parse_list_64_ranks", |b| {
-        b.iter(|| Strategy::parse(black_box(&value)).unwrap())
+        b.iter(|| Strategy::parse(black_box(&value)).unwrap());
     });
 }
 

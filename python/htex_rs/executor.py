@@ -46,6 +46,7 @@ from htex_rs import _core, validation, wire
 from htex_rs.addresses import local_addresses
 from htex_rs.errors import HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch
 from htex_rs.planner import validate_cpu_affinity
+from htex_rs.staging import default_staging
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class HighThroughputExecutor(ParslHTEX):
                                        block_error_handler=block_error_handler)
         self.label = label
         self.worker_debug = worker_debug
-        self.storage_access = storage_access
+        # None means Parsl's default set; ours is the same set with the safe providers.
+        self.storage_access = storage_access if storage_access is not None else list(default_staging)
         self.working_dir = working_dir
         self.cores_per_worker = cores_per_worker
         self.mem_per_worker = mem_per_worker

@@ -10,9 +10,6 @@ pub mod queue;
 pub mod zap;
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -24,6 +21,7 @@ use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
     PROTOCOL_VERSION,
 };
+use crate::transport::{recv_frames, send_frames, Mailbox};
 use logfile::LogFile;
 use managers::Managers;
 pub use managers::{ManagerInfo, Selector};
@@ -113,16 +111,14 @@ pub struct Stats {
     pub results_forwarded: AtomicU64,
 }
 
-#[derive(Default)]
-struct Inbox {
-    tasks: Vec<NewTask>,
-    commands: Vec<Command>,
+/// What the submit side hands the interchange thread.
+enum Input {
+    Task(NewTask),
+    Command(Command),
 }
 
 struct Shared {
-    inbox: Mutex<Inbox>,
-    wake_pending: AtomicBool,
-    wake_tx: UnixStream,
+    inbox: Mailbox<Input>,
     events: Mutex<VecDeque<Event>>,
     events_cv: Condvar,
     alive: AtomicBool,
@@ -130,13 +126,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
-            // A full pipe already means a wake-up is pending: ignore WouldBlock.
-            let _ = (&self.wake_tx).write(&[1]);
-        }
-    }
-
     fn emit(&self, events: impl IntoIterator<Item = Event>) {
         let mut q = self.events.lock().unwrap();
         let before = q.len();
@@ -230,13 +219,8 @@ impl Handle {
         setup().map_err(|e| format!("cannot configure the worker socket: {e}"))?;
         let port = bind_router(&router, &config)?;
 
-        let (wake_rx, wake_tx) = UnixStream::pair().map_err(|e| e.to_string())?;
-        wake_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
-        wake_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
         let shared = Arc::new(Shared {
-            inbox: Mutex::new(Inbox::default()),
-            wake_pending: AtomicBool::new(false),
-            wake_tx,
+            inbox: Mailbox::new().map_err(|e| e.to_string())?,
             events: Mutex::new(VecDeque::new()),
             events_cv: Condvar::new(),
             alive: AtomicBool::new(true),
@@ -260,7 +244,6 @@ impl Handle {
             router,
             zap,
             allowed,
-            wake_rx,
             shared: shared.clone(),
             queue: TaskQueue::new(),
             managers: Managers::new(),
@@ -285,13 +268,11 @@ impl Handle {
     }
 
     pub fn submit(&self, tasks: impl IntoIterator<Item = NewTask>) {
-        self.shared.inbox.lock().unwrap().tasks.extend(tasks);
-        self.shared.wake();
+        self.shared.inbox.push(tasks.into_iter().map(Input::Task));
     }
 
     pub fn command(&self, command: Command) {
-        self.shared.inbox.lock().unwrap().commands.push(command);
-        self.shared.wake();
+        self.shared.inbox.push([Input::Command(command)]);
     }
 
     #[must_use]
@@ -347,7 +328,6 @@ struct Interchange {
     router: zmq::Socket,
     zap: Option<zmq::Socket>,
     allowed: HashSet<[u8; 32]>,
-    wake_rx: UnixStream,
     shared: Arc<Shared>,
     queue: TaskQueue,
     managers: Managers,
@@ -361,29 +341,13 @@ struct Interchange {
 const BATCH: usize = 4096;
 const MAX_WARNED_PEERS: usize = 10_000;
 
-fn recv_frames(sock: &zmq::Socket) -> Option<Vec<zmq::Message>> {
-    let mut frames = Vec::with_capacity(4);
-    loop {
-        let mut msg = zmq::Message::new();
-        let flags = if frames.is_empty() { zmq::DONTWAIT } else { 0 };
-        if sock.recv(&mut msg, flags).is_err() {
-            return None;
-        }
-        let more = msg.get_more();
-        frames.push(msg);
-        if !more {
-            return Some(frames);
-        }
-    }
-}
-
 impl Interchange {
     fn run(&mut self) {
         let mut last_timers = Instant::now();
         let timer_period = Duration::from_millis(100).min(self.config.heartbeat_threshold / 4);
         let poll_ms = self.config.poll_period.as_millis().clamp(1, 1000) as i64;
         while !self.stop {
-            let wake_fd = self.wake_rx.as_raw_fd();
+            let wake_fd = self.shared.inbox.fd();
             let (router_ready, wake_ready, zap_ready) = {
                 let mut items = vec![
                     self.router.as_poll_item(zmq::POLLIN),
@@ -429,37 +393,28 @@ impl Interchange {
     }
 
     fn take_inbox(&mut self) {
-        let mut buf = [0u8; 256];
-        loop {
-            match (&self.wake_rx).read(&mut buf) {
-                Ok(n) if n > 0 => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                _ => break,
+        for input in self.shared.inbox.take() {
+            match input {
+                Input::Task(t) => {
+                    self.shared
+                        .stats
+                        .tasks_received
+                        .fetch_add(1, Ordering::Relaxed);
+                    if self.log.debug {
+                        self.log.write(
+                            "DEBUG",
+                            &format!("Put task {} onto pending_task_queue", t.task_id),
+                        );
+                    }
+                    self.queue.push(PendingTask {
+                        task_id: t.task_id,
+                        priority: t.priority,
+                        flags: t.flags,
+                        payload: zmq::Message::from(t.payload),
+                    });
+                }
+                Input::Command(c) => self.on_command(c),
             }
-        }
-        // Clear before taking, so a submit racing with us wakes the next poll.
-        self.shared.wake_pending.store(false, Ordering::Release);
-        let inbox = std::mem::take(&mut *self.shared.inbox.lock().unwrap());
-        self.shared
-            .stats
-            .tasks_received
-            .fetch_add(inbox.tasks.len() as u64, Ordering::Relaxed);
-        for t in inbox.tasks {
-            if self.log.debug {
-                self.log.write(
-                    "DEBUG",
-                    &format!("Put task {} onto pending_task_queue", t.task_id),
-                );
-            }
-            self.queue.push(PendingTask {
-                task_id: t.task_id,
-                priority: t.priority,
-                flags: t.flags,
-                payload: zmq::Message::from(t.payload),
-            });
-        }
-        for c in inbox.commands {
-            self.on_command(c);
         }
     }
 
@@ -512,12 +467,7 @@ impl Interchange {
     }
 
     fn send(&self, frames: &[&[u8]]) -> zmq::Result<()> {
-        let last = frames.len() - 1;
-        for (i, f) in frames.iter().enumerate() {
-            self.router
-                .send(*f, if i < last { zmq::SNDMORE } else { 0 })?;
-        }
-        Ok(())
+        send_frames(&self.router, frames.iter().copied())
     }
 
     fn on_manager_message(&mut self, frames: Vec<zmq::Message>) {
@@ -715,18 +665,19 @@ impl Interchange {
         meta: &[(u64, u8)],
         batch: Vec<PendingTask>,
     ) -> Result<(), Vec<PendingTask>> {
+        // ROUTER_MANDATORY refuses an unknown peer on the first frame, before any
+        // payload has been handed over, so the batch can still be returned whole.
         if self.router.send(identity, zmq::SNDMORE).is_err() {
             return Err(batch);
         }
-        // Once the identity frame is accepted the rest of the message goes through.
-        let _ = self.router.send(&header(Kind::Tasks)[..], zmq::SNDMORE);
-        let _ = self.router.send(encode_meta(meta), zmq::SNDMORE);
-        let last = batch.len() - 1;
-        for (i, t) in batch.into_iter().enumerate() {
-            let _ = self
-                .router
-                .send(t.payload, if i < last { zmq::SNDMORE } else { 0 });
-        }
+        let head = [
+            zmq::Message::from(&header(Kind::Tasks)[..]),
+            zmq::Message::from(encode_meta(meta)),
+        ];
+        let _ = send_frames(
+            &self.router,
+            head.into_iter().chain(batch.into_iter().map(|t| t.payload)),
+        );
         Ok(())
     }
 }

@@ -5,16 +5,13 @@
 //! and is told why the core stopped: shutdown, refusal, or interchange silence.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind, META_ENTRY};
+use crate::transport::{recv_frames, send_frames, Mailbox};
 
 /// CURVE client keys (40-character Z85 text or 32 raw bytes each).
 #[derive(Clone)]
@@ -59,9 +56,7 @@ pub enum Command {
 }
 
 struct Shared {
-    inbox: Mutex<Vec<Command>>,
-    wake_pending: AtomicBool,
-    wake_tx: UnixStream,
+    inbox: Mailbox<Command>,
     stopped: Mutex<Option<Stopped>>,
     stopped_cv: Condvar,
 }
@@ -114,13 +109,8 @@ impl Handle {
         ix.send_multipart([&header(Kind::Register)[..], &config.registration], 0)
             .map_err(|e| format!("cannot send the registration: {e}"))?;
 
-        let (wake_rx, wake_tx) = UnixStream::pair().map_err(|e| e.to_string())?;
-        wake_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
-        wake_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
         let shared = Arc::new(Shared {
-            inbox: Mutex::new(Vec::new()),
-            wake_pending: AtomicBool::new(false),
-            wake_tx,
+            inbox: Mailbox::new().map_err(|e| e.to_string())?,
             stopped: Mutex::new(None),
             stopped_cv: Condvar::new(),
         });
@@ -130,7 +120,6 @@ impl Handle {
             _ctx: ctx,
             ix,
             workers,
-            wake_rx,
             shared: shared.clone(),
             pending: VecDeque::new(),
             ready: HashMap::new(),
@@ -150,10 +139,7 @@ impl Handle {
     }
 
     pub fn command(&self, c: Command) {
-        self.shared.inbox.lock().unwrap().push(c);
-        if !self.shared.wake_pending.swap(true, Ordering::AcqRel) {
-            let _ = (&self.shared.wake_tx).write(&[1]);
-        }
+        self.shared.inbox.push([c]);
     }
 
     /// Wait up to `timeout` for the core to stop; `None` while it runs.
@@ -187,36 +173,12 @@ struct Core {
     _ctx: zmq::Context,
     ix: zmq::Socket,
     workers: zmq::Socket,
-    wake_rx: UnixStream,
     shared: Arc<Shared>,
     /// (meta entry, payload) of tasks not yet given to a worker.
     pending: VecDeque<([u8; META_ENTRY], zmq::Message)>,
     /// Registered workers and the task ids each holds.
     ready: HashMap<Vec<u8>, HashSet<u64>>,
     stop: Option<Stopped>,
-}
-
-fn recv_frames(sock: &zmq::Socket) -> Option<Vec<zmq::Message>> {
-    let mut frames = Vec::with_capacity(4);
-    loop {
-        let mut msg = zmq::Message::new();
-        let flags = if frames.is_empty() { zmq::DONTWAIT } else { 0 };
-        if sock.recv(&mut msg, flags).is_err() {
-            return None;
-        }
-        let more = msg.get_more();
-        frames.push(msg);
-        if !more {
-            return Some(frames);
-        }
-    }
-}
-
-fn send_frames<T: zmq::Sendable>(sock: &zmq::Socket, frames: Vec<T>) {
-    let last = frames.len().saturating_sub(1);
-    for (i, f) in frames.into_iter().enumerate() {
-        let _ = sock.send(f, if i < last { zmq::SNDMORE } else { 0 });
-    }
 }
 
 impl Core {
@@ -244,7 +206,7 @@ impl Core {
                 let mut items = [
                     self.ix.as_poll_item(zmq::POLLIN),
                     self.workers.as_poll_item(zmq::POLLIN),
-                    zmq::PollItem::from_fd(self.wake_rx.as_raw_fd(), zmq::POLLIN),
+                    zmq::PollItem::from_fd(self.shared.inbox.fd(), zmq::POLLIN),
                 ];
                 if zmq::poll(&mut items, timeout).is_err() {
                     continue;
@@ -283,17 +245,7 @@ impl Core {
     }
 
     fn take_inbox(&mut self) {
-        let mut buf = [0u8; 64];
-        loop {
-            match (&self.wake_rx).read(&mut buf) {
-                Ok(n) if n > 0 => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                _ => break,
-            }
-        }
-        self.shared.wake_pending.store(false, Ordering::Release);
-        let inbox = std::mem::take(&mut *self.shared.inbox.lock().unwrap());
-        for c in inbox {
+        for c in self.shared.inbox.take() {
             match c {
                 Command::WorkerDied(id, tx) => {
                     let mut held: Vec<u64> = self
@@ -305,9 +257,8 @@ impl Core {
                     let _ = tx.send(held);
                 }
                 Command::Results(meta, payloads) => {
-                    let mut frames = vec![header(Kind::Results).to_vec(), encode_meta(&meta)];
-                    frames.extend(payloads);
-                    send_frames(&self.ix, frames);
+                    let head = [header(Kind::Results).to_vec(), encode_meta(&meta)];
+                    let _ = send_frames(&self.ix, head.into_iter().chain(payloads));
                 }
                 Command::Stop => self.stop = Some(Stopped::Requested),
             }
@@ -358,7 +309,7 @@ impl Core {
                     }
                 }
                 // Already in protocol form: forward as is, minus the worker identity.
-                send_frames(&self.ix, frames.split_off(1));
+                let _ = send_frames(&self.ix, frames.split_off(1));
             }
             _ => {}
         }

@@ -19,12 +19,16 @@ struct Interchange {
     handle: Mutex<Option<Arc<Handle>>>,
 }
 
-fn handle(slf: &Interchange) -> PyResult<Arc<Handle>> {
-    slf.handle
-        .lock()
+/// The running thread behind a binding object, or an error once it was stopped.
+fn live<T>(slot: &Mutex<Option<Arc<T>>>, what: &str) -> PyResult<Arc<T>> {
+    slot.lock()
         .unwrap()
         .clone()
-        .ok_or_else(|| PyRuntimeError::new_err("the interchange has been stopped"))
+        .ok_or_else(|| PyRuntimeError::new_err(format!("the {what} has been stopped")))
+}
+
+fn handle(slf: &Interchange) -> PyResult<Arc<Handle>> {
+    live(&slf.handle, "interchange")
 }
 
 fn ask<T: Send>(
@@ -219,11 +223,7 @@ struct PoolCore {
 }
 
 fn pool_handle(slf: &PoolCore) -> PyResult<Arc<manager::Handle>> {
-    slf.handle
-        .lock()
-        .unwrap()
-        .clone()
-        .ok_or_else(|| PyRuntimeError::new_err("the pool core has been stopped"))
+    live(&slf.handle, "pool core")
 }
 
 #[pymethods]

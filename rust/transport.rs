@@ -1,0 +1,146 @@
+//! Socket plumbing shared by the interchange and the pool core: multipart receive and
+//! send without a `Vec<u8>` per frame, and the mailbox through which other threads hand
+//! work to the thread that owns the ZMQ sockets (sockets are `Send`, not `Sync`).
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Receive one multipart message if one is waiting (never blocks on the first frame).
+#[must_use]
+pub fn recv_frames(sock: &zmq::Socket) -> Option<Vec<zmq::Message>> {
+    let mut frames = Vec::with_capacity(4);
+    loop {
+        let mut msg = zmq::Message::new();
+        let flags = if frames.is_empty() { zmq::DONTWAIT } else { 0 };
+        if sock.recv(&mut msg, flags).is_err() {
+            return None;
+        }
+        let more = msg.get_more();
+        frames.push(msg);
+        if !more {
+            return Some(frames);
+        }
+    }
+}
+
+/// Send frames as one multipart message; errors after the first frame cannot happen
+/// for an accepted message, so only the first frame's result is returned.
+pub fn send_frames<T: zmq::Sendable>(
+    sock: &zmq::Socket,
+    frames: impl IntoIterator<Item = T>,
+) -> zmq::Result<()> {
+    let mut iter = frames.into_iter().peekable();
+    let mut first = true;
+    while let Some(f) = iter.next() {
+        let flags = if iter.peek().is_some() {
+            zmq::SNDMORE
+        } else {
+            0
+        };
+        let r = sock.send(f, flags);
+        if first {
+            r?;
+            first = false;
+        }
+    }
+    Ok(())
+}
+
+/// Items for the socket thread plus a wake-up fd it polls beside its sockets. A push
+/// writes to the fd only when no wake-up is already pending, so a burst of pushes costs
+/// one system call.
+pub struct Mailbox<T> {
+    items: Mutex<Vec<T>>,
+    pending: AtomicBool,
+    tx: UnixStream,
+    rx: UnixStream,
+}
+
+impl<T> Mailbox<T> {
+    pub fn new() -> std::io::Result<Self> {
+        let (rx, tx) = UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        Ok(Mailbox {
+            items: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
+            tx,
+            rx,
+        })
+    }
+
+    pub fn push(&self, items: impl IntoIterator<Item = T>) {
+        self.items.lock().unwrap().extend(items);
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            // A full socket buffer already means a wake-up is pending.
+            let _ = (&self.tx).write(&[1]);
+        }
+    }
+
+    /// The fd to poll for readability.
+    #[must_use]
+    pub fn fd(&self) -> RawFd {
+        self.rx.as_raw_fd()
+    }
+
+    /// Take everything pushed so far (socket thread only).
+    pub fn take(&self) -> Vec<T> {
+        let mut buf = [0u8; 256];
+        loop {
+            match (&self.rx).read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        // Clear before taking, so a push racing with us wakes the next poll.
+        self.pending.store(false, Ordering::Release);
+        std::mem::take(&mut *self.items.lock().unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mailbox_wakes_once_per_burst_and_hands_over_in_order() {
+        let m = Mailbox::new().unwrap();
+        m.push([1, 2]);
+        m.push([3]);
+        let mut fds = [zmq::PollItem::from_fd(m.fd(), zmq::POLLIN)];
+        assert_eq!(zmq::poll(&mut fds, 1000).unwrap(), 1);
+        assert_eq!(m.take(), vec![1, 2, 3]);
+        let mut fds = [zmq::PollItem::from_fd(m.fd(), zmq::POLLIN)];
+        assert_eq!(
+            zmq::poll(&mut fds, 0).unwrap(),
+            0,
+            "drained: no spurious wake-up"
+        );
+        m.push([4]);
+        let mut fds = [zmq::PollItem::from_fd(m.fd(), zmq::POLLIN)];
+        assert_eq!(zmq::poll(&mut fds, 1000).unwrap(), 1);
+        assert_eq!(m.take(), vec![4]);
+    }
+
+    #[test]
+    fn frames_round_trip_over_a_socket_pair() {
+        let ctx = zmq::Context::new();
+        let a = ctx.socket(zmq::PAIR).unwrap();
+        let b = ctx.socket(zmq::PAIR).unwrap();
+        a.bind("inproc://t").unwrap();
+        b.connect("inproc://t").unwrap();
+        assert!(recv_frames(&b).is_none());
+        send_frames(&a, [&b"x"[..], b"yz", b""]).unwrap();
+        b.poll(zmq::POLLIN, 1000).unwrap();
+        let got: Vec<Vec<u8>> = recv_frames(&b)
+            .unwrap()
+            .iter()
+            .map(|m| m.to_vec())
+            .collect();
+        assert_eq!(got, vec![b"x".to_vec(), b"yz".to_vec(), Vec::new()]);
+    }
+}
