@@ -4,10 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-if ! dpkg -s libzmq3-dev >/dev/null 2>&1; then
-    echo "==> installing libzmq3-dev (libzmq built with libsodium, for CURVE)"
+# libzmq3-dev: libzmq built with libsodium (CURVE). openssh-server + rsync: the rsync
+# staging tests run a private sshd on loopback. openssl: the HTTPS test certificate.
+APT_PACKAGES="libzmq3-dev openssh-server rsync openssl"
+missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then
+    echo "==> installing" $missing
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libzmq3-dev >/dev/null
+    # policy-rc.d 101: do not start the system sshd; the tests start their own.
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null && $SUDO chmod +x /usr/sbin/policy-rc.d
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+    $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv"
