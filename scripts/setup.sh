@@ -12,9 +12,14 @@ if [ -n "$missing" ]; then
     echo "==> installing" $missing
     $SUDO apt-get update -qq
     # policy-rc.d 101: do not start the system sshd; the tests start their own.
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null && $SUDO chmod +x /usr/sbin/policy-rc.d
+    made_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
-    $SUDO rm -f /usr/sbin/policy-rc.d
+    if [ -n "$made_policy" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 fi
 if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv"
