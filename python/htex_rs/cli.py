@@ -75,6 +75,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     pl.add_argument("--sysfs-root", default="/", help="read topology from ROOT/sys (fake trees, other nodes)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=plan_command)
+    try:  # `htex-rs globus-auth`, when globus-sdk is installed (the `globus` extra)
+        from htex_rs.staging.globus import add_cli
+        add_cli(sub)
+    except ImportError:
+        pass
     args = p.parse_args(argv)
     return args.func(args)
 

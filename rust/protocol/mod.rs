@@ -214,3 +214,49 @@ mod tests {
         assert!(Registration::decode(b"not json").is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property-based fuzzing of every decoder that reads bytes from the network: it must
+    //! never panic, and what it accepts must re-encode to the same bytes.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1_000_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn header_and_meta_decoders_never_panic(frame in proptest::collection::vec(any::<u8>(), 0..48), n in 0usize..8) {
+            if let Ok(kind) = decode_header(&frame) {
+                prop_assert_eq!(header(kind).to_vec(), frame.clone());
+            }
+            if let Ok(entries) = decode_meta(&frame, n) {
+                prop_assert_eq!(entries.len(), n);
+                prop_assert_eq!(encode_meta(&entries), frame);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 100_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn registration_decoder_never_panics(doc in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Registration::decode(&doc);
+        }
+
+        #[test]
+        fn registration_decoder_survives_json_shaped_junk(
+            uid in "[a-z0-9]{0,12}", cap in any::<i64>(), extra in "[ -~]{0,40}") {
+            let doc = format!("{{\"uid\":\"{uid}\",\"max_capacity\":{cap},\"drain_time\":{extra}}}");
+            if let Ok(r) = Registration::decode(doc.as_bytes()) {
+                prop_assert!(!r.uid.is_empty() && r.max_capacity > 0);
+            }
+        }
+
+        #[test]
+        fn meta_round_trips(entries in proptest::collection::vec((any::<u64>(), any::<u8>()), 0..64)) {
+            prop_assert_eq!(decode_meta(&encode_meta(&entries), entries.len()).unwrap(), entries);
+        }
+    }
+}
