@@ -1,0 +1,121 @@
+"""Faults with real processes: the submit process killed outright, and a storm of
+pool registrations. Nothing may be lost or left running."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+import zmq
+
+from htex_rs import HighThroughputExecutor, _core, wire
+
+pytestmark = pytest.mark.timeout(180)
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def gone(pids, within: float) -> list[int]:
+    """The pids still alive (not zombies) after waiting up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def test_killing_the_submit_process_leaves_no_pool_or_worker(tmp_path):
+    threshold = 3
+    script = textwrap.dedent(f"""
+        import json, os, sys, time
+        from parsl.providers import LocalProvider
+        from htex_rs import HighThroughputExecutor
+        def pids():
+            import os, time
+            time.sleep(0.5)  # both workers busy at once, so both report
+            return os.getpid(), os.getppid()
+        ex = HighThroughputExecutor(label="victim", address="127.0.0.1", max_workers_per_node=2,
+                                    heartbeat_period=1, heartbeat_threshold={threshold},
+                                    provider=LocalProvider(init_blocks=1, max_blocks=1))
+        ex.run_dir = {str(tmp_path)!r}
+        ex.__enter__()
+        found = set()
+        while len(found) < 3:
+            for w, p in [f.result(timeout=60) for f in [ex.submit(pids, {{}}) for _ in range(2)]]:
+                found |= {{w, p}}
+        print(json.dumps(sorted(found)), flush=True)
+        time.sleep(600)
+    """)
+    victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": TESTS_DIR})
+    try:
+        pids = json.loads(victim.stdout.readline())
+        assert len(pids) == 3  # the pool and its two workers
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        left = gone(pids, threshold + 5)
+        assert not left, f"processes left running after the submit process died: {left}"
+    finally:
+        victim.kill()
+
+
+def test_registration_storm_of_300_pools_all_served(tmp_path):
+    n_pools = 300
+    ex = HighThroughputExecutor(label="storm", address="127.0.0.1", encrypted=False,
+                                heartbeat_period=1, heartbeat_threshold=30)
+    ex.run_dir = str(tmp_path)
+    ex.start()
+    ctx = zmq.Context()
+    stop = threading.Event()
+    socks = []
+    try:
+        for i in range(n_pools):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IDENTITY, f"fake-{i}".encode())
+            s.connect(f"tcp://127.0.0.1:{ex.worker_port}")
+            reg = {"protocol_version": _core.PROTOCOL_VERSION, "uid": f"fake-{i}", "block_id": str(i % 7),
+                   "max_capacity": 1, "worker_count": 1, "python_version": "%d.%d.0" % sys.version_info[:2]}
+            s.send_multipart([wire.header(wire.REGISTER), json.dumps(reg).encode()])
+            socks.append(s)
+
+        served: dict[int, int] = {}
+
+        def echo() -> None:  # every fake pool returns each task's payload as its result
+            from parsl.serialize import serialize
+            poller = zmq.Poller()
+            for s in socks:
+                poller.register(s, zmq.POLLIN)
+            while not stop.is_set():
+                for s, _ in poller.poll(100):
+                    frames = s.recv_multipart()
+                    if wire.kind_of(frames[0]) != wire.TASKS:
+                        continue
+                    meta = wire.decode_meta(frames[1])
+                    for tid, _ in meta:
+                        served[tid] = socks.index(s)
+                    s.send_multipart([wire.header(wire.RESULTS),
+                                      wire.encode_meta([(t, wire.STATUS_RESULT) for t, _ in meta]),
+                                      *[serialize(t) for t, _ in meta]])
+
+        t = threading.Thread(target=echo, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 30
+        while len(ex.connected_managers()) < n_pools and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(ex.connected_managers()) == n_pools
+        futs = [ex.submit_payload({}, b"payload") for _ in range(3000)]
+        assert [f.result(timeout=60) for f in futs] == [f.parsl_executor_task_id for f in futs]
+        assert len(set(served.values())) > n_pools // 2, "tasks were not spread over the pools"
+        assert ex.interchange_stats()["dropped_messages"] == 0
+    finally:
+        stop.set()
+        ex.shutdown()
+        ctx.destroy(linger=0)
