@@ -119,3 +119,59 @@ def test_registration_storm_of_300_pools_all_served(tmp_path):
         stop.set()
         ex.shutdown()
         ctx.destroy(linger=0)
+
+
+def sleep_then_pid(seconds):
+    import os
+    import time
+    time.sleep(seconds)
+    return os.getppid()
+
+
+def kill_self():
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+
+
+def test_sigkilled_worker_is_worker_lost_and_replaced(load_dfk):
+    from parsl.config import Config
+    from parsl.executors.high_throughput.errors import WorkerLost
+    from parsl.providers import LocalProvider
+    import parsl
+    load_dfk(Config(executors=[HighThroughputExecutor(
+        label="oom", address="127.0.0.1", encrypted=False, max_workers_per_node=1,
+        provider=LocalProvider(init_blocks=1, max_blocks=1))], strategy="none"))
+    with pytest.raises(WorkerLost):
+        parsl.python_app(kill_self)().result(timeout=60)
+    assert parsl.python_app(sleep_then_pid)(0).result(timeout=60) > 0
+
+
+def test_pool_killed_mid_run_with_retries_the_workflow_completes(load_dfk):
+    """Two pools; one is SIGKILLed while running tasks. Its tasks fail with ManagerLost
+    after heartbeat_threshold and Config(retries=2) reruns them on the other pool."""
+    import parsl
+    from parsl.config import Config
+    from parsl.providers import LocalProvider
+    dfk = load_dfk(Config(executors=[HighThroughputExecutor(
+        label="two", address="127.0.0.1", encrypted=False, max_workers_per_node=2,
+        heartbeat_period=1, heartbeat_threshold=3,
+        provider=LocalProvider(init_blocks=2, min_blocks=2, max_blocks=2))], strategy="none", retries=2))
+    ex = dfk.executors["two"]
+    deadline = time.monotonic() + 60
+    while len(ex.connected_managers()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(ex.connected_managers()) == 2
+    app = parsl.python_app(sleep_then_pid)
+    futs = [app(1.5) for _ in range(12)]
+    time.sleep(0.5)  # both pools busy
+    pool_pids = {int(p.pid) for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] and any("htex-rs-worker-pool" in c for c in p.info["cmdline"])
+                 and "--block_id=0" in " ".join(p.info["cmdline"])}
+    assert pool_pids, "block 0's pool not found"
+    for pid in pool_pids:
+        os.kill(pid, signal.SIGKILL)
+    results = [f.result(timeout=120) for f in futs]
+    assert all(r > 0 for r in results)
+    assert set(results).isdisjoint(pool_pids), "a result came from the killed pool"
+    assert sum(1 for f in futs if f.task_record["try_id"] > 0) >= 1, "no task needed a retry"

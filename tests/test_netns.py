@@ -1,0 +1,109 @@
+"""Network faults between "hosts": a worker pool in its own network namespace (ip netns
++ veth, made here and removed after) loses its link mid-task. Its task fails with
+ManagerLost, work continues on the pool that is still reachable, and the cut-off pool
+exits by itself. Needs root and iproute2; skipped otherwise."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+from parsl.executors.high_throughput.errors import ManagerLost
+
+from htex_rs import HighThroughputExecutor
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                 reason="needs root and iproute2 for network namespaces")]
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def netns():
+    """A namespace joined to this host by a veth pair: host 10.251.N.1, namespace 10.251.N.2."""
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"htexrs-{tag}", f"hx{tag}a", f"hx{tag}b"
+    n = int(tag[:2], 16)
+    host_ip, ns_ip = f"10.251.{n}.1", f"10.251.{n}.2"
+    try:
+        ip("netns", "add", ns)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"cannot create a network namespace here: {e.stderr.decode().strip()}")
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", ns)
+        ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+        ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield {"ns": ns, "host_if": host_if, "host_ip": host_ip}
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def where(seconds):
+    import os
+    import time
+    time.sleep(seconds)
+    return os.environ["PARSL_WORKER_BLOCK_ID"]
+
+
+def pool_cmd(ex, block: str) -> list[str]:
+    return ["htex-rs-worker-pool", "-a", ex.address, f"--port={ex.worker_port}", "--cert_dir", str(ex.cert_dir),
+            "--max_workers_per_node=1", f"--block_id={block}", f"--logdir={ex.logdir}",
+            f"--hb_period={ex.heartbeat_period}", f"--hb_threshold={ex.heartbeat_threshold}", "--cpu-affinity", "none"]
+
+
+def test_cut_link_fails_the_cut_pools_task_and_work_moves_on(netns, tmp_path):
+    env = {**os.environ, "PYTHONPATH": TESTS_DIR}
+    ex = HighThroughputExecutor(label="netns", address=netns["host_ip"], heartbeat_period=1, heartbeat_threshold=3)
+    ex.run_dir = str(tmp_path)
+    ex.start()
+    pools = []
+    try:
+        pools.append(subprocess.Popen(pool_cmd(ex, "host"), env=env, stdout=subprocess.DEVNULL))
+        pools.append(subprocess.Popen(["ip", "netns", "exec", netns["ns"], *pool_cmd(ex, "remote")], env=env,
+                                      stdout=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while len(ex.connected_managers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(m["block_id"] for m in ex.connected_managers()) == ["host", "remote"]
+        futs = [ex.submit(where, {}, 8) for _ in range(2)]  # one on each pool (capacity 1 each)
+        time.sleep(1)
+        ip("link", "set", netns["host_if"], "down")
+        outcomes = []
+        for f in futs:
+            try:
+                outcomes.append(f.result(timeout=60))
+            except ManagerLost as e:
+                outcomes.append("lost")
+                assert "Task failure due to loss of manager" in str(e)
+        assert sorted(outcomes) == ["host", "lost"]
+        assert [m["block_id"] for m in ex.connected_managers()] == ["host"]
+        assert [f.result(timeout=60) for f in [ex.submit(where, {}, 0) for _ in range(3)]] == ["host"] * 3
+        # The cut-off pool hears nothing from the interchange and exits on its own.
+        pools[1].wait(timeout=ex.heartbeat_threshold + 10)
+        ip("link", "set", netns["host_if"], "up")  # the link comes back; the pool does not
+        time.sleep(2)
+        assert [m["block_id"] for m in ex.connected_managers()] == ["host"]
+    finally:
+        ex.shutdown()
+        for p in pools:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        left = [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and "--block_id=remote" in p.info["cmdline"]]
+        assert not left, "the namespaced pool or its workers are still running"
