@@ -28,7 +28,7 @@ def main(src: str = "docs/benchmarks.json", dst: str = "docs/benchmarks.png") ->
     ax = axes[0]
     ax.bar([i - 0.2 for i in x], parsl, 0.4, label="Parsl HTEX")
     ax.bar([i + 0.2 for i in x], ours, 0.4, label="htex_rs")
-    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=25, ha="right")
     ax.set_ylabel("no-op tasks / s (median)")
     ax.set_title("Throughput, 2 workers, same run")
     ax.legend()
