@@ -278,14 +278,20 @@ def test_globus_auth_main_logs_in_and_stores_tokens(offline, tmp_path, monkeypat
 
 
 def test_parsl_workflow_stages_in_and_out(offline, token_path, load_dfk, tmp_path):
-    """End to end through a DFK: the transfers run as tasks on _parsl_internal threads in
-    this process, where the ``responses`` mock is active."""
+    """End to end through a DFK with htex_rs: the app runs on a worker, the transfers run as
+    tasks on _parsl_internal threads in this process, where the ``responses`` mock is active."""
     import parsl
 
+    from parsl.providers import LocalProvider
+
+    from htex_rs import HighThroughputExecutor
+
     _load_success(offline)
-    load_dfk(Config(executors=[ThreadPoolExecutor(label="threads", max_threads=1,
-                                                  storage_access=[g.GlobusStaging(LOCAL)])],
-                    strategy="none"))
+    # The app runs on an htex_rs worker; the transfers run in this process, mocked.
+    load_dfk(Config(executors=[HighThroughputExecutor(
+        label="htex_globus", address="127.0.0.1", encrypted=False, max_workers_per_node=1,
+        storage_access=[g.GlobusStaging(LOCAL)], provider=LocalProvider(init_blocks=1, max_blocks=1))],
+        strategy="none"))
 
     @parsl.python_app
     def use(inputs=(), outputs=()):
