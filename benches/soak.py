@@ -58,7 +58,10 @@ def main() -> None:
         samples = []
         with ex:
             ex.submit(noop, {}, 0).result(timeout=120)
-            pool = next(c for c in me.children(recursive=True) if "htex-rs-worker-pool" in " ".join(c.cmdline()))
+            # LocalProvider detaches the pool from this process; find it by its log dir.
+            pool = next(c for c in psutil.process_iter(["cmdline"])
+                        if c.info["cmdline"] and "htex-rs-worker-pool" in " ".join(c.info["cmdline"])
+                        and d in " ".join(c.info["cmdline"]))
             pending = set()
             t0 = last_sample = last_kill = time.monotonic()
             done_at_sample = 0
