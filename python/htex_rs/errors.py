@@ -21,3 +21,20 @@ class InterchangeDied(Exception):
 
 class HtexRsConfigurationError(ConfigurationError):
     """A constructor argument that htex_rs cannot run with; the message says the fix."""
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class TaskTooLarge(ValueError):
+    """A task (or a task's result) is larger than ``max_message_bytes``."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{what} is {_size(size)}, more than max_message_bytes={_size(limit)}; pass large data "
+            "as files (parsl File objects) or raise HighThroughputExecutor.max_message_bytes")
+        self.what, self.size, self.limit = what, size, limit
+
+    def __reduce__(self):
+        return (type(self), (self.what, self.size, self.limit))

@@ -44,7 +44,7 @@ from parsl.serialize.errors import DeserializationError, SerializationError
 
 from htex_rs import _core, validation, wire
 from htex_rs.addresses import local_addresses
-from htex_rs.errors import HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch
+from htex_rs.errors import HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch, TaskTooLarge
 from htex_rs.planner import validate_cpu_affinity
 from htex_rs.staging import default_staging
 
@@ -68,7 +68,8 @@ DEFAULT_LAUNCH_CMD = ("htex-rs-worker-pool {debug} {max_workers_per_node} "
                       "--cpu-affinity {cpu_affinity} "
                       "{enable_mpi_mode} "
                       "--mpi-launcher={mpi_launcher} "
-                      "--available-accelerators {accelerators}")
+                      "--available-accelerators {accelerators} "
+                      "--max-message-bytes={{max_message_bytes}}")
 
 #: Most events taken from the interchange per GIL acquisition.
 _RESULT_BATCH = 4096
@@ -83,11 +84,18 @@ class HighThroughputExecutor(ParslHTEX):
     are accepted and stored but unused (the interchange is a thread of this process);
     bad configuration is rejected here, in the constructor.
 
+    ``max_message_bytes`` (a class attribute, 1 GiB; set it on an instance before
+    ``start()``) bounds memory on both ends: a larger task is refused at submit with
+    :class:`~htex_rs.errors.TaskTooLarge`, a larger result fails its task on the worker
+    with the same error, and the worker port disconnects any peer sending a larger frame.
+
     Usable without Parsl's DataFlowKernel as a context manager::
 
         with HighThroughputExecutor(address="127.0.0.1") as htex:
             fut = htex.submit(pow, {}, 2, 10)
     """
+
+    max_message_bytes: int = 1 << 30
 
     @typeguard.typechecked
     def __init__(self,
@@ -251,6 +259,8 @@ class HighThroughputExecutor(ParslHTEX):
             debug=self.worker_debug,
             python_version="{}.{}".format(*sys.version_info[:2]),
             check_python=self._check_python_mismatch,
+            # Headroom over the payload limit for the few bytes of framing beside it.
+            max_message_bytes=self.max_message_bytes + (1 << 16),
         )
         self.worker_port = self._ix.port
         logger.info("htex_rs interchange listening for worker pools on port %s (encrypted=%s)",
@@ -259,6 +269,7 @@ class HighThroughputExecutor(ParslHTEX):
                                                      name="HTEX-Result-Queue-Thread", daemon=True)
         self._result_queue_thread.start()
         self.initialize_scaling()
+        self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
 
     def __enter__(self) -> "HighThroughputExecutor":
         if self.provider.script_dir is None:
@@ -300,6 +311,8 @@ class HighThroughputExecutor(ParslHTEX):
             raise RuntimeError("the executor has not been started; call start() or use it as a context manager")
         priority = validation.check_resource_spec(context.get("resource_spec"))
         flags, payload = wire.encode_task(context, buffer)
+        if len(payload) > self.max_message_bytes:
+            raise TaskTooLarge("this task", len(payload), self.max_message_bytes)
         with self._submit_lock:
             self._task_counter += 1
             task_id = self._task_counter

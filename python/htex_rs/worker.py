@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     from parsl.app.errors import RemoteExceptionWrapper
     from parsl.serialize import serialize, unpack_apply_message
 
+    from htex_rs.errors import TaskTooLarge
+    limit = int(os.environ.get("HTEX_RS_MAX_MESSAGE_BYTES", 1 << 30))
+
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, str(args.rank).encode())
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                 context, buffer = wire.decode_task(flags, frame.bytes)
                 result = serialize(run_task(context, buffer, unpack_apply_message, serialize),
                                    buffer_threshold=1_000_000)
+                if len(result) > limit:  # the interchange would drop the connection instead
+                    raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)
                 meta_out.append((task_id, wire.STATUS_RESULT))
                 payloads.append(result)
             except Exception:

@@ -61,6 +61,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--available-accelerators", nargs="*", default=[])
     p.add_argument("--enable_mpi_mode", action="store_true")
     p.add_argument("--mpi-launcher", choices=["srun", "aprun", "mpiexec"], default="mpiexec")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 30,
+                   help="largest result a worker sends; larger ones fail their task (default 1 GiB)")
     return p
 
 
@@ -217,6 +219,7 @@ class Pool:
             "PARSL_WORKER_COUNT": str(self.count),
             "PARSL_WORKER_POOL_ID": self.uid,
             "PARSL_WORKER_BLOCK_ID": str(self.block_id),
+            "HTEX_RS_MAX_MESSAGE_BYTES": str(self.args.max_message_bytes),
         })
         plan = self.plan[rank]
         cpus = plan["cpus"]

@@ -52,6 +52,9 @@ pub struct Config {
     /// `major.minor` of the submit side's Python; pools must match unless `check_python` is off.
     pub python_version: String,
     pub check_python: bool,
+    /// Largest inbound frame on the worker port; a peer sending more is disconnected by
+    /// libzmq before the frame is buffered. `None`: unlimited.
+    pub max_message_bytes: Option<i64>,
 }
 
 impl Default for Config {
@@ -68,6 +71,7 @@ impl Default for Config {
             debug: false,
             python_version: String::new(),
             check_python: false,
+            max_message_bytes: None,
         }
     }
 }
@@ -209,6 +213,9 @@ impl Handle {
             router.set_ipv6(true)?;
             router.set_sndhwm(0)?;
             router.set_rcvhwm(0)?;
+            if let Some(limit) = config.max_message_bytes {
+                router.set_maxmsgsize(limit)?;
+            }
             if let Some(c) = &config.curve {
                 router.set_curve_server(true)?;
                 router.set_curve_secretkey(&c.server_secret)?;

@@ -47,7 +47,8 @@ impl Interchange {
     #[new]
     #[pyo3(signature = (bind_address, worker_port, port_range, heartbeat_threshold, poll_period_ms,
                         selector, server_secret=None, allowed_clients=Vec::new(), log_path=None,
-                        debug=false, python_version=String::new(), check_python=false))]
+                        debug=false, python_version=String::new(), check_python=false,
+                        max_message_bytes=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -63,6 +64,7 @@ impl Interchange {
         debug: bool,
         python_version: String,
         check_python: bool,
+        max_message_bytes: Option<i64>,
     ) -> PyResult<Self> {
         let selector = match selector {
             "random" => Selector::Random,
@@ -96,6 +98,7 @@ impl Interchange {
             debug,
             python_version,
             check_python,
+            max_message_bytes,
         };
         let h = py
             .detach(|| Handle::start(config))
