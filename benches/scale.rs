@@ -32,7 +32,7 @@ fn start_pools(
     port: u16,
     pools: usize,
     capacity: u32,
-    stop: Arc<AtomicBool>,
+    stop: &Arc<AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     (0..THREADS)
         .map(|t| {
@@ -118,12 +118,7 @@ fn run(pools: usize, total_capacity: u32, tasks: u64) -> Figures {
     })
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = start_pools(
-        h.port,
-        pools,
-        (total_capacity / pools as u32).max(1),
-        stop.clone(),
-    );
+    let threads = start_pools(h.port, pools, (total_capacity / pools as u32).max(1), &stop);
     // Wait for every registration.
     loop {
         let (tx, rx) = std::sync::mpsc::channel();
