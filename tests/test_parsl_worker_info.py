@@ -35,6 +35,8 @@ def dfk(load_dfk, tmp_path):
 @python_app
 def get_worker_info():
     import os
+    import time
+    time.sleep(0.3)  # hold this worker, so the 4 tasks spread over the pool
     rank = int(os.environ['PARSL_WORKER_RANK'])
     size = int(os.environ['PARSL_WORKER_COUNT'])
     pool_id = os.environ['PARSL_WORKER_POOL_ID']
@@ -50,3 +52,6 @@ def test_htex():
     assert len(set(worker_info)) > 1  # Tasks should run on >1 worker
     assert len(set(worker_size)) == 1  # All workers have same pool size
     assert len(set(pool_info)) == 1  # All from the same pool
+    # Stricter than Parsl's original, whose first assertion cannot fail:
+    assert len(set(worker_ids)) > 1, "all tasks ran on one worker"
+    assert all(0 <= r < worker_size[0] for r in worker_ids)
