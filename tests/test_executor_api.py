@@ -161,3 +161,11 @@ def test_shutdown_leaves_no_pool_or_worker_processes(tmp_path, monkeypatch):
         time.sleep(0.1)
     for pid in (pool_pid, worker_pid):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_cancelled_future_does_not_stop_result_delivery(executor):
+    doomed = executor.submit(time.sleep, {}, 0.5)
+    assert doomed.cancel()  # the result still arrives later, for a future that is done
+    time.sleep(1.0)
+    assert executor.submit(add, {}, 20, 22).result(timeout=60) == 42
+    assert not executor.bad_state_is_set

@@ -18,6 +18,8 @@ import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from concurrent.futures import InvalidStateError
+
 import typeguard
 import zmq
 import zmq.auth
@@ -73,6 +75,19 @@ DEFAULT_LAUNCH_CMD = ("htex-rs-worker-pool {debug} {max_workers_per_node} "
 
 #: Most events taken from the interchange per GIL acquisition.
 _RESULT_BATCH = 4096
+
+
+def _settle(fut: Optional[HTEXFuture], result: Any = None, exception: Optional[BaseException] = None) -> None:
+    """Complete a future unless it is gone or already done (a user may have cancelled it)."""
+    if fut is None or fut.done():
+        return
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass
 
 
 class HighThroughputExecutor(ParslHTEX):
@@ -319,7 +334,15 @@ class HighThroughputExecutor(ParslHTEX):
             fut = HTEXFuture(task_id)
             fut.parsl_executor_task_id = task_id
             self.tasks[task_id] = fut
-            self._ix.submit(task_id, priority, flags, payload)
+            # Bad state may have been set (and self.tasks emptied) since the check above.
+            if self.bad_state_is_set:
+                self.tasks.pop(task_id, None)
+                raise self.executor_exception
+            try:
+                self._ix.submit(task_id, priority, flags, payload)
+            except BaseException:
+                self.tasks.pop(task_id, None)
+                raise
         return fut
 
     def _result_queue_worker(self) -> None:
@@ -335,21 +358,27 @@ class HighThroughputExecutor(ParslHTEX):
                     self.set_bad_state_and_fail_all(InterchangeDied(
                         "the htex_rs interchange was stopped while the executor was running"))
                 break
-            for task_id, status, data in results:
-                self._complete(task_id, status, data)
-            for uid, hostname, task_ids in lost:
-                for task_id in task_ids:
-                    fut = self.tasks.pop(task_id, None)
-                    if fut is not None:
-                        fut.set_exception(ManagerLost(uid.encode(), hostname))
-            for message in fatal:
-                logger.error("Failing all tasks: %s", message)
-                self.set_bad_state_and_fail_all(ProtocolVersionMismatch(message))
+            try:
+                self._handle_events(results, lost, fatal)
+            except BaseException as e:  # this thread must never die silently: fail everything
+                logger.exception("Result queue worker failed")
+                self.set_bad_state_and_fail_all(InterchangeDied(f"the result thread failed: {e!r}"))
+                break
             if not ix.alive() and not self._result_queue_thread_exit.is_set():
                 self.set_bad_state_and_fail_all(
                     InterchangeDied("the htex_rs interchange thread stopped unexpectedly; see interchange.log"))
                 break
         logger.info("Result queue worker finished")
+
+    def _handle_events(self, results: list, lost: list, fatal: list) -> None:
+        for task_id, status, data in results:
+            self._complete(task_id, status, data)
+        for uid, hostname, task_ids in lost:
+            for task_id in task_ids:
+                _settle(self.tasks.pop(task_id, None), exception=ManagerLost(uid.encode(), hostname))
+        for message in fatal:
+            logger.error("Failing all tasks: %s", message)
+            self.set_bad_state_and_fail_all(ProtocolVersionMismatch(message))
 
     def _complete(self, task_id: int, status: int, data: bytes) -> None:
         fut = self.tasks.pop(task_id, None)
@@ -359,19 +388,19 @@ class HighThroughputExecutor(ParslHTEX):
         try:
             obj = deserialize(data)
         except Exception as e:
-            fut.set_exception(DeserializationError(f"Could not deserialize the result of task {task_id}: {e}"))
+            _settle(fut, exception=DeserializationError(f"Could not deserialize the result of task {task_id}: {e}"))
             return
         if status == wire.STATUS_RESULT:
-            fut.set_result(obj)
+            _settle(fut, result=obj)
         elif isinstance(obj, RemoteExceptionWrapper):
             try:
                 obj.reraise()
-            except Exception as e:
-                fut.set_exception(e)
+            except BaseException as e:
+                _settle(fut, exception=e)
         elif isinstance(obj, BaseException):
-            fut.set_exception(obj)
+            _settle(fut, exception=obj)
         else:
-            fut.set_exception(DeserializationError(f"Unknown exception-like type received: {type(obj)}"))
+            _settle(fut, exception=DeserializationError(f"Unknown exception-like type received: {type(obj)}"))
 
     def set_bad_state_and_fail_all(self, exception: Exception) -> None:
         """Fail every outstanding task once. Unlike Parsl's version this removes the
@@ -386,7 +415,7 @@ class HighThroughputExecutor(ParslHTEX):
                 _, fut = self.tasks.popitem()
             except KeyError:
                 break
-            fut.set_exception(BadStateException(self, self._executor_exception))
+            _settle(fut, exception=BadStateException(self, self._executor_exception))
 
     # ------------------------------------------------------------------ queries
     def _query(self, method: str, *args: Any, default: Any = None) -> Any:
@@ -429,6 +458,14 @@ class HighThroughputExecutor(ParslHTEX):
         self._result_queue_thread_exit.set()
         if self._result_queue_thread:
             self._result_queue_thread.join(timeout)
+        try:  # results that arrived after the result thread's last look still count
+            while True:
+                results, lost, fatal = self._ix.wait_events(0, _RESULT_BATCH)
+                if not (results or lost or fatal):
+                    break
+                self._handle_events(results, lost, fatal)
+        except RuntimeError:
+            pass  # already stopped
         self._ix.stop()
         if self.tasks:
             self.set_bad_state_and_fail_all(InterchangeDied("the executor was shut down with tasks outstanding"))

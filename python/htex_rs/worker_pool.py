@@ -298,6 +298,9 @@ class Pool:
             elif reason == "silent":
                 logger.critical("Missing contact with interchange beyond heartbeat_threshold; exiting")
                 exit_code = 1
+            elif reason == "crashed":
+                logger.critical("The pool's Rust core stopped unexpectedly (a bug); exiting")
+                exit_code = 4
             else:
                 logger.info("Interchange asked this pool to exit (%s)", reason)
             break

@@ -513,7 +513,9 @@ impl Interchange {
 
     fn refuse_version(&mut self, identity: &[u8], theirs: u8, doc: Option<&[u8]>) {
         self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        if !self.refused_peers.insert(identity.to_vec()) {
+        if self.refused_peers.len() >= MAX_WARNED_PEERS
+            || !self.refused_peers.insert(identity.to_vec())
+        {
             return;
         }
         let their_version = doc

@@ -45,6 +45,8 @@ pub enum Stopped {
     Silent,
     /// Python asked the core to stop.
     Requested,
+    /// The core thread ended without a reason: a bug (a panic); see the pool's stderr.
+    Crashed,
 }
 
 pub enum Command {
@@ -66,7 +68,7 @@ impl Drop for StopGuard {
     fn drop(&mut self) {
         let mut s = self.0.stopped.lock().unwrap();
         if s.is_none() {
-            *s = Some(Stopped::Requested);
+            *s = Some(Stopped::Crashed);
         }
         self.0.stopped_cv.notify_all();
     }
@@ -248,6 +250,11 @@ impl Core {
         for c in self.shared.inbox.take() {
             match c {
                 Command::WorkerDied(id, tx) => {
+                    // Results the worker sent just before dying are still queued on the
+                    // ipc socket: forward them first, so only unfinished tasks are lost.
+                    while let Some(frames) = recv_frames(&self.workers) {
+                        self.on_worker(frames);
+                    }
                     let mut held: Vec<u64> = self
                         .ready
                         .remove(&id)

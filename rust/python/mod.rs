@@ -295,6 +295,7 @@ impl PoolCore {
             manager::Stopped::Refused(why) => ("refused".to_string(), why),
             manager::Stopped::Silent => ("silent".to_string(), String::new()),
             manager::Stopped::Requested => ("requested".to_string(), String::new()),
+            manager::Stopped::Crashed => ("crashed".to_string(), String::new()),
         }))
     }
 
