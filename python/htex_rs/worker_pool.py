@@ -298,6 +298,10 @@ class Pool:
             elif reason == "silent":
                 logger.critical("Missing contact with interchange beyond heartbeat_threshold; exiting")
                 exit_code = 1
+            elif reason == "disconnected":
+                logger.critical("The connection to the interchange broke; exiting, so the interchange "
+                                "fails this pool's tasks as ManagerLost instead of losing them")
+                exit_code = 1
             elif reason == "crashed":
                 logger.critical("The pool's Rust core stopped unexpectedly (a bug); exiting")
                 exit_code = 4

@@ -43,6 +43,9 @@ pub enum Stopped {
     Refused(String),
     /// Nothing heard from the interchange for longer than the heartbeat threshold.
     Silent,
+    /// The TCP connection to the interchange broke. libzmq drops what the interchange had
+    /// queued for us, so the pool exits and its tasks end as ManagerLost instead of hanging.
+    Disconnected,
     /// Python asked the core to stop.
     Requested,
     /// The core thread ended without a reason: a bug (a panic); see the pool's stderr.
@@ -106,6 +109,13 @@ impl Handle {
         workers
             .bind(&config.worker_url)
             .map_err(|e| format!("cannot bind {}: {e}", config.worker_url))?;
+        // Watch the connection: a reset loses the tasks queued towards us (see `Disconnected`).
+        let monitor_url = format!("inproc://htex-rs-pool-monitor-{}", fastrand::u64(..));
+        ix.monitor(&monitor_url, zmq::SocketEvent::DISCONNECTED as i32)
+            .map_err(|e| format!("cannot monitor the interchange socket: {e}"))?;
+        let monitor = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
+        monitor.set_linger(0).map_err(|e| e.to_string())?;
+        monitor.connect(&monitor_url).map_err(|e| e.to_string())?;
         ix.connect(&config.interchange_url)
             .map_err(|e| format!("cannot connect to {}: {e}", config.interchange_url))?;
         ix.send_multipart([&header(Kind::Register)[..], &config.registration], 0)
@@ -122,6 +132,7 @@ impl Handle {
             _ctx: ctx,
             ix,
             workers,
+            monitor,
             shared: shared.clone(),
             pending: VecDeque::new(),
             ready: HashMap::new(),
@@ -175,6 +186,7 @@ struct Core {
     _ctx: zmq::Context,
     ix: zmq::Socket,
     workers: zmq::Socket,
+    monitor: zmq::Socket,
     shared: Arc<Shared>,
     /// (meta entry, payload) of tasks not yet given to a worker.
     pending: VecDeque<([u8; META_ENTRY], zmq::Message)>,
@@ -204,11 +216,12 @@ impl Core {
                 .saturating_duration_since(now)
                 .as_millis()
                 .clamp(1, 1000) as i64;
-            let (ix_ready, workers_ready, wake_ready) = {
+            let (ix_ready, workers_ready, wake_ready, monitor_ready) = {
                 let mut items = [
                     self.ix.as_poll_item(zmq::POLLIN),
                     self.workers.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(self.shared.inbox.fd(), zmq::POLLIN),
+                    self.monitor.as_poll_item(zmq::POLLIN),
                 ];
                 if zmq::poll(&mut items, timeout).is_err() {
                     continue;
@@ -217,6 +230,7 @@ impl Core {
                     items[0].is_readable(),
                     items[1].is_readable(),
                     items[2].is_readable(),
+                    items[3].is_readable(),
                 )
             };
             if ix_ready {
@@ -238,6 +252,9 @@ impl Core {
             }
             if wake_ready {
                 self.take_inbox();
+            }
+            if monitor_ready && recv_frames(&self.monitor).is_some() && self.stop.is_none() {
+                self.stop = Some(Stopped::Disconnected);
             }
             self.dispatch();
         }
@@ -479,6 +496,17 @@ mod tests {
         assert_eq!(
             r.core.wait_stopped(Duration::from_secs(5)),
             Some(Stopped::Shutdown)
+        );
+    }
+
+    #[test]
+    fn stops_at_once_when_the_connection_breaks() {
+        let r = rig(1, Duration::from_secs(30));
+        recv_kind(&r.ix, Kind::Register);
+        drop(r.ix); // the interchange side goes away: the TCP connection is reset
+        assert_eq!(
+            r.core.wait_stopped(Duration::from_secs(5)),
+            Some(Stopped::Disconnected)
         );
     }
 

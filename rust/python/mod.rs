@@ -294,6 +294,7 @@ impl PoolCore {
             manager::Stopped::Shutdown => ("shutdown".to_string(), String::new()),
             manager::Stopped::Refused(why) => ("refused".to_string(), why),
             manager::Stopped::Silent => ("silent".to_string(), String::new()),
+            manager::Stopped::Disconnected => ("disconnected".to_string(), String::new()),
             manager::Stopped::Requested => ("requested".to_string(), String::new()),
             manager::Stopped::Crashed => ("crashed".to_string(), String::new()),
         }))
