@@ -175,3 +175,30 @@ def test_pool_killed_mid_run_with_retries_the_workflow_completes(load_dfk):
     assert all(r > 0 for r in results)
     assert set(results).isdisjoint(pool_pids), "a result came from the killed pool"
     assert sum(1 for f in futs if f.task_record["try_id"] > 0) >= 1, "no task needed a retry"
+
+
+def test_worker_that_dies_at_start_up_is_backed_off_then_the_pool_gives_up(tmp_path, monkeypatch):
+    """A broken worker environment (here: a sitecustomize that kills worker processes) must
+    not cycle forever: restarts back off, the pool exits, the task ends as ManagerLost."""
+    from parsl.executors.high_throughput.errors import ManagerLost
+    from parsl.providers import LocalProvider
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nif '--rank' in sys.argv:\n    os._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), TESTS_DIR]))
+    ex = HighThroughputExecutor(label="broken", address="127.0.0.1", encrypted=False, max_workers_per_node=1,
+                                heartbeat_period=1, heartbeat_threshold=3,
+                                provider=LocalProvider(init_blocks=1, max_blocks=1))
+    ex.run_dir = str(tmp_path / "run")
+    start = time.monotonic()
+    with ex:
+        fut = ex.submit(len, {}, "abc")
+        with pytest.raises(ManagerLost):
+            fut.result(timeout=90)
+        assert time.monotonic() - start > 5, "no back-off between restarts"
+        logs = list((tmp_path / "run").rglob("manager.log"))
+        assert logs and "times in a row" in logs[0].read_text()
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and str(tmp_path) in " ".join(p.info["cmdline"])]
+    assert not gone([p.pid for p in left], 10)

@@ -34,6 +34,12 @@ from htex_rs.addresses import tcp_url  # noqa: E402
 logger = logging.getLogger("htex_rs.worker_pool")
 
 
+#: A worker dying sooner than this after its start counts as a start-up failure.
+QUICK_DEATH_S = 5.0
+#: Start-up failures in a row (per worker rank) after which the pool exits.
+MAX_QUICK_DEATHS = 5
+
+
 def none_or(conv):
     return lambda s: None if s in (None, "None", "none", "") else conv(s)
 
@@ -121,6 +127,7 @@ class Worker:
     """One worker process and the tasks it holds."""
 
     def __init__(self, rank: int, proc: subprocess.Popen, pidfd: int) -> None:
+        self.started = time.monotonic()
         self.rank = rank
         self.identity = str(rank).encode()
         self.proc = proc
@@ -141,6 +148,8 @@ class Pool:
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
         self.ctx = zmq.Context()
         self.workers: dict[int, Worker] = {}
+        self.restart_at: dict[int, float] = {}  # rank -> when to start its next worker
+        self.quick_deaths: dict[int, int] = {}
         self.stopping = False
         # Planned once for the pool; a bad plan fails the pool here, clearly, instead of
         # every worker crashing at start-up and being restarted forever.
@@ -254,8 +263,29 @@ class Pool:
             except Exception:
                 payload = serialize(RemoteExceptionWrapper(*sys.exc_info()))
             self.core.send_results([(t, wire.STATUS_EXCEPTION) for t in held], [payload] * len(held))
-        if not self.stopping:
-            self.poller.register(self.start_worker(w.rank).pidfd, select.POLLIN)
+        if self.stopping:
+            return
+        # A worker that dies soon after starting (a broken environment, an import error) is
+        # restarted with growing delays, and the pool gives up after a run of such deaths,
+        # so its tasks end as ManagerLost instead of cycling forever.
+        quick = time.monotonic() - w.started < QUICK_DEATH_S
+        self.quick_deaths[w.rank] = self.quick_deaths.get(w.rank, 0) + 1 if quick else 0
+        n = self.quick_deaths[w.rank]
+        if n >= MAX_QUICK_DEATHS:
+            logger.critical("Worker %d died within %s s of starting %d times in a row; see %s. Exiting.",
+                            w.rank, QUICK_DEATH_S, n, os.path.join(self.logdir, f"worker_{w.rank}.log"))
+            print(f"htex-rs-worker-pool: worker {w.rank} keeps dying at start-up; exiting", file=sys.stderr,
+                  flush=True)
+            self.stopping = True
+            return
+        self.restart_at[w.rank] = time.monotonic() + (min(30.0, 0.5 * 2 ** (n - 1)) if n else 0.0)
+
+    def restart_due_workers(self) -> None:
+        now = time.monotonic()
+        for rank, when in list(self.restart_at.items()):
+            if when <= now:
+                del self.restart_at[rank]
+                self.poller.register(self.start_worker(rank).pidfd, select.POLLIN)
 
     # ----------------------------------------------------------------- main loop
     def curve_keys(self) -> Optional[tuple[bytes, bytes, bytes]]:
@@ -287,6 +317,10 @@ class Pool:
             for w in list(self.workers.values()):
                 if w.pidfd in dead:
                     self.worker_lost(w)
+            if self.stopping:  # a worker kept dying at start-up
+                exit_code = 5
+                break
+            self.restart_due_workers()
             stopped = self.core.wait_stopped(0)
             if stopped is None:
                 continue
