@@ -175,6 +175,9 @@ def test_pool_killed_mid_run_with_retries_the_workflow_completes(load_dfk):
     assert all(r > 0 for r in results)
     assert set(results).isdisjoint(pool_pids), "a result came from the killed pool"
     assert sum(1 for f in futs if f.task_record["try_id"] > 0) >= 1, "no task needed a retry"
+    orphans = [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
+               and any(f"--pool-pid {pid}" in " ".join(p.info["cmdline"]) for pid in pool_pids)]
+    assert not gone(orphans, 10), "workers of the killed pool are still running"
 
 
 def test_worker_that_dies_at_start_up_is_backed_off_then_the_pool_gives_up(tmp_path, monkeypatch):
@@ -202,3 +205,16 @@ def test_worker_that_dies_at_start_up_is_backed_off_then_the_pool_gives_up(tmp_p
     left = [p for p in psutil.process_iter(["cmdline"])
             if p.info["cmdline"] and str(tmp_path) in " ".join(p.info["cmdline"])]
     assert not gone([p.pid for p in left], 10)
+
+
+def test_worker_started_after_its_pool_died_exits():
+    """The race behind orphaned workers: the pool is gone before the worker checks its
+    parent. Started with the (dead) pool's pid, the worker must exit at once."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    worker = subprocess.Popen([sys.executable, "-m", "htex_rs.worker", "--url", "ipc://@htex-rs-nobody",
+                               "--rank", "0", "--logfile", os.devnull, "--pool-pid", str(dead.pid)])
+    try:
+        assert worker.wait(timeout=30) == 1
+    finally:
+        worker.kill()

@@ -53,8 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--logfile", required=True)
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--pool-pid", type=int, default=None,
+                   help="the pool's pid; passed in because the pool may already be gone when we start")
     args = p.parse_args(argv)
-    parent = os.getppid()
+    # Not os.getppid(): if the pool died while this interpreter was starting, that is
+    # already init's pid and the worker would never notice it is orphaned.
+    parent = args.pool_pid or os.getppid()
     die_with_parent(parent)
     os.makedirs(os.path.dirname(args.logfile), exist_ok=True)
     logging.basicConfig(filename=args.logfile, level=logging.DEBUG if args.debug else logging.INFO,

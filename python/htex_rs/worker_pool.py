@@ -236,7 +236,7 @@ class Pool:
         if cpus is not None:
             env["HTEX_RS_CPUS"] = ",".join(map(str, cpus))
         cmd = [sys.executable, "-m", "htex_rs.worker",
-               "--url", self.worker_url, "--rank", str(rank),
+               "--url", self.worker_url, "--rank", str(rank), "--pool-pid", str(os.getpid()),
                "--logfile", os.path.join(self.logdir, f"worker_{rank}.log")]
         if self.args.debug:
             cmd.append("--debug")
