@@ -18,6 +18,7 @@ Everything here stays on loopback: executors are always given
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import time
@@ -27,14 +28,19 @@ import parsl
 import pytest
 from parsl.config import Config
 from parsl.dataflow.dflow import DataFlowKernelLoader
-from parsl.launchers import SimpleLauncher
-from parsl.providers import LocalProvider
 from parsl.utils import RepresentationMixin
 
-from htex_rs import HighThroughputExecutor
 
-#: The only interface the vendored tests may use for interchange <-> pool traffic.
-LOOPBACK = "127.0.0.1"
+def _load_suite_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parsl_suite", "htex_rs_config.py")
+    spec = importlib.util.spec_from_file_location("htex_rs_suite_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_suite_config = _load_suite_config()
+
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -135,23 +141,8 @@ def fresh_config(tmp_path):
     with htex_rs's executor, address 127.0.0.1 and run_dir under tmp_path.
     """
     def _fresh_config() -> Config:
-        return Config(
-            executors=[
-                HighThroughputExecutor(
-                    label="htex_local",
-                    address=LOOPBACK,
-                    loopback_address="::1",
-                    worker_debug=True,
-                    cores_per_worker=1,
-                    encrypted=True,
-                    provider=LocalProvider(
-                        init_blocks=1,
-                        max_blocks=1,
-                        launcher=SimpleLauncher(),
-                    ),
-                )
-            ],
-            strategy='none',
-            run_dir=str(tmp_path / "runinfo"),
-        )
+        # One definition of the htex_local config, shared with the Parsl-suite run.
+        config = _suite_config.fresh_config()
+        config.run_dir = str(tmp_path / "runinfo")
+        return config
     return _fresh_config
