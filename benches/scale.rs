@@ -1,7 +1,15 @@
 //! Scale: the interchange with 10 and with 1,000 simulated worker pools (real DEALER
-//! sockets over loopback TCP, each registering, heartbeating and echoing its tasks),
-//! same total capacity. Prints throughput, per-task latency and the interchange's
-//! memory for each, and the 1,000/10 throughput ratio.
+//! sockets over loopback TCP, each registering, heartbeating and echoing its tasks).
+//! The pools run in a child process (this binary re-executed), so the RSS figure is the
+//! interchange's alone. Two comparisons:
+//!
+//! * same pools: every pool has the same capacity (8, a node of 8 workers), so 1,000
+//!   pools are 100x the capacity of 10 and every message carries up to 8 tasks in both:
+//!   does the interchange slow down as managers are added?
+//! * same total capacity (2,000): 1,000 pools of 2 against 10 of 200, so the 1,000-pool
+//!   run moves 100x more messages for the same tasks: the per-message cost.
+//!
+//! Prints throughput, one-at-a-time latency and interchange RSS growth for each.
 //!
 //!     cargo bench --bench scale            (HTEX_RS_SCALE_TASKS=200000 to change N)
 
@@ -25,6 +33,19 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// Child process: `pools` fake pools until stdin closes (the parent exited or is done).
+fn fake_pools_main(spec: &str) {
+    let v: Vec<usize> = spec.split(',').map(|x| x.parse().unwrap()).collect();
+    let (port, pools, capacity) = (u16::try_from(v[0]).unwrap(), v[1], v[2] as u32);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = start_pools(port, pools, capacity, &stop);
+    let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
 }
 
 /// `pools` fake pools spread over a few threads; each echoes every task batch.
@@ -66,27 +87,27 @@ fn start_pools(
                         s
                     })
                     .collect();
-                let mut last_beat = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    if last_beat.elapsed() > Duration::from_secs(1) {
-                        for s in &socks {
-                            let _ = s.send(&header(Kind::Heartbeat)[..], 0);
-                        }
-                        last_beat = Instant::now();
-                    }
-                    let mut items: Vec<zmq::PollItem> =
-                        socks.iter().map(|s| s.as_poll_item(zmq::POLLIN)).collect();
-                    if zmq::poll(&mut items, 50).unwrap_or(0) == 0 {
-                        continue;
-                    }
-                    let ready: Vec<usize> = items
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, i)| i.is_readable())
-                        .map(|(n, _)| n)
-                        .collect();
-                    for n in ready {
-                        while let Ok(frames) = socks[n].recv_multipart(zmq::DONTWAIT) {
+                // epoll over each socket's ZMQ_FD: a wake-up costs O(ready sockets), not
+                // O(sockets), so the simulator does not drown the interchange it measures.
+                // SAFETY: plain epoll calls on fds owned by the sockets above.
+                let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+                assert!(ep >= 0, "epoll_create1");
+                for (n, s) in socks.iter().enumerate() {
+                    let mut ev = libc::epoll_event {
+                        events: libc::EPOLLIN as u32,
+                        u64: n as u64,
+                    };
+                    let fd = s.get_fd().unwrap();
+                    // SAFETY: ep and fd are open; ev lives across the call.
+                    assert_eq!(
+                        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &raw mut ev) },
+                        0
+                    );
+                }
+                let echo = |s: &zmq::Socket| {
+                    // ZMQ_FD is edge-like: drain until ZMQ_EVENTS says nothing is left.
+                    while s.get_events().is_ok_and(|e| e.contains(zmq::POLLIN)) {
+                        while let Ok(frames) = s.recv_multipart(zmq::DONTWAIT) {
                             if frames[0] != header(Kind::Tasks) {
                                 continue;
                             }
@@ -95,10 +116,28 @@ fn start_pools(
                                 meta.iter().map(|(id, _)| (*id, STATUS_RESULT)).collect();
                             let mut msg = vec![header(Kind::Results).to_vec(), encode_meta(&out)];
                             msg.extend(frames.into_iter().skip(2));
-                            let _ = socks[n].send_multipart(msg, 0);
+                            let _ = s.send_multipart(msg, 0);
                         }
                     }
+                };
+                let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+                let mut last_beat = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if last_beat.elapsed() > Duration::from_secs(1) {
+                        for s in &socks {
+                            let _ = s.send(&header(Kind::Heartbeat)[..], 0);
+                            echo(s); // also a sweep for any edge missed
+                        }
+                        last_beat = Instant::now();
+                    }
+                    // SAFETY: events has room for 256 entries.
+                    let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, 50) };
+                    for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+                        echo(&socks[e.u64 as usize]);
+                    }
                 }
+                // SAFETY: ep is ours.
+                unsafe { libc::close(ep) };
             })
         })
         .collect()
@@ -108,17 +147,33 @@ struct Figures {
     throughput: f64,
     latency_us: f64,
     rss_mib: f64,
+    /// CPU of this process (interchange thread + its ZMQ I/O thread) per task.
+    ix_cpu_us: f64,
 }
 
-fn run(pools: usize, total_capacity: u32, tasks: u64) -> Figures {
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills a local struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     let before = rss_kib();
     let h = Handle::start(Config {
         heartbeat_threshold: Duration::from_secs(30),
         ..Config::default()
     })
     .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads = start_pools(h.port, pools, (total_capacity / pools as u32).max(1), &stop);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(
+            "HTEX_RS_SCALE_CHILD",
+            format!("{},{pools},{capacity}", h.port),
+        )
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("re-executing the bench for the fake pools");
     // Wait for every registration.
     loop {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -139,6 +194,7 @@ fn run(pools: usize, total_capacity: u32, tasks: u64) -> Figures {
         }
     };
     let start = Instant::now();
+    let cpu0 = cpu_seconds();
     h.submit((1..=tasks).map(|i| NewTask {
         task_id: i,
         priority: f64::INFINITY,
@@ -147,6 +203,7 @@ fn run(pools: usize, total_capacity: u32, tasks: u64) -> Figures {
     }));
     wait(tasks);
     let throughput = tasks as f64 / start.elapsed().as_secs_f64();
+    let ix_cpu_us = (cpu_seconds() - cpu0) / tasks as f64 * 1e6;
     let rss_mib = (rss_kib().saturating_sub(before)) as f64 / 1024.0;
     let mut lat = Vec::new();
     for i in 0..500 {
@@ -161,14 +218,17 @@ fn run(pools: usize, total_capacity: u32, tasks: u64) -> Figures {
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
     lat.sort_by(f64::total_cmp);
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    drop(child.stdin.take()); // EOF: the fake pools stop
+    child.wait().unwrap();
+    h.stop();
+    // Hand freed memory back so the next run's RSS growth is its own.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     Figures {
         throughput,
         latency_us: lat[lat.len() / 2],
         rss_mib,
+        ix_cpu_us,
     }
 }
 
@@ -189,24 +249,63 @@ fn raise_fd_limit() {
 
 fn main() {
     raise_fd_limit();
+    if let Ok(spec) = std::env::var("HTEX_RS_SCALE_CHILD") {
+        fake_pools_main(&spec);
+        return;
+    }
     // `cargo test --benches` passes --bench-less args; keep that run short.
     let quick = !std::env::args().any(|a| a == "--bench");
     let tasks: u64 = std::env::var("HTEX_RS_SCALE_TASKS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 5_000 } else { 200_000 });
-    let capacity = 2000;
-    let small = run(10, capacity, tasks);
-    let large = run(1000, capacity, tasks);
-    println!("pools  throughput/s  median latency us  interchange+pools RSS growth MiB");
-    for (n, f) in [(10, &small), (1000, &large)] {
+    // HTEX_RS_SCALE_ONLY=pools,capacity: one run (for profiling).
+    if let Ok(only) = std::env::var("HTEX_RS_SCALE_ONLY") {
+        let v: Vec<u32> = only.split(',').map(|x| x.parse().unwrap()).collect();
+        let f = run(v[0] as usize, v[1], tasks);
         println!(
-            "{n:>5}  {:>12.0}  {:>17.0}  {:>8.1}",
-            f.throughput, f.latency_us, f.rss_mib
+            "{} pools of {}: {:.0} tasks/s, {:.0} us, {:.1} MiB",
+            v[0], v[1], f.throughput, f.latency_us, f.rss_mib
+        );
+        return;
+    }
+    // Interleaved rounds, medians: this machine's speed drifts between runs.
+    let rounds = if quick { 1 } else { 3 };
+    let configs: [(&str, usize, u32); 4] = [
+        ("same pools (cap 8)", 10, 8),
+        ("same pools (cap 8)", 1000, 8),
+        ("same total (2,000)", 10, 200),
+        ("same total (2,000)", 1000, 2),
+    ];
+    let mut got: Vec<Vec<Figures>> = configs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, (_, pools, cap)) in configs.iter().enumerate() {
+            got[i].push(run(*pools, *cap, tasks));
+        }
+    }
+    let median = |v: &[Figures], f: fn(&Figures) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    println!(
+        "{:<22}{:>6}  {:>12}  {:>10}  {:>10}  {:>13}   ({rounds} rounds, medians)",
+        "comparison", "pools", "tasks/s", "median us", "IX RSS MiB", "IX CPU us/task"
+    );
+    let mut tput = Vec::new();
+    for ((name, pools, _), v) in configs.iter().zip(&got) {
+        let t = median(v, |f| f.throughput);
+        tput.push(t);
+        println!(
+            "{name:<22}{pools:>6}  {t:>12.0}  {:>10.0}  {:>10.1}  {:>13.2}",
+            median(v, |f| f.latency_us),
+            median(v, |f| f.rss_mib),
+            median(v, |f| f.ix_cpu_us)
         );
     }
     println!(
-        "1000-pool throughput / 10-pool throughput: {:.2}",
-        large.throughput / small.throughput
+        "1000/10 pools throughput: same pools {:.2}, same total capacity {:.2}",
+        tput[1] / tput[0],
+        tput[3] / tput[2]
     );
 }
