@@ -218,3 +218,88 @@ def test_worker_started_after_its_pool_died_exits():
         assert worker.wait(timeout=30) == 1
     finally:
         worker.kill()
+
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A fresh memory cgroup (v2 or v1) under ours, removed after: (dir, limit file,
+    oom-kill counter). Skips where none can be made. Request it before load_dfk, so
+    the DFK (and its pool) is gone before the cgroup is removed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a memory cgroup")
+    made = None
+    for line in open("/proc/self/cgroup").read().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            base, limit, events = "/sys/fs/cgroup" + path, "memory.max", "memory.events"
+        elif "memory" in controllers.split(","):
+            base, limit, events = "/sys/fs/cgroup/memory" + path, "memory.limit_in_bytes", "memory.oom_control"
+        else:
+            continue
+        d = os.path.join(base, f"htex-rs-oom-{os.getpid()}")
+        try:
+            os.mkdir(d)
+        except OSError:
+            continue
+        if os.path.exists(os.path.join(d, limit)):
+            made = d, os.path.join(d, limit), os.path.join(d, events)
+            break
+        os.rmdir(d)
+    if made is None:
+        pytest.skip("no writable memory cgroup here")
+    d, limit, events = made
+
+    def oom_kills() -> int:
+        for ln in open(events).read().splitlines():
+            if ln.startswith("oom_kill "):
+                return int(ln.split()[1])
+        return -1  # this kernel does not count them
+    try:
+        yield d, limit, oom_kills
+    finally:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)  # its processes are still exiting
+
+
+def worker_pid():
+    import os
+    return os.getpid()
+
+
+def hog(mib_per_step):
+    """Touch memory until something stops us (the OOM killer, or MemoryError)."""
+    held = []
+    while True:
+        held.append(b"\x01" * (mib_per_step << 20))
+
+
+def test_worker_killed_by_the_oom_killer_is_worker_lost_and_replaced(memory_cgroup, load_dfk):
+    """The pool runs in a memory cgroup (joined by the provider's worker_init, as a user
+    would on a cluster); a task exhausts it and the kernel's OOM killer kills its worker.
+    The task ends as WorkerLost, the worker is replaced, the next task runs."""
+    import parsl
+    from parsl.config import Config
+    from parsl.executors.high_throughput.errors import WorkerLost
+    from parsl.providers import LocalProvider
+    d, limit, oom_kills = memory_cgroup
+    with open(limit, "w") as f:
+        f.write(str(600 << 20))
+    load_dfk(Config(executors=[HighThroughputExecutor(
+        label="oomkill", address="127.0.0.1", encrypted=False, max_workers_per_node=1,
+        provider=LocalProvider(init_blocks=1, max_blocks=1,
+                               worker_init=f"echo $$ > {d}/cgroup.procs"))], strategy="none"))
+    pid = parsl.python_app(worker_pid)().result(timeout=60)
+    assert str(pid) in open(os.path.join(d, "cgroup.procs")).read().split(), "the worker is not in the cgroup"
+    with pytest.raises(WorkerLost):
+        parsl.python_app(hog)(32).result(timeout=120)
+    kills = oom_kills()
+    assert kills > 0 or kills == -1, "the worker died, but not by the OOM killer"
+    assert parsl.python_app(worker_pid)().result(timeout=60) != pid, "the worker was not replaced"

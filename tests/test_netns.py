@@ -1,7 +1,8 @@
 """Network faults between "hosts": a worker pool in its own network namespace (ip netns
-+ veth, made here and removed after) loses its link mid-task. Its task fails with
-ManagerLost, work continues on the pool that is still reachable, and the cut-off pool
-exits by itself. Needs root and iproute2; skipped otherwise."""
++ veth, made here and removed after) loses its link mid-task. Cut for good: its task
+fails with ManagerLost, work continues on the pool that is still reachable, and the
+cut-off pool exits by itself. Cut and restored within heartbeat_threshold: nothing is
+lost, the running task's result arrives and the pool keeps serving. Needs root and iproute2; skipped otherwise."""
 from __future__ import annotations
 
 import os
@@ -107,3 +108,37 @@ def test_cut_link_fails_the_cut_pools_task_and_work_moves_on(netns, tmp_path):
         left = [p for p in psutil.process_iter(["cmdline"])
                 if p.info["cmdline"] and "--block_id=remote" in p.info["cmdline"]]
         assert not left, "the namespaced pool or its workers are still running"
+
+
+def test_link_cut_and_restored_within_the_threshold_loses_nothing(netns, tmp_path):
+    env = {**os.environ, "PYTHONPATH": TESTS_DIR}
+    ex = HighThroughputExecutor(label="netns_blip", address=netns["host_ip"], heartbeat_period=1,
+                                heartbeat_threshold=12)
+    ex.run_dir = str(tmp_path)
+    ex.start()
+    pool = None
+    try:
+        pool = subprocess.Popen(["ip", "netns", "exec", netns["ns"], *pool_cmd(ex, "remote")], env=env,
+                                stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not ex.connected_managers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [m["block_id"] for m in ex.connected_managers()] == ["remote"]
+        running = ex.submit(where, {}, 2)
+        queued = [ex.submit(where, {}, 0) for _ in range(5)]  # wait at the interchange meanwhile
+        time.sleep(1)
+        ip("link", "set", netns["host_if"], "down")
+        time.sleep(4)  # heartbeats both ways are lost; still well inside the threshold
+        assert not running.done(), "the task finished during the cut: the link was not cut"
+        ip("link", "set", netns["host_if"], "up")
+        assert running.result(timeout=60) == "remote"
+        assert [f.result(timeout=60) for f in queued] == ["remote"] * 5
+        assert [m["block_id"] for m in ex.connected_managers()] == ["remote"]
+        assert pool.poll() is None, "the pool exited over a blip shorter than the threshold"
+    finally:
+        ex.shutdown()
+        if pool is not None:
+            try:
+                pool.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pool.kill()
