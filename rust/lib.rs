@@ -8,6 +8,7 @@ pub mod interchange;
 pub mod manager;
 pub mod planner;
 pub mod protocol;
+pub mod stream;
 pub mod transport;
 
 #[cfg(feature = "python")]

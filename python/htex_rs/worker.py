@@ -1,7 +1,9 @@
-"""A long-lived worker process: receives task batches from its pool, runs them, sends
-result batches back in protocol form (the pool forwards them unchanged).
+"""A long-lived worker process: receives task batches from its pool over a Unix
+stream socket, runs them, sends result batches back in protocol form (the pool
+forwards them unchanged).
 
-Dies with its pool: PR_SET_PDEATHSIG, plus a parent check while idle.
+Dies with its pool: PR_SET_PDEATHSIG, and the stream's end (the pool's socket closes
+when its process goes).
 """
 from __future__ import annotations
 
@@ -14,9 +16,7 @@ import signal
 import sys
 import time
 
-import zmq
-
-from htex_rs import wire
+from htex_rs import stream, wire
 
 logger = logging.getLogger("htex_rs.worker")
 
@@ -74,41 +74,38 @@ def main(argv: list[str] | None = None) -> None:
     from htex_rs.errors import TaskTooLarge
     limit = int(os.environ.get("HTEX_RS_MAX_MESSAGE_BYTES", 1 << 30))
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, str(args.rank).encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(args.url)
-    sock.send(wire.header(wire.REGISTER))
+    sock = stream.connect(args.url)
+    reader = sock.makefile("rb", buffering=1 << 16)
+    stream.send(sock, [wire.header(wire.REGISTER), str(args.rank).encode()])
     logger.info("Worker %d ready (pid %d)", args.rank, os.getpid())
     meta_out: list[tuple[int, int]] = []
     payloads: list[bytes] = []
 
     def flush() -> None:
         if meta_out:
-            sock.send_multipart([wire.header(wire.RESULTS), wire.encode_meta(meta_out), *payloads])
+            stream.send(sock, [wire.header(wire.RESULTS), wire.encode_meta(meta_out), *payloads])
             meta_out.clear()
             payloads.clear()
 
     while True:
-        if not sock.poll(1000):
-            if os.getppid() != parent:
-                logger.warning("Pool process gone; exiting")
-                return
-            continue
-        frames = sock.recv_multipart(copy=False)
-        if wire.kind_of(frames[0].bytes) != wire.TASKS:
+        frames = stream.recv(reader)
+        if frames is None:
+            logger.warning("Pool closed the stream (pool process gone); exiting")
+            return
+        if not frames or wire.kind_of(frames[0]) != wire.TASKS:
             continue
         started = 0.0
-        for (task_id, flags), frame in zip(wire.decode_meta(frames[1].bytes), frames[2:]):
+        for (task_id, flags), frame in zip(wire.decode_meta(frames[1]), frames[2:]):
             if not meta_out:
                 started = time.monotonic()
             try:
-                context, buffer = wire.decode_task(flags, frame.bytes)
+                context, buffer = wire.decode_task(flags, frame)
                 result = serialize(run_task(context, buffer, unpack_apply_message, serialize),
                                    buffer_threshold=1_000_000)
                 if len(result) > limit:  # the interchange would drop the connection instead
                     raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)
+                if payloads and sum(map(len, payloads)) + len(result) > limit:
+                    flush()  # keep every message under the pool's limit
                 meta_out.append((task_id, wire.STATUS_RESULT))
                 payloads.append(result)
             except Exception:

@@ -302,10 +302,10 @@ class Pool:
         url = self.probe()
         logger.info("Interchange found at %s", url)
         # Linux abstract socket: no file to leave behind if the pool is SIGKILLed.
-        self.worker_url = f"ipc://@htex-rs-{self.uid}-{os.getpid()}"
+        self.worker_url = f"@htex-rs-{self.uid}-{os.getpid()}"
         self.core = _core.PoolCore(url, self.uid.encode(), self.worker_url, self.registration(),
                                    float(self.args.hb_period), float(self.args.hb_threshold),
-                                   self.per_worker, self.curve_keys())
+                                   self.per_worker, self.curve_keys(), self.args.max_message_bytes)
         logger.info("Registered pool %s: block %s, %d workers, capacity %d",
                     self.uid, self.block_id, self.count, self.capacity)
         self.poller = select.poll()

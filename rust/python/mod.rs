@@ -233,7 +233,8 @@ fn pool_handle(slf: &PoolCore) -> PyResult<Arc<manager::Handle>> {
 impl PoolCore {
     #[new]
     #[pyo3(signature = (interchange_url, identity, worker_url, registration, heartbeat_period,
-                        heartbeat_threshold, per_worker, curve_keys=None))]
+                        heartbeat_threshold, per_worker, curve_keys=None,
+                        max_message_bytes=1 << 30))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -245,11 +246,14 @@ impl PoolCore {
         heartbeat_threshold: f64,
         per_worker: usize,
         curve_keys: Option<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+        max_message_bytes: usize,
     ) -> PyResult<Self> {
         let config = manager::Config {
             interchange_url,
             identity,
             worker_url,
+            // Room for the batch's header, meta and framing on top of the payload limit.
+            max_message_bytes: max_message_bytes.saturating_add(1 << 20),
             registration,
             heartbeat_period: Duration::from_secs_f64(heartbeat_period.max(0.001)),
             heartbeat_threshold: Duration::from_secs_f64(heartbeat_threshold.max(0.001)),

@@ -1,0 +1,79 @@
+"""The pool-worker link: framed messages over a Unix stream (python/htex_rs/stream.py
+against rust/stream.rs through a real pool), and who may connect to a pool's socket."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import textwrap
+import threading
+
+import psutil
+import pytest
+from parsl.providers import LocalProvider
+
+from htex_rs import HighThroughputExecutor, stream, wire
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_messages_round_trip_with_large_and_empty_frames():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    msgs = [[b"HX\x01\x42", b"", b"x" * (5 << 20)], [b"tail"], []]
+    sender = threading.Thread(target=lambda: [stream.send(a, m) for m in msgs])
+    sender.start()  # 5 MiB is more than the socket buffer: sends and reads interleave
+    reader = b.makefile("rb")
+    got = [stream.recv(reader) for _ in msgs]
+    sender.join()
+    assert got == msgs
+    a.close()
+    assert stream.recv(reader) is None, "end of stream is None"
+
+
+def pow2(x):
+    return x * x
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_a_pool_socket_admits_only_its_own_user(tmp_path, monkeypatch):
+    """The worker socket is abstract (no file permissions): another user's process that
+    connects is dropped at once, and the pool keeps serving its own workers."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    ex = HighThroughputExecutor(label="stream_uid", address="127.0.0.1", max_workers_per_node=1,
+                                encrypted=False, provider=LocalProvider(init_blocks=1, max_blocks=1))
+    ex.run_dir = str(tmp_path)
+    with ex:
+        assert ex.submit(pow2, {}, 3).result(timeout=60) == 9
+        urls = {a for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "htex_rs.worker" in p.info["cmdline"]
+                for i, a in enumerate(p.info["cmdline"]) if p.info["cmdline"][i - 1] == "--url"}
+        assert urls, "no worker found"
+        url = urls.pop()
+        # Self-contained (stdlib only, the system interpreter): user 65534 cannot read
+        # root's virtualenv. Sends a framed REGISTER, then waits for anything.
+        probe = textwrap.dedent(f"""
+            import socket, struct
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect("\\0" + {url[1:]!r})
+            frames = [{wire.header(wire.REGISTER)!r}, b"intruder"]
+            try:
+                s.sendall(struct.pack("<3I", 2, *map(len, frames)) + b"".join(frames))
+                print("EOF" if s.recv(1) == b"" else "GOT DATA")
+            except (BrokenPipeError, ConnectionResetError):
+                print("EOF")  # dropped before (or while) we wrote
+        """)
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        if python is None:
+            pytest.skip("no system python3 for the other user")
+        stranger = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30,
+                                  user=65534, cwd="/tmp", env={"PATH": "/usr/bin:/bin"})
+        assert stranger.stdout.strip() == "EOF", stranger.stderr
+        same_user = subprocess.Popen([python, "-c", probe], stdout=subprocess.PIPE, text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):  # admitted: waits for tasks
+                same_user.wait(timeout=2)
+        finally:
+            same_user.kill()
+            same_user.wait()
+        assert [f.result(timeout=60) for f in [ex.submit(pow2, {}, i) for i in range(5)]] == [0, 1, 4, 9, 16]
