@@ -1,7 +1,7 @@
 """htex-rs-worker-pool: the per-node manager.
 
 Registers with the interchange, starts N long-lived worker processes, hands them task
-batches over an ipc socket, forwards their result batches unchanged, heartbeats, and
+batches over a Unix stream each (the Rust pool core), forwards their result batches unchanged, heartbeats, and
 turns a worker that died mid-task into WorkerLost (then restarts it). It exits when
 the interchange says so (drain, shutdown) or goes silent past ``--hb_threshold``.
 Takes the same options as Parsl's process_worker_pool.py.
