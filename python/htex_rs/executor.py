@@ -372,13 +372,27 @@ class HighThroughputExecutor(ParslHTEX):
 
     def _handle_events(self, results: list, lost: list, fatal: list) -> None:
         for task_id, status, data in results:
-            self._complete(task_id, status, data)
+            if status == wire.STATUS_MONITORING:
+                self._monitoring_message(data)
+            else:
+                self._complete(task_id, status, data)
         for uid, hostname, task_ids in lost:
             for task_id in task_ids:
                 _settle(self.tasks.pop(task_id, None), exception=ManagerLost(uid.encode(), hostname))
         for message in fatal:
             logger.error("Failing all tasks: %s", message)
             self.set_bad_state_and_fail_all(ProtocolVersionMismatch(message))
+
+    def _monitoring_message(self, data: bytes) -> None:
+        """A worker's HTEXRadio message: hand its payload to the monitoring hub, as
+        Parsl's interchange does (trusted: it comes from our own, authenticated pools)."""
+        try:
+            msg = pickle.loads(data)
+        except Exception:
+            logger.warning("Dropped an unreadable monitoring message", exc_info=True)
+            return
+        if self.monitoring_messages is not None and isinstance(msg, dict) and msg.get("type") == "monitoring":
+            self.monitoring_messages.put(msg["payload"])
 
     def _complete(self, task_id: int, status: int, data: bytes) -> None:
         fut = self.tasks.pop(task_id, None)

@@ -18,6 +18,8 @@ PROBE, REGISTER, HEARTBEAT, RESULTS = 1, 2, 3, 4
 PROBE_ACK, TASKS, HEARTBEAT_REPLY, SHUTDOWN, REFUSED, REGISTERED = 65, 66, 67, 68, 69, 70
 
 STATUS_RESULT, STATUS_EXCEPTION = 0, 1
+#: A worker-side monitoring message (task id 0): pickle({'type': 'monitoring', 'payload': m}).
+STATUS_MONITORING = 2
 FLAG_CONTEXT = 1  # the payload is pickle((context, buffer)) instead of the bare buffer
 
 

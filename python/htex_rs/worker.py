@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from htex_rs import stream, wire
@@ -32,6 +33,27 @@ def die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:  # the pool died before prctl took effect
         os._exit(1)
+
+
+class MonitoringChannel:
+    """Parsl's ``monitoring_info.result_queue`` inside an htex_rs worker: HTEXRadioSender
+    puts pickled ``{'type': 'monitoring', 'payload': ...}`` here, and it travels to the
+    executor as a result with STATUS_MONITORING. Each process opens its own stream to
+    the pool (Parsl's resource monitor is a forked child of the worker)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pid = -1
+        self.sock = None
+        self.lock = threading.Lock()
+
+    def put(self, data: bytes) -> None:
+        with self.lock:
+            if self.pid != os.getpid():
+                self.sock = stream.connect(self.url)
+                self.pid = os.getpid()
+            stream.send(self.sock, [wire.header(wire.RESULTS),
+                                    wire.encode_meta([(0, wire.STATUS_MONITORING)]), data])
 
 
 def run_task(context: dict, buffer: bytes, unpack, serialize):
@@ -68,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
         logger.info("Set worker CPU affinity to %s", cpus)
 
+    import parsl.executors.high_throughput.monitoring_info as monitoring_info
     from parsl.app.errors import RemoteExceptionWrapper
     from parsl.serialize import serialize, unpack_apply_message
+    monitoring_info.result_queue = MonitoringChannel(args.url)  # type: ignore[assignment]
 
     from htex_rs.errors import TaskTooLarge
     limit = int(os.environ.get("HTEX_RS_MAX_MESSAGE_BYTES", 1 << 30))

@@ -133,6 +133,8 @@ pub fn decode_meta(meta: &[u8], payloads: usize) -> Result<Vec<(u64, u8)>, Decod
 /// Result status byte in a Results meta frame.
 pub const STATUS_RESULT: u8 = 0;
 pub const STATUS_EXCEPTION: u8 = 1;
+/// A monitoring message from a worker (task id 0), forwarded like a result.
+pub const STATUS_MONITORING: u8 = 2;
 
 /// Registration document sent by a worker pool (JSON, second frame of `Register`).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -1,0 +1,65 @@
+"""Parsl monitoring through htex_rs (adapted from Parsl's test_monitoring/test_basic.py):
+with the default HTEXRadio, the workers' task and resource messages travel back over
+htex_rs's own result path; the filesystem and UDP radios work as with Parsl's HTEX."""
+from __future__ import annotations
+
+import os
+
+import parsl
+import pytest
+from parsl.config import Config
+from parsl.monitoring import MonitoringHub
+from parsl.monitoring.radios.filesystem import FilesystemRadio
+from parsl.monitoring.radios.htex import HTEXRadio
+from parsl.monitoring.radios.udp import UDPRadio
+from parsl.providers import LocalProvider
+
+from htex_rs import HighThroughputExecutor
+
+pytestmark = pytest.mark.timeout(180)
+sqlalchemy = pytest.importorskip("sqlalchemy")
+
+
+def this_app():
+    import time
+    time.sleep(1.5)  # long enough for the resource monitor (interval 1 s) to report
+    return 5
+
+
+def config(radio) -> Config:
+    ex = HighThroughputExecutor(label="htex_rs_monitoring", address="127.0.0.1", max_workers_per_node=1,
+                                provider=LocalProvider(init_blocks=1, min_blocks=0, max_blocks=1))
+    assert isinstance(ex.remote_monitoring_radio, HTEXRadio), "HTEXRadio is the default, as in Parsl"
+    if radio is not None:
+        ex.remote_monitoring_radio = radio
+    return Config(executors=[ex], strategy="none",
+                  monitoring=MonitoringHub(monitoring_debug=False, resource_monitoring_interval=1))
+
+
+@pytest.mark.parametrize("radio", [None, "filesystem", "udp"])
+def test_monitoring_database_rows(tmp_path, monkeypatch, radio):
+    from sqlalchemy import text
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.chdir(tmp_path)
+    db_url = f"sqlite:///{tmp_path}/monitoring.db"
+    c = config({None: None, "filesystem": FilesystemRadio(),
+                "udp": UDPRadio(address="127.0.0.1", atexit_timeout=0)}[radio])
+    c.run_dir = str(tmp_path / "runinfo")
+    c.monitoring.logging_endpoint = db_url
+    with parsl.load(c):
+        assert parsl.python_app(this_app)().result(timeout=120) == 5
+
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.begin() as connection:
+        def count(sql: str) -> int:
+            return connection.execute(text(sql)).first()[0]
+        assert count("SELECT COUNT(*) FROM workflow") == 1
+        assert count("SELECT COUNT(*) FROM task") == 1
+        assert count("SELECT COUNT(*) FROM try") == 1
+        # task_try_time_running comes from the worker side (the monitor wrapper's radio).
+        assert count("SELECT COUNT(*) FROM status, try WHERE status.task_id = try.task_id "
+                     "AND status.task_status_name='exec_done' AND task_try_time_running is NULL") == 0
+        assert count("SELECT COUNT(*) FROM workflow WHERE time_began IS NOT NULL AND time_completed IS NOT NULL") == 1
+        assert count("SELECT COUNT(*) FROM block") >= 2, "block statuses from a BlockProviderExecutor"
+        assert count("SELECT COUNT(*) FROM resource") >= 1, "the worker's resource monitor reported nothing"
