@@ -1,6 +1,8 @@
 """Parsl monitoring through htex_rs (adapted from Parsl's test_monitoring/test_basic.py):
 with the default HTEXRadio, the workers' task and resource messages travel back over
-htex_rs's own result path; the filesystem and UDP radios work as with Parsl's HTEX."""
+htex_rs's own result path; the filesystem and UDP radios work as with Parsl's HTEX.
+The interchange reports pools to the `node` table when they register and when they go
+(not on every message, as Parsl's does)."""
 from __future__ import annotations
 
 import os
@@ -62,4 +64,9 @@ def test_monitoring_database_rows(tmp_path, monkeypatch, radio):
                      "AND status.task_status_name='exec_done' AND task_try_time_running is NULL") == 0
         assert count("SELECT COUNT(*) FROM workflow WHERE time_began IS NOT NULL AND time_completed IS NOT NULL") == 1
         assert count("SELECT COUNT(*) FROM block") >= 2, "block statuses from a BlockProviderExecutor"
+        # The node table: the pool active on registration, inactive once it has gone.
+        rows = connection.execute(text("SELECT active, worker_count, cpu_count, hostname FROM node "
+                                       "ORDER BY timestamp")).all()
+        assert [bool(r[0]) for r in rows] == [True, False], rows
+        assert all(r[1] == 1 and r[2] >= 1 and r[3] for r in rows), rows
         assert count("SELECT COUNT(*) FROM resource") >= 1, "the worker's resource monitor reported nothing"

@@ -9,6 +9,7 @@ Rust interchange through one non-blocking call; results come back in batches.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from parsl.executors.high_throughput.manager_selector import (
 )
 from parsl.executors.status_handling import BlockProviderExecutor
 from parsl.jobs.states import JobStatus
+from parsl.monitoring.message_type import MessageType
 from parsl.monitoring.radios.base import RadioConfig
 from parsl.monitoring.radios.htex import HTEXRadio
 from parsl.providers import LocalProvider
@@ -276,6 +278,7 @@ class HighThroughputExecutor(ParslHTEX):
             check_python=self._check_python_mismatch,
             # Headroom over the payload limit for the few bytes of framing beside it.
             max_message_bytes=self.max_message_bytes + (1 << 16),
+            node_events=self.monitoring_messages is not None,
         )
         self.worker_port = self._ix.port
         logger.info("htex_rs interchange listening for worker pools on port %s (encrypted=%s)",
@@ -352,14 +355,14 @@ class HighThroughputExecutor(ParslHTEX):
         timeout = max(1, int(self.poll_period))
         while not self._result_queue_thread_exit.is_set():
             try:
-                results, lost, fatal = ix.wait_events(timeout, _RESULT_BATCH)
+                results, lost, fatal, nodes = ix.wait_events(timeout, _RESULT_BATCH)
             except RuntimeError:  # the interchange was stopped
                 if not self._result_queue_thread_exit.is_set():
                     self.set_bad_state_and_fail_all(InterchangeDied(
                         "the htex_rs interchange was stopped while the executor was running"))
                 break
             try:
-                self._handle_events(results, lost, fatal)
+                self._handle_events(results, lost, fatal, nodes)
             except BaseException as e:  # this thread must never die silently: fail everything
                 logger.exception("Result queue worker failed")
                 self.set_bad_state_and_fail_all(InterchangeDied(f"the result thread failed: {e!r}"))
@@ -370,7 +373,7 @@ class HighThroughputExecutor(ParslHTEX):
                 break
         logger.info("Result queue worker finished")
 
-    def _handle_events(self, results: list, lost: list, fatal: list) -> None:
+    def _handle_events(self, results: list, lost: list, fatal: list, nodes: list) -> None:
         for task_id, status, data in results:
             if status == wire.STATUS_MONITORING:
                 self._monitoring_message(data)
@@ -379,6 +382,11 @@ class HighThroughputExecutor(ParslHTEX):
         for uid, hostname, task_ids in lost:
             for task_id in task_ids:
                 _settle(self.tasks.pop(task_id, None), exception=ManagerLost(uid.encode(), hostname))
+        for node in nodes:  # Parsl's interchange sends these to the monitoring `node` table
+            if self.monitoring_messages is not None:
+                node.update(run_id=self.run_id, timestamp=datetime.datetime.now(),
+                            last_heartbeat=datetime.datetime.fromtimestamp(node["last_heartbeat"]))
+                self.monitoring_messages.put((MessageType.NODE_INFO, node))
         for message in fatal:
             logger.error("Failing all tasks: %s", message)
             self.set_bad_state_and_fail_all(ProtocolVersionMismatch(message))
@@ -474,10 +482,10 @@ class HighThroughputExecutor(ParslHTEX):
             self._result_queue_thread.join(timeout)
         try:  # results that arrived after the result thread's last look still count
             while True:
-                results, lost, fatal = self._ix.wait_events(0, _RESULT_BATCH)
-                if not (results or lost or fatal):
+                results, lost, fatal, nodes = self._ix.wait_events(0, _RESULT_BATCH)
+                if not (results or lost or fatal or nodes):
                     break
-                self._handle_events(results, lost, fatal)
+                self._handle_events(results, lost, fatal, nodes)
         except RuntimeError:
             pass  # already stopped
         self._ix.stop()

@@ -51,6 +51,38 @@ pub struct ManagerInfo {
 }
 
 /// Tasks of a manager that was declared lost.
+/// A manager's state for Parsl's monitoring `node` table (NODE_INFO), taken when it
+/// registers, and when it is held or removed (`active` false).
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub uid: String,
+    pub hostname: String,
+    pub block_id: Option<String>,
+    pub cpu_count: u32,
+    pub total_memory: u64,
+    pub worker_count: u32,
+    pub python_version: String,
+    pub active: bool,
+    /// Epoch seconds.
+    pub last_heartbeat: f64,
+}
+
+impl NodeInfo {
+    fn of(m: &Manager, active: bool) -> NodeInfo {
+        NodeInfo {
+            uid: m.reg.uid.clone(),
+            hostname: m.reg.hostname.clone(),
+            block_id: m.reg.block_id.clone(),
+            cpu_count: m.reg.cpu_count,
+            total_memory: m.reg.total_memory,
+            worker_count: m.reg.worker_count,
+            python_version: m.reg.python_version.clone(),
+            active,
+            last_heartbeat: epoch_now() - m.last_seen.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 pub struct Lost {
     pub uid: String,
     pub hostname: String,
@@ -64,6 +96,9 @@ pub struct Managers {
     interesting: HashSet<Vec<u8>>,
     /// One block id per registration, duplicates kept (Parsl's `connected_block_history`).
     pub block_history: Vec<String>,
+    /// When set, node changes are collected in `node_changes` (monitoring is on).
+    pub track_nodes: bool,
+    pub node_changes: Vec<NodeInfo>,
 }
 
 #[must_use]
@@ -75,8 +110,12 @@ pub fn epoch_now() -> f64 {
 
 impl Managers {
     #[must_use]
-    pub fn new() -> Self {
-        Self::default()
+    /// `track_nodes`: collect `node_changes` for Parsl's monitoring.
+    pub fn new(track_nodes: bool) -> Self {
+        Managers {
+            track_nodes,
+            ..Self::default()
+        }
     }
 
     pub fn register(&mut self, identity: Vec<u8>, reg: Registration) {
@@ -85,18 +124,19 @@ impl Managers {
         }
         let now = Instant::now();
         self.interesting.insert(identity.clone());
-        self.map.insert(
-            identity.clone(),
-            Manager {
-                identity,
-                reg,
-                tasks: HashSet::new(),
-                active: true,
-                draining: false,
-                last_seen: now,
-                idle_since: Some(now),
-            },
-        );
+        let m = Manager {
+            identity: identity.clone(),
+            reg,
+            tasks: HashSet::new(),
+            active: true,
+            draining: false,
+            last_seen: now,
+            idle_since: Some(now),
+        };
+        if self.track_nodes {
+            self.node_changes.push(NodeInfo::of(&m, true));
+        }
+        self.map.insert(identity, m);
     }
 
     #[must_use]
@@ -179,6 +219,9 @@ impl Managers {
             if m.reg.uid == uid {
                 m.active = false;
                 found = true;
+                if self.track_nodes {
+                    self.node_changes.push(NodeInfo::of(m, false));
+                }
             }
         }
         found
@@ -228,7 +271,13 @@ impl Managers {
 
     pub fn remove(&mut self, identity: &[u8]) -> Option<Manager> {
         self.interesting.remove(identity);
-        self.map.remove(identity)
+        let m = self.map.remove(identity);
+        if let (true, Some(m)) = (self.track_nodes, &m) {
+            if m.active {
+                self.node_changes.push(NodeInfo::of(m, false));
+            }
+        }
+        m
     }
 
     #[must_use]
@@ -288,7 +337,7 @@ mod tests {
 
     #[test]
     fn block_selector_prefers_highest_block_string() {
-        let mut m = Managers::new();
+        let mut m = Managers::new(false);
         m.register(b"a".to_vec(), reg("a", "10", 1));
         m.register(b"b".to_vec(), reg("b", "9", 1));
         m.register(b"c".to_vec(), reg("c", "1", 1));
@@ -299,7 +348,7 @@ mod tests {
 
     #[test]
     fn saturated_held_and_draining_managers_get_nothing() {
-        let mut m = Managers::new();
+        let mut m = Managers::new(false);
         m.register(b"a".to_vec(), reg("a", "0", 2));
         m.register(b"b".to_vec(), reg("b", "1", 1));
         m.assign(b"a", &[1, 2]);
@@ -313,7 +362,7 @@ mod tests {
 
     #[test]
     fn silent_managers_are_lost_with_their_tasks() {
-        let mut m = Managers::new();
+        let mut m = Managers::new(false);
         m.register(b"a".to_vec(), reg("a", "0", 4));
         m.assign(b"a", &[7, 3]);
         assert!(m.expire_silent(Duration::from_secs(60)).is_empty());
@@ -325,8 +374,36 @@ mod tests {
     }
 
     #[test]
+    fn node_changes_only_when_tracked_on_register_hold_and_loss() {
+        let mut m = Managers::new(false);
+        m.register(b"a".to_vec(), reg("a", "0", 1));
+        m.remove(b"a");
+        assert!(
+            m.node_changes.is_empty(),
+            "monitoring off: nothing collected"
+        );
+        let mut m = Managers::new(true);
+        m.register(b"a".to_vec(), reg("a", "0", 2));
+        m.register(b"b".to_vec(), reg("b", "1", 2));
+        assert!(m.hold("a"));
+        m.remove(b"a"); // already inactive: no second 'inactive' row
+        m.remove(b"b");
+        let seen: Vec<(String, bool)> = m
+            .node_changes
+            .iter()
+            .map(|n| (n.uid.clone(), n.active))
+            .collect();
+        assert_eq!(
+            seen,
+            [("a", true), ("b", true), ("a", false), ("b", false)].map(|(u, a)| (u.to_string(), a))
+        );
+        assert_eq!(m.node_changes[0].worker_count, 2);
+        assert!(m.node_changes[0].last_heartbeat > 1.0e9, "epoch seconds");
+    }
+
+    #[test]
     fn drained_idle_managers_are_removed() {
-        let mut m = Managers::new();
+        let mut m = Managers::new(false);
         let mut r = reg("a", "0", 1);
         r.drain_time = Some(0.0);
         m.register(b"a".to_vec(), r);

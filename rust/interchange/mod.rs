@@ -55,6 +55,8 @@ pub struct Config {
     /// Largest inbound frame on the worker port; a peer sending more is disconnected by
     /// libzmq before the frame is buffered. `None`: unlimited.
     pub max_message_bytes: Option<i64>,
+    /// Emit `Event::Node` for Parsl's monitoring `node` table.
+    pub node_events: bool,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             python_version: String::new(),
             check_python: false,
             max_message_bytes: None,
+            node_events: false,
         }
     }
 }
@@ -106,6 +109,8 @@ pub enum Event {
     },
     /// A pool the executor cannot work with (version mismatch): fail everything.
     Fatal(String),
+    /// A manager registered, was held or went away (only with `Config::node_events`).
+    Node(managers::NodeInfo),
 }
 
 #[derive(Default)]
@@ -245,6 +250,7 @@ impl Handle {
             .as_ref()
             .map(|c| c.allowed_clients.iter().copied().collect())
             .unwrap_or_default();
+        let node_events = config.node_events;
         let mut ix = Interchange {
             config,
             ctx,
@@ -253,7 +259,7 @@ impl Handle {
             allowed,
             shared: shared.clone(),
             queue: TaskQueue::new(),
-            managers: Managers::new(),
+            managers: Managers::new(node_events),
             log,
             warned_peers: HashSet::new(),
             refused_peers: HashSet::new(),
@@ -391,6 +397,10 @@ impl Interchange {
                 self.expire();
             }
             self.dispatch();
+            if !self.managers.node_changes.is_empty() {
+                let changes = std::mem::take(&mut self.managers.node_changes);
+                self.shared.emit(changes.into_iter().map(Event::Node));
+            }
         }
         // Tell every pool to exit now rather than after heartbeat_threshold of silence.
         for id in self.managers.identities() {

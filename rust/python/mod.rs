@@ -48,7 +48,7 @@ impl Interchange {
     #[pyo3(signature = (bind_address, worker_port, port_range, heartbeat_threshold, poll_period_ms,
                         selector, server_secret=None, allowed_clients=Vec::new(), log_path=None,
                         debug=false, python_version=String::new(), check_python=false,
-                        max_message_bytes=None))]
+                        max_message_bytes=None, node_events=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -65,6 +65,7 @@ impl Interchange {
         python_version: String,
         check_python: bool,
         max_message_bytes: Option<i64>,
+        node_events: bool,
     ) -> PyResult<Self> {
         let selector = match selector {
             "random" => Selector::Random,
@@ -99,6 +100,7 @@ impl Interchange {
             python_version,
             check_python,
             max_message_bytes,
+            node_events,
         };
         let h = py
             .detach(|| Handle::start(config))
@@ -124,20 +126,28 @@ impl Interchange {
         Ok(())
     }
 
-    /// Wait up to `timeout_ms` for events. Returns (results, lost, fatal):
-    /// results = [(task_id, status, bytes)], lost = [(uid, hostname, [task_id])], fatal = [str].
+    /// Wait up to `timeout_ms` for events. Returns (results, lost, fatal, nodes):
+    /// results = [(task_id, status, bytes)], lost = [(uid, hostname, [task_id])], fatal = [str],
+    /// nodes = [dict] (manager state for Parsl's monitoring, only with `node_events`).
+    #[allow(clippy::type_complexity)]
     fn wait_events<'py>(
         &self,
         py: Python<'py>,
         timeout_ms: u64,
         max_events: usize,
-    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+    ) -> PyResult<(
+        Bound<'py, PyList>,
+        Bound<'py, PyList>,
+        Bound<'py, PyList>,
+        Bound<'py, PyList>,
+    )> {
         let h = handle(self)?;
         let events =
             py.detach(move || h.wait_events(Duration::from_millis(timeout_ms), max_events));
         let results = PyList::empty(py);
         let lost = PyList::empty(py);
         let fatal = PyList::empty(py);
+        let nodes = PyList::empty(py);
         for e in events {
             match e {
                 Event::Result {
@@ -153,9 +163,22 @@ impl Interchange {
                     tasks,
                 } => lost.append((uid, hostname, tasks))?,
                 Event::Fatal(msg) => fatal.append(msg)?,
+                Event::Node(n) => {
+                    let d = PyDict::new(py);
+                    d.set_item("uid", n.uid)?;
+                    d.set_item("hostname", n.hostname)?;
+                    d.set_item("block_id", n.block_id)?;
+                    d.set_item("cpu_count", n.cpu_count)?;
+                    d.set_item("total_memory", n.total_memory)?;
+                    d.set_item("worker_count", n.worker_count)?;
+                    d.set_item("python_v", n.python_version)?;
+                    d.set_item("active", n.active)?;
+                    d.set_item("last_heartbeat", n.last_heartbeat)?;
+                    nodes.append(d)?;
+                }
             }
         }
-        Ok((results, lost, fatal))
+        Ok((results, lost, fatal, nodes))
     }
 
     fn alive(&self) -> bool {
