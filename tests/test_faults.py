@@ -207,13 +207,13 @@ def test_worker_that_dies_at_start_up_is_backed_off_then_the_pool_gives_up(tmp_p
     assert not gone([p.pid for p in left], 10)
 
 
-def test_worker_started_after_its_pool_died_exits():
+def test_worker_started_after_its_pool_died_exits(tmp_path):
     """The race behind orphaned workers: the pool is gone before the worker checks its
     parent. Started with the (dead) pool's pid, the worker must exit at once."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    worker = subprocess.Popen([sys.executable, "-m", "htex_rs.worker", "--url", "ipc://@htex-rs-nobody",
-                               "--rank", "0", "--logfile", os.devnull, "--pool-pid", str(dead.pid)])
+    worker = subprocess.Popen([sys.executable, "-m", "htex_rs.worker", "--url", "@htex-rs-nobody",
+                               "--rank", "0", "--logdir", str(tmp_path), "--pool-pid", str(dead.pid)])
     try:
         assert worker.wait(timeout=30) == 1
     finally:

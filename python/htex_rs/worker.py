@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from htex_rs import stream, wire
+from htex_rs import logs, stream, wire
 
 logger = logging.getLogger("htex_rs.worker")
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="htex_rs.worker")
     p.add_argument("--url", required=True)
     p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--logfile", required=True)
+    p.add_argument("--logdir", required=True)
+    p.add_argument("--logconf", default=None, help="a pickled Parsl LogConfig (see htex_rs.logs)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--pool-pid", type=int, default=None,
                    help="the pool's pid; passed in because the pool may already be gone when we start")
@@ -82,9 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     # already init's pid and the worker would never notice it is orphaned.
     parent = args.pool_pid or os.getppid()
     die_with_parent(parent)
-    os.makedirs(os.path.dirname(args.logfile), exist_ok=True)
-    logging.basicConfig(filename=args.logfile, level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(name)s %(process)d [%(levelname)s] %(message)s")
+    logs.setup(args.logdir, f"worker_{args.rank}", args.debug, args.logconf)
     cpus = os.environ.get("HTEX_RS_CPUS")
     if cpus:
         os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])

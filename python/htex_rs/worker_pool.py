@@ -28,7 +28,7 @@ _SCRIPT_LOAD_TIME = time.time()
 import psutil  # noqa: E402
 import zmq  # noqa: E402
 
-from htex_rs import _core, planner, wire  # noqa: E402
+from htex_rs import _core, logs, planner, wire  # noqa: E402
 from htex_rs.addresses import tcp_url  # noqa: E402
 
 logger = logging.getLogger("htex_rs.worker_pool")
@@ -92,17 +92,6 @@ def worker_count(args: argparse.Namespace) -> int:
     if args.available_accelerators:
         count = min(count, len(args.available_accelerators))
     return max(1, int(count))
-
-
-def setup_logging(path: str, debug: bool) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s.%(msecs)03d %(name)s:%(lineno)d %(processName)s(%(process)d) "
-        "%(threadName)s %(funcName)s [%(levelname)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def check_private(cert_dir: str) -> None:
@@ -237,7 +226,9 @@ class Pool:
             env["HTEX_RS_CPUS"] = ",".join(map(str, cpus))
         cmd = [sys.executable, "-m", "htex_rs.worker",
                "--url", self.worker_url, "--rank", str(rank), "--pool-pid", str(os.getpid()),
-               "--logfile", os.path.join(self.logdir, f"worker_{rank}.log")]
+               "--logdir", self.logdir]
+        if self.args.logconf and self.args.logconf != "None":
+            cmd += ["--logconf", self.args.logconf]
         if self.args.debug:
             cmd.append("--debug")
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
@@ -374,7 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:  # an affinity plan that cannot work on this node
         print(f"htex-rs-worker-pool: {e}", file=sys.stderr)
         return 2
-    setup_logging(os.path.join(pool.logdir, "manager.log"), args.debug)
+    logs.setup(pool.logdir, "manager", args.debug, args.logconf)
     logger.info("htex-rs-worker-pool %s (protocol v%s) starting: %s", _core.VERSION, _core.PROTOCOL_VERSION,
                 " ".join(sys.argv))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
