@@ -50,7 +50,6 @@ pub struct ManagerInfo {
     pub hostname: String,
 }
 
-/// Tasks of a manager that was declared lost.
 /// A manager's state for Parsl's monitoring `node` table (NODE_INFO), taken when it
 /// registers, and when it is held or removed (`active` false).
 #[derive(Debug, Clone)]
@@ -68,6 +67,13 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
+    /// Record `m`'s state in `changes` when node tracking is on (`Some`).
+    fn note(changes: &mut Option<Vec<NodeInfo>>, m: &Manager, active: bool) {
+        if let Some(v) = changes {
+            v.push(NodeInfo::of(m, active));
+        }
+    }
+
     fn of(m: &Manager, active: bool) -> NodeInfo {
         NodeInfo {
             uid: m.reg.uid.clone(),
@@ -83,6 +89,7 @@ impl NodeInfo {
     }
 }
 
+/// Tasks of a manager that was declared lost.
 pub struct Lost {
     pub uid: String,
     pub hostname: String,
@@ -96,9 +103,8 @@ pub struct Managers {
     interesting: HashSet<Vec<u8>>,
     /// One block id per registration, duplicates kept (Parsl's `connected_block_history`).
     pub block_history: Vec<String>,
-    /// When set, node changes are collected in `node_changes` (monitoring is on).
-    pub track_nodes: bool,
-    pub node_changes: Vec<NodeInfo>,
+    /// Node changes not yet taken, when monitoring is on (`None`: not tracked).
+    node_changes: Option<Vec<NodeInfo>>,
 }
 
 #[must_use]
@@ -109,13 +115,21 @@ pub fn epoch_now() -> f64 {
 }
 
 impl Managers {
+    /// `track_nodes`: collect node changes for Parsl's monitoring (`take_node_changes`).
     #[must_use]
-    /// `track_nodes`: collect `node_changes` for Parsl's monitoring.
     pub fn new(track_nodes: bool) -> Self {
         Managers {
-            track_nodes,
+            node_changes: track_nodes.then(Vec::new),
             ..Self::default()
         }
+    }
+
+    /// The node changes since the last call (always empty when not tracking).
+    pub fn take_node_changes(&mut self) -> Vec<NodeInfo> {
+        self.node_changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     pub fn register(&mut self, identity: Vec<u8>, reg: Registration) {
@@ -133,9 +147,7 @@ impl Managers {
             last_seen: now,
             idle_since: Some(now),
         };
-        if self.track_nodes {
-            self.node_changes.push(NodeInfo::of(&m, true));
-        }
+        NodeInfo::note(&mut self.node_changes, &m, true);
         self.map.insert(identity, m);
     }
 
@@ -219,9 +231,7 @@ impl Managers {
             if m.reg.uid == uid {
                 m.active = false;
                 found = true;
-                if self.track_nodes {
-                    self.node_changes.push(NodeInfo::of(m, false));
-                }
+                NodeInfo::note(&mut self.node_changes, m, false);
             }
         }
         found
@@ -272,10 +282,8 @@ impl Managers {
     pub fn remove(&mut self, identity: &[u8]) -> Option<Manager> {
         self.interesting.remove(identity);
         let m = self.map.remove(identity);
-        if let (true, Some(m)) = (self.track_nodes, &m) {
-            if m.active {
-                self.node_changes.push(NodeInfo::of(m, false));
-            }
+        if let Some(m) = m.as_ref().filter(|m| m.active) {
+            NodeInfo::note(&mut self.node_changes, m, false);
         }
         m
     }
@@ -379,7 +387,7 @@ mod tests {
         m.register(b"a".to_vec(), reg("a", "0", 1));
         m.remove(b"a");
         assert!(
-            m.node_changes.is_empty(),
+            m.take_node_changes().is_empty(),
             "monitoring off: nothing collected"
         );
         let mut m = Managers::new(true);
@@ -388,17 +396,15 @@ mod tests {
         assert!(m.hold("a"));
         m.remove(b"a"); // already inactive: no second 'inactive' row
         m.remove(b"b");
-        let seen: Vec<(String, bool)> = m
-            .node_changes
-            .iter()
-            .map(|n| (n.uid.clone(), n.active))
-            .collect();
+        let changes = m.take_node_changes();
+        let seen: Vec<(String, bool)> = changes.iter().map(|n| (n.uid.clone(), n.active)).collect();
         assert_eq!(
             seen,
             [("a", true), ("b", true), ("a", false), ("b", false)].map(|(u, a)| (u.to_string(), a))
         );
-        assert_eq!(m.node_changes[0].worker_count, 2);
-        assert!(m.node_changes[0].last_heartbeat > 1.0e9, "epoch seconds");
+        assert_eq!(changes[0].worker_count, 2);
+        assert!(changes[0].last_heartbeat > 1.0e9, "epoch seconds");
+        assert!(m.take_node_changes().is_empty(), "taken once");
     }
 
     #[test]

@@ -397,10 +397,12 @@ impl Interchange {
                 self.expire();
             }
             self.dispatch();
-            if !self.managers.node_changes.is_empty() {
-                let changes = std::mem::take(&mut self.managers.node_changes);
-                self.shared.emit(changes.into_iter().map(Event::Node));
-            }
+            self.shared.emit(
+                self.managers
+                    .take_node_changes()
+                    .into_iter()
+                    .map(Event::Node),
+            );
         }
         // Tell every pool to exit now rather than after heartbeat_threshold of silence.
         for id in self.managers.identities() {
