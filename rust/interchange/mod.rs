@@ -397,12 +397,11 @@ impl Interchange {
                 self.expire();
             }
             self.dispatch();
-            self.shared.emit(
-                self.managers
-                    .take_node_changes()
-                    .into_iter()
-                    .map(Event::Node),
-            );
+            // Not through emit() unconditionally: that takes the events lock every round.
+            let nodes = self.managers.take_node_changes();
+            if !nodes.is_empty() {
+                self.shared.emit(nodes.into_iter().map(Event::Node));
+            }
         }
         // Tell every pool to exit now rather than after heartbeat_threshold of silence.
         for id in self.managers.identities() {
