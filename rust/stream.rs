@@ -69,11 +69,7 @@ impl Decoder {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(bytes);
+        self.buf.extend_from_slice(bytes); // consumed bytes are dropped by next_message
     }
 
     /// Read from `r` until it would block; `Ok(false)` at end of stream.
@@ -84,11 +80,7 @@ impl Decoder {
         loop {
             match r.read(&mut self.scratch) {
                 Ok(0) => return Ok(false),
-                Ok(n) => {
-                    let chunk = std::mem::take(&mut self.scratch);
-                    self.feed(&chunk[..n]);
-                    self.scratch = chunk;
-                }
+                Ok(n) => self.buf.extend_from_slice(&self.scratch[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),

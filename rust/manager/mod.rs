@@ -2,8 +2,9 @@
 //! the Unix stream socket its worker processes connect to (one stream per worker,
 //! framed by `crate::stream`: no ZMQ I/O threads between pool and worker). It registers
 //! the pool, heartbeats, spreads task batches over ready workers and forwards their
-//! result batches to the interchange frame for frame. Python keeps the process supervision (start, pin, restart workers)
-//! and is told why the core stopped: shutdown, refusal, or interchange silence.
+//! result batches to the interchange frame for frame. Python keeps the process
+//! supervision (start, pin, restart workers) and is told why the core stopped:
+//! shutdown, refusal, or interchange silence.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::io::AsRawFd;
@@ -231,6 +232,15 @@ struct Conn {
     open: bool,
 }
 
+impl Conn {
+    /// Stop using this stream and end it for the peer too: a real worker then sees the
+    /// end of its stream and exits, and its supervisor reports the loss (WorkerLost).
+    fn close(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.open = false;
+    }
+}
+
 /// A registered worker: its stream and the task ids it holds.
 struct Worker {
     token: u64,
@@ -439,11 +449,9 @@ impl Core {
                 Ok(Some(m)) => messages.push(m),
                 Ok(None) => break,
                 Err(_) => {
-                    // A broken or hostile stream: close it. A real worker then sees the
-                    // end of its stream and exits, and its supervisor reports the loss
-                    // (WorkerLost) and restarts it, so its tasks cannot hang.
-                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
-                    c.open = false;
+                    // A broken or hostile stream: its worker is restarted and its tasks
+                    // end as WorkerLost rather than hang.
+                    c.close();
                     break;
                 }
             }
@@ -463,8 +471,7 @@ impl Core {
     fn flush(&mut self, token: u64) {
         if let Some(c) = self.conns.get_mut(&token) {
             if c.out.flush(&mut c.stream).is_err() {
-                let _ = c.stream.shutdown(std::net::Shutdown::Both);
-                c.open = false;
+                c.close();
             }
         }
     }
@@ -482,8 +489,8 @@ impl Core {
                     .is_some_and(|w| self.conns.get(&w.token).is_some_and(|c| c.open));
                 if claimed {
                     // Someone else claims a live worker's identity: drop the newcomer.
-                    if let Some(c) = self.conns.remove(&token) {
-                        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                    if let Some(mut c) = self.conns.remove(&token) {
+                        c.close();
                     }
                     return;
                 }
@@ -502,8 +509,8 @@ impl Core {
                 let Ok(meta) = decode_meta(&frames[1], frames.len() - 2) else {
                     return;
                 };
-                let identity = self.conns.get(&token).and_then(|c| c.identity.clone());
-                if let Some(w) = identity.and_then(|id| self.ready.get_mut(&id)) {
+                let identity = self.conns.get(&token).and_then(|c| c.identity.as_ref());
+                if let Some(w) = identity.and_then(|id| self.ready.get_mut(id)) {
                     for (tid, _) in meta {
                         w.held.remove(&tid);
                     }
