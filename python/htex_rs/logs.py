@@ -16,7 +16,7 @@ FORMAT = ("%(asctime)s.%(msecs)03d %(name)s:%(lineno)d %(processName)s(%(process
 def setup(log_dir: str, log_name: str, debug: bool, logconf: Optional[str] = None) -> None:
     """``{log_dir}/{log_name}.log``, or whatever the pickled LogConfig at ``logconf`` does
     with ``log_dir`` and ``log_name`` (as Parsl's process_worker_pool does)."""
-    if logconf and logconf != "None":
+    if logconf:
         from parsl.logconfigs.base import oneshot_initialize_logging
         with open(logconf, "rb") as f:
             config = pickle.load(f)

@@ -1,9 +1,10 @@
 """htex-rs-worker-pool: the per-node manager.
 
 Registers with the interchange, starts N long-lived worker processes, hands them task
-batches over a Unix stream each (the Rust pool core), forwards their result batches unchanged, heartbeats, and
-turns a worker that died mid-task into WorkerLost (then restarts it). It exits when
-the interchange says so (drain, shutdown) or goes silent past ``--hb_threshold``.
+batches over a Unix stream each (the Rust pool core), forwards their result batches
+unchanged, heartbeats, and turns a worker that died mid-task into WorkerLost (then
+restarts it). It exits when the interchange says so (drain, shutdown) or goes silent
+past ``--hb_threshold``.
 Takes the same options as Parsl's process_worker_pool.py.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--addresses", required=True, help="comma-separated interchange addresses")
     p.add_argument("--cert_dir", required=True, help="CURVE certificate directory, or None")
     p.add_argument("-l", "--logdir", default="process_worker_pool_logs")
-    p.add_argument("-L", "--logconf", default=None)
+    p.add_argument("-L", "--logconf", type=none_or(str), default=None)  # Parsl passes "None" when unset
     p.add_argument("-u", "--uid", default=uuid.uuid4().hex[-12:])
     p.add_argument("-b", "--block_id", default=None)
     p.add_argument("-c", "--cores_per_worker", type=float, default=1.0)
@@ -227,7 +228,7 @@ class Pool:
         cmd = [sys.executable, "-m", "htex_rs.worker",
                "--url", self.worker_url, "--rank", str(rank), "--pool-pid", str(os.getpid()),
                "--logdir", self.logdir]
-        if self.args.logconf and self.args.logconf != "None":
+        if self.args.logconf:
             cmd += ["--logconf", self.args.logconf]
         if self.args.debug:
             cmd.append("--debug")
