@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use htex_rs::interchange::{Config, Event, Handle, NewTask};
-use htex_rs::protocol::{decode_meta, encode_meta, header, Kind, Registration, PROTOCOL_VERSION};
+
+mod common;
 
 /// Start an interchange plus an echoing pool thread with `capacity` slots.
 fn setup(capacity: u32) -> (Handle, std::thread::JoinHandle<()>) {
@@ -18,40 +19,17 @@ fn setup(capacity: u32) -> (Handle, std::thread::JoinHandle<()>) {
     let port = h.port;
     let pool = std::thread::spawn(move || {
         let ctx = zmq::Context::new();
-        let s = ctx.socket(zmq::DEALER).unwrap();
-        s.set_identity(b"bench-pool").unwrap();
-        s.set_linger(0).unwrap();
-        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
-        let reg = Registration {
-            protocol_version: PROTOCOL_VERSION,
-            uid: "bench-pool".into(),
-            block_id: Some("0".into()),
-            worker_count: capacity,
-            max_capacity: capacity,
-            ..Registration::default()
-        };
-        s.send_multipart(
-            [
-                &header(Kind::Register)[..],
-                &serde_json::to_vec(&reg).unwrap(),
-            ],
-            0,
-        )
-        .unwrap();
+        let s = common::register(&ctx, port, "bench-pool", "0", capacity);
         loop {
             let Ok(frames) = s.recv_multipart(0) else {
                 return;
             };
-            if frames[0] != header(Kind::Tasks) {
+            let Some((ids, msg)) = common::echo(frames) else {
                 continue;
-            }
-            let meta = decode_meta(&frames[1], frames.len() - 2).unwrap();
-            if meta.first().is_some_and(|m| m.0 == u64::MAX) {
+            };
+            if ids.first() == Some(&u64::MAX) {
                 return;
             }
-            let out: Vec<(u64, u8)> = meta.iter().map(|(id, _)| (*id, 0)).collect();
-            let mut msg: Vec<Vec<u8>> = vec![header(Kind::Results).to_vec(), encode_meta(&out)];
-            msg.extend(frames.into_iter().skip(2));
             s.send_multipart(msg, 0).unwrap();
         }
     });

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use htex_rs::interchange::{Config, Event, Handle, NewTask};
-use htex_rs::protocol::{
-    decode_meta, encode_meta, header, Kind, Registration, PROTOCOL_VERSION, STATUS_RESULT,
-};
+use htex_rs::protocol::{header, Kind};
+
+mod common;
 
 const THREADS: usize = 4;
 
@@ -63,28 +63,13 @@ fn start_pools(
                 let socks: Vec<zmq::Socket> = (t..pools)
                     .step_by(THREADS)
                     .map(|i| {
-                        let s = ctx.socket(zmq::DEALER).unwrap();
-                        s.set_linger(0).unwrap();
-                        let uid = format!("pool-{i}");
-                        s.set_identity(uid.as_bytes()).unwrap();
-                        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
-                        let reg = Registration {
-                            protocol_version: PROTOCOL_VERSION,
-                            uid,
-                            block_id: Some((i % 64).to_string()),
-                            worker_count: capacity,
-                            max_capacity: capacity,
-                            ..Registration::default()
-                        };
-                        s.send_multipart(
-                            [
-                                &header(Kind::Register)[..],
-                                &serde_json::to_vec(&reg).unwrap(),
-                            ],
-                            0,
+                        common::register(
+                            &ctx,
+                            port,
+                            &format!("pool-{i}"),
+                            &(i % 64).to_string(),
+                            capacity,
                         )
-                        .unwrap();
-                        s
                     })
                     .collect();
                 // epoll over each socket's ZMQ_FD: a wake-up costs O(ready sockets), not
@@ -108,15 +93,9 @@ fn start_pools(
                     // ZMQ_FD is edge-like: drain until ZMQ_EVENTS says nothing is left.
                     while s.get_events().is_ok_and(|e| e.contains(zmq::POLLIN)) {
                         while let Ok(frames) = s.recv_multipart(zmq::DONTWAIT) {
-                            if frames[0] != header(Kind::Tasks) {
-                                continue;
+                            if let Some((_, msg)) = common::echo(frames) {
+                                let _ = s.send_multipart(msg, 0);
                             }
-                            let meta = decode_meta(&frames[1], frames.len() - 2).unwrap();
-                            let out: Vec<(u64, u8)> =
-                                meta.iter().map(|(id, _)| (*id, STATUS_RESULT)).collect();
-                            let mut msg = vec![header(Kind::Results).to_vec(), encode_meta(&out)];
-                            msg.extend(frames.into_iter().skip(2));
-                            let _ = s.send_multipart(msg, 0);
                         }
                     }
                 };
