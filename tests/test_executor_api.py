@@ -163,9 +163,12 @@ def test_shutdown_leaves_no_pool_or_worker_processes(tmp_path, monkeypatch):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_cancelled_future_does_not_stop_result_delivery(executor):
+def test_a_cancelled_future_does_not_stop_result_delivery(executor, try_assert):
+    before = executor.interchange_stats()["results_forwarded"]
     doomed = executor.submit(time.sleep, {}, 0.5)
     assert doomed.cancel()  # the result still arrives later, for a future that is done
-    time.sleep(1.0)
+    # Wait for that result to reach the result thread's queue, not for a fixed time.
+    try_assert(lambda: executor.interchange_stats()["results_forwarded"] > before,
+               "the cancelled task's result never came back", timeout_ms=60_000)
     assert executor.submit(add, {}, 20, 22).result(timeout=60) == 42
     assert not executor.bad_state_is_set

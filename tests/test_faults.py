@@ -147,7 +147,7 @@ def test_sigkilled_worker_is_worker_lost_and_replaced(load_dfk):
     assert parsl.python_app(sleep_then_pid)(0).result(timeout=60) > 0
 
 
-def test_pool_killed_mid_run_with_retries_the_workflow_completes(load_dfk):
+def test_pool_killed_mid_run_with_retries_the_workflow_completes(load_dfk, try_assert):
     """Two pools; one is SIGKILLed while running tasks. Its tasks fail with ManagerLost
     after heartbeat_threshold and Config(retries=2) reruns them on the other pool."""
     import parsl
@@ -164,7 +164,8 @@ def test_pool_killed_mid_run_with_retries_the_workflow_completes(load_dfk):
     assert len(ex.connected_managers()) == 2
     app = parsl.python_app(sleep_then_pid)
     futs = [app(1.5) for _ in range(12)]
-    time.sleep(0.5)  # both pools busy
+    try_assert(lambda: all(m["tasks"] > 0 for m in ex.connected_managers()),
+               "both pools should be running tasks before one is killed", timeout_ms=30_000)
     pool_pids = {int(p.pid) for p in psutil.process_iter(["cmdline"])
                  if p.info["cmdline"] and any("htex-rs-worker-pool" in c for c in p.info["cmdline"])
                  and "--block_id=0" in " ".join(p.info["cmdline"])}
