@@ -128,6 +128,24 @@ struct Figures {
     rss_mib: f64,
     /// CPU of this process (interchange thread + its ZMQ I/O thread) per task.
     ix_cpu_us: f64,
+    /// CPU of the simulated pools' process per task: it shares the 2 cores.
+    sim_cpu_us: f64,
+}
+
+/// utime + stime of process `pid`, in seconds.
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    f.iter().sum::<f64>() / hz
 }
 
 fn cpu_seconds() -> f64 {
@@ -174,6 +192,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     };
     let start = Instant::now();
     let cpu0 = cpu_seconds();
+    let sim0 = proc_cpu_seconds(child.id());
     h.submit((1..=tasks).map(|i| NewTask {
         task_id: i,
         priority: f64::INFINITY,
@@ -183,6 +202,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     wait(tasks);
     let throughput = tasks as f64 / start.elapsed().as_secs_f64();
     let ix_cpu_us = (cpu_seconds() - cpu0) / tasks as f64 * 1e6;
+    let sim_cpu_us = (proc_cpu_seconds(child.id()) - sim0) / tasks as f64 * 1e6;
     let rss_mib = (rss_kib().saturating_sub(before)) as f64 / 1024.0;
     let mut lat = Vec::new();
     for i in 0..500 {
@@ -208,6 +228,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         latency_us: lat[lat.len() / 2],
         rss_mib,
         ix_cpu_us,
+        sim_cpu_us,
     }
 }
 
@@ -243,8 +264,8 @@ fn main() {
         let v: Vec<u32> = only.split(',').map(|x| x.parse().unwrap()).collect();
         let f = run(v[0] as usize, v[1], tasks);
         println!(
-            "{} pools of {}: {:.0} tasks/s, {:.0} us, {:.1} MiB",
-            v[0], v[1], f.throughput, f.latency_us, f.rss_mib
+            "{} pools of {}: {:.0} tasks/s, {:.0} us, {:.1} MiB, IX {:.2} us/task, sim {:.2} us/task",
+            v[0], v[1], f.throughput, f.latency_us, f.rss_mib, f.ix_cpu_us, f.sim_cpu_us
         );
         return;
     }
@@ -268,18 +289,25 @@ fn main() {
         x[x.len() / 2]
     };
     println!(
-        "{:<22}{:>6}  {:>12}  {:>10}  {:>10}  {:>13}   ({rounds} rounds, medians)",
-        "comparison", "pools", "tasks/s", "median us", "IX RSS MiB", "IX CPU us/task"
+        "{:<22}{:>6}  {:>12}  {:>10}  {:>10}  {:>13}  {:>14}   ({rounds} rounds, medians)",
+        "comparison",
+        "pools",
+        "tasks/s",
+        "median us",
+        "IX RSS MiB",
+        "IX CPU us/task",
+        "sim CPU us/task"
     );
     let mut tput = Vec::new();
     for ((name, pools, _), v) in configs.iter().zip(&got) {
         let t = median(v, |f| f.throughput);
         tput.push(t);
         println!(
-            "{name:<22}{pools:>6}  {t:>12.0}  {:>10.0}  {:>10.1}  {:>13.2}",
+            "{name:<22}{pools:>6}  {t:>12.0}  {:>10.0}  {:>10.1}  {:>13.2}  {:>14.2}",
             median(v, |f| f.latency_us),
             median(v, |f| f.rss_mib),
-            median(v, |f| f.ix_cpu_us)
+            median(v, |f| f.ix_cpu_us),
+            median(v, |f| f.sim_cpu_us)
         );
     }
     println!(

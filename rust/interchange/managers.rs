@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::candidates::Candidates;
 use crate::protocol::Registration;
 
 /// How managers with free capacity are ordered for dispatch (Parsl's selectors).
@@ -96,11 +97,11 @@ pub struct Lost {
     pub tasks: Vec<u64>,
 }
 
-#[derive(Default)]
 pub struct Managers {
     map: HashMap<Vec<u8>, Manager>,
-    /// Managers that may have free capacity; only these are looked at when dispatching.
-    interesting: HashSet<Vec<u8>>,
+    /// Managers that may have free capacity, in the selector's order; dispatch looks at
+    /// as few of them as the queued tasks need.
+    candidates: Candidates,
     /// One block id per registration, duplicates kept (Parsl's `connected_block_history`).
     pub block_history: Vec<String>,
     /// Node changes not yet taken, when monitoring is on (`None`: not tracked).
@@ -117,10 +118,12 @@ pub fn epoch_now() -> f64 {
 impl Managers {
     /// `track_nodes`: collect node changes for Parsl's monitoring (`take_node_changes`).
     #[must_use]
-    pub fn new(track_nodes: bool) -> Self {
+    pub fn new(selector: Selector, track_nodes: bool) -> Self {
         Managers {
+            map: HashMap::new(),
+            candidates: Candidates::new(selector),
+            block_history: Vec::new(),
             node_changes: track_nodes.then(Vec::new),
-            ..Self::default()
         }
     }
 
@@ -137,7 +140,7 @@ impl Managers {
             self.block_history.push(b.clone());
         }
         let now = Instant::now();
-        self.interesting.insert(identity.clone());
+        self.candidates.insert(&identity, reg.block_id.as_deref());
         let m = Manager {
             identity: identity.clone(),
             reg,
@@ -189,7 +192,7 @@ impl Managers {
             if m.tasks.is_empty() {
                 m.idle_since = Some(Instant::now());
             }
-            self.interesting.insert(identity.to_vec());
+            self.candidates.insert(identity, m.reg.block_id.as_deref());
         }
     }
 
@@ -199,30 +202,22 @@ impl Managers {
             m.tasks.extend(task_ids.iter().copied());
             m.idle_since = None;
             if m.free_capacity() == 0 {
-                self.interesting.remove(identity);
+                self.candidates.remove(identity);
             }
         }
     }
 
-    /// Managers with free capacity, in the order the selector offers them tasks.
-    /// Costs O(candidates), not O(all managers): saturated ones are not in the set.
-    pub fn dispatch_order(&mut self, selector: Selector) -> Vec<Vec<u8>> {
+    /// Managers to offer `queued` tasks to, in the selector's order: as many as it takes
+    /// for their free capacity to cover `queued`. Costs O(managers returned), not
+    /// O(all managers): saturated ones are not candidates, held and draining ones are
+    /// dropped from the candidates when met.
+    pub fn dispatch_order(&mut self, queued: usize) -> Vec<Vec<u8>> {
         let map = &self.map;
-        self.interesting
-            .retain(|id| map.get(id).is_some_and(Manager::eligible));
-        let mut ids: Vec<Vec<u8>> = self.interesting.iter().cloned().collect();
-        match selector {
-            Selector::Random => fastrand::shuffle(&mut ids),
-            Selector::BlockId => {
-                ids.sort_by(|a, b| {
-                    let ka = map[a].reg.block_id.as_ref();
-                    let kb = map[b].reg.block_id.as_ref();
-                    // Descending: highest block id first, managers without one last.
-                    (kb.is_some(), kb).cmp(&(ka.is_some(), ka))
-                });
-            }
-        }
-        ids
+        self.candidates.pick(queued, |id| {
+            map.get(id)
+                .filter(|m| m.eligible())
+                .map(Manager::free_capacity)
+        })
     }
 
     pub fn hold(&mut self, uid: &str) -> bool {
@@ -280,7 +275,7 @@ impl Managers {
     }
 
     pub fn remove(&mut self, identity: &[u8]) -> Option<Manager> {
-        self.interesting.remove(identity);
+        self.candidates.remove(identity);
         let m = self.map.remove(identity);
         if let Some(m) = m.as_ref().filter(|m| m.active) {
             NodeInfo::note(&mut self.node_changes, m, false);
@@ -345,32 +340,32 @@ mod tests {
 
     #[test]
     fn block_selector_prefers_highest_block_string() {
-        let mut m = Managers::new(false);
+        let mut m = Managers::new(Selector::BlockId, false);
         m.register(b"a".to_vec(), reg("a", "10", 1));
         m.register(b"b".to_vec(), reg("b", "9", 1));
         m.register(b"c".to_vec(), reg("c", "1", 1));
-        let order = m.dispatch_order(Selector::BlockId);
+        let order = m.dispatch_order(3);
         assert_eq!(order, vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec()]);
         assert_eq!(m.block_history, vec!["10", "9", "1"]);
     }
 
     #[test]
     fn saturated_held_and_draining_managers_get_nothing() {
-        let mut m = Managers::new(false);
+        let mut m = Managers::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 2));
         m.register(b"b".to_vec(), reg("b", "1", 1));
         m.assign(b"a", &[1, 2]);
-        assert_eq!(m.dispatch_order(Selector::Random), vec![b"b".to_vec()]);
+        assert_eq!(m.dispatch_order(10), vec![b"b".to_vec()]);
         assert!(m.hold("b"));
-        assert!(m.dispatch_order(Selector::Random).is_empty());
+        assert!(m.dispatch_order(10).is_empty());
         m.complete(b"a", [1]);
         assert_eq!(m.get(b"a").unwrap().free_capacity(), 1);
-        assert_eq!(m.dispatch_order(Selector::Random), vec![b"a".to_vec()]);
+        assert_eq!(m.dispatch_order(10), vec![b"a".to_vec()]);
     }
 
     #[test]
     fn silent_managers_are_lost_with_their_tasks() {
-        let mut m = Managers::new(false);
+        let mut m = Managers::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 4));
         m.assign(b"a", &[7, 3]);
         assert!(m.expire_silent(Duration::from_secs(60)).is_empty());
@@ -383,14 +378,14 @@ mod tests {
 
     #[test]
     fn node_changes_only_when_tracked_on_register_hold_and_loss() {
-        let mut m = Managers::new(false);
+        let mut m = Managers::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 1));
         m.remove(b"a");
         assert!(
             m.take_node_changes().is_empty(),
             "monitoring off: nothing collected"
         );
-        let mut m = Managers::new(true);
+        let mut m = Managers::new(Selector::Random, true);
         m.register(b"a".to_vec(), reg("a", "0", 2));
         m.register(b"b".to_vec(), reg("b", "1", 2));
         assert!(m.hold("a"));
@@ -409,7 +404,7 @@ mod tests {
 
     #[test]
     fn drained_idle_managers_are_removed() {
-        let mut m = Managers::new(false);
+        let mut m = Managers::new(Selector::Random, false);
         let mut r = reg("a", "0", 1);
         r.drain_time = Some(0.0);
         m.register(b"a".to_vec(), r);

@@ -4,6 +4,7 @@
 //! the submit side hands it tasks through [`Handle::submit`] and collects
 //! [`Event`]s with [`Handle::wait_events`].
 
+pub mod candidates;
 pub mod logfile;
 pub mod managers;
 pub mod queue;
@@ -251,6 +252,7 @@ impl Handle {
             .map(|c| c.allowed_clients.iter().copied().collect())
             .unwrap_or_default();
         let node_events = config.node_events;
+        let managers = Managers::new(config.selector, node_events);
         let mut ix = Interchange {
             config,
             ctx,
@@ -259,7 +261,7 @@ impl Handle {
             allowed,
             shared: shared.clone(),
             queue: TaskQueue::new(),
-            managers: Managers::new(node_events),
+            managers,
             log,
             warned_peers: HashSet::new(),
             refused_peers: HashSet::new(),
@@ -643,7 +645,7 @@ impl Interchange {
         if self.queue.is_empty() {
             return;
         }
-        for id in self.managers.dispatch_order(self.config.selector) {
+        for id in self.managers.dispatch_order(self.queue.len()) {
             if self.queue.is_empty() {
                 break;
             }
