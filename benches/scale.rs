@@ -270,7 +270,7 @@ fn main() {
         return;
     }
     // Interleaved rounds, medians: this machine's speed drifts between runs.
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     let configs: [(&str, usize, u32); 4] = [
         ("same pools (cap 8)", 10, 8),
         ("same pools (cap 8)", 1000, 8),
@@ -311,8 +311,21 @@ fn main() {
         );
     }
     println!(
-        "1000/10 pools throughput: same pools {:.2}, same total capacity {:.2}",
+        "1000/10 pools throughput (of medians): same pools {:.2}, same total capacity {:.2}",
         tput[1] / tput[0],
         tput[3] / tput[2]
+    );
+    // The same ratio within each round (the two runs back to back), and its median.
+    let mut per_round: Vec<f64> = got[1]
+        .iter()
+        .zip(&got[0])
+        .map(|(a, b)| a.throughput / b.throughput)
+        .collect();
+    let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+    per_round.sort_by(f64::total_cmp);
+    println!(
+        "same pools 1000/10 per round: {} (median {:.2})",
+        shown.join(", "),
+        per_round[per_round.len() / 2]
     );
 }
