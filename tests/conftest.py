@@ -30,6 +30,8 @@ from parsl.config import Config
 from parsl.dataflow.dflow import DataFlowKernelLoader
 from parsl.utils import RepresentationMixin
 
+import fault_ledger
+
 
 def _load_suite_config():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parsl_suite", "htex_rs_config.py")
@@ -46,6 +48,29 @@ _suite_config = _load_suite_config()
 def pytest_configure(config: pytest.Config) -> None:
     # Marker kept from Parsl's originals (documentation only; nothing filters on it).
     config.addinivalue_line("markers", "multiple_cores_required: needs at least two usable CPU cores")
+    config.addinivalue_line("markers", "fault: a fault-injection case; its tasks and processes are "
+                                       "accounted for by the fault ledger (tests/fault_ledger.py)")
+
+
+@pytest.fixture(autouse=True)
+def _fault_ledger(request):
+    """For tests marked ``fault``: every task submitted must end and every pool or
+    worker process started must be gone, checked after the test's own fixtures are torn
+    down (autouse fixtures are set up first, so they are torn down last)."""
+    if request.node.get_closest_marker("fault") is None:
+        yield
+        return
+    case = fault_ledger.Case()
+    case.start()
+    yield
+    pending, orphaned = case.finish(grace=10)
+    assert not pending, f"{len(pending)} submitted tasks never ended: {pending[:5]}"
+    assert not orphaned, f"pool/worker processes left running: {orphaned}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if fault_ledger.LEDGER.cases:
+        terminalreporter.write_sep("-", fault_ledger.LEDGER.summary())
 
 
 @pytest.fixture

@@ -131,6 +131,7 @@ def test_submit_payload_runs_an_importable_task_executor(executor):
         fut.result(timeout=60)
 
 
+@pytest.mark.fault
 def test_worker_death_is_worker_lost_and_the_worker_is_restarted(executor):
     for _ in range(2):
         with pytest.raises(WorkerLost):
@@ -139,6 +140,7 @@ def test_worker_death_is_worker_lost_and_the_worker_is_restarted(executor):
     assert len(executor.connected_managers()) == 1
 
 
+@pytest.mark.fault
 def test_stopped_interchange_fails_outstanding_tasks(executor):
     fut = executor.submit(time.sleep, {}, 30)
     executor._ix.stop()
@@ -149,6 +151,7 @@ def test_stopped_interchange_fails_outstanding_tasks(executor):
     assert isinstance(executor.executor_exception, InterchangeDied)
 
 
+@pytest.mark.fault
 def test_shutdown_leaves_no_pool_or_worker_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
     ex = HighThroughputExecutor(label="bye", address="127.0.0.1", max_workers_per_node=2,
@@ -163,6 +166,7 @@ def test_shutdown_leaves_no_pool_or_worker_processes(tmp_path, monkeypatch):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.fault
 def test_a_cancelled_future_does_not_stop_result_delivery(executor, try_assert):
     before = executor.interchange_stats()["results_forwarded"]
     doomed = executor.submit(time.sleep, {}, 0.5)

@@ -15,20 +15,11 @@ import psutil
 import pytest
 import zmq
 
+from fault_ledger import alive_after
 from htex_rs import HighThroughputExecutor, _core, wire
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.fault]
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def gone(pids, within: float) -> list[int]:
-    """The pids still alive (not zombies) after waiting up to ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
 
 
 def test_killing_the_submit_process_leaves_no_pool_or_worker(tmp_path):
@@ -60,7 +51,7 @@ def test_killing_the_submit_process_leaves_no_pool_or_worker(tmp_path):
         assert len(pids) == 3  # the pool and its two workers
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        left = gone(pids, threshold + 5)
+        left = alive_after(pids, threshold + 5)
         assert not left, f"processes left running after the submit process died: {left}"
     finally:
         victim.kill()
@@ -178,7 +169,7 @@ def test_pool_killed_mid_run_with_retries_the_workflow_completes(load_dfk, try_a
     assert sum(1 for f in futs if f.task_record["try_id"] > 0) >= 1, "no task needed a retry"
     orphans = [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
                and any(f"--pool-pid {pid}" in " ".join(p.info["cmdline"]) for pid in pool_pids)]
-    assert not gone(orphans, 10), "workers of the killed pool are still running"
+    assert not alive_after(orphans, 10), "workers of the killed pool are still running"
 
 
 def test_worker_that_dies_at_start_up_is_backed_off_then_the_pool_gives_up(tmp_path, monkeypatch):
@@ -205,7 +196,7 @@ def test_worker_that_dies_at_start_up_is_backed_off_then_the_pool_gives_up(tmp_p
         assert logs and "times in a row" in logs[0].read_text()
     left = [p for p in psutil.process_iter(["cmdline"])
             if p.info["cmdline"] and str(tmp_path) in " ".join(p.info["cmdline"])]
-    assert not gone([p.pid for p in left], 10)
+    assert not alive_after([p.pid for p in left], 10)
 
 
 def test_worker_started_after_its_pool_died_exits(tmp_path):

@@ -11,7 +11,7 @@ from parsl.providers import LocalProvider
 from htex_rs import HighThroughputExecutor, wire
 from htex_rs.errors import TaskTooLarge
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.fault]
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 LIMIT = 200_000
 

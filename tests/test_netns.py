@@ -18,7 +18,7 @@ from parsl.executors.high_throughput.errors import ManagerLost
 
 from htex_rs import HighThroughputExecutor
 
-pytestmark = [pytest.mark.timeout(180),
+pytestmark = [pytest.mark.timeout(180), pytest.mark.fault,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                  reason="needs root and iproute2 for network namespaces")]
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

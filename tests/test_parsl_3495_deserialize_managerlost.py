@@ -15,6 +15,8 @@ from parsl.executors.high_throughput.errors import ManagerLost
 
 from htex_rs import HighThroughputExecutor
 
+pytestmark = pytest.mark.fault  # counted by tests/fault_ledger.py
+
 
 @parsl.python_app
 def get_manager_pgid():

@@ -16,6 +16,8 @@ from parsl.providers import LocalProvider
 
 from htex_rs import HighThroughputExecutor
 
+pytestmark = pytest.mark.fault  # counted by tests/fault_ledger.py
+
 
 def cleanup_in_test():
     """Parsl's local-mode harness cleans the DFK up after the test; it is done

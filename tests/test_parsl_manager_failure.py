@@ -11,6 +11,8 @@ import pytest
 
 from parsl.app.app import python_app
 
+pytestmark = pytest.mark.fault  # counted by tests/fault_ledger.py
+
 
 @pytest.fixture(autouse=True, scope="function")
 def load_config(load_dfk, fresh_config):

@@ -7,6 +7,8 @@ import pytest
 from parsl.app.app import python_app
 from parsl.executors.high_throughput.errors import WorkerLost
 
+pytestmark = pytest.mark.fault  # counted by tests/fault_ledger.py
+
 
 @pytest.fixture(autouse=True)
 def dfk(load_dfk, fresh_config):

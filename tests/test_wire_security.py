@@ -14,7 +14,7 @@ from htex_rs import HighThroughputExecutor, _core, wire
 from htex_rs.errors import ProtocolVersionMismatch
 from parsl.executors.errors import BadStateException
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.fault]
 
 
 def noop(x=0):

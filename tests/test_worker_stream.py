@@ -15,7 +15,7 @@ from parsl.providers import LocalProvider
 
 from htex_rs import HighThroughputExecutor, stream, wire
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.fault]
 
 
 def test_messages_round_trip_with_large_and_empty_frames():
