@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 # libzmq3-dev: libzmq built with libsodium (CURVE). openssh-server + rsync: the rsync
 # staging tests run a private sshd on loopback. openssl: the HTTPS test certificate.
-APT_PACKAGES="libzmq3-dev openssh-server rsync openssl"
+# slurmd slurmctld slurm-client munge: the provider tests run a one-node Slurm cluster
+# on loopback (tests/slurm_cluster.py); nothing is started system-wide.
+APT_PACKAGES="libzmq3-dev openssh-server rsync openssl slurmd slurmctld slurm-client munge"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
     echo "==> installing" $missing
