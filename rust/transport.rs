@@ -55,6 +55,8 @@ pub fn send_frames<T: zmq::Sendable>(
 pub struct Mailbox<T> {
     items: Mutex<Vec<T>>,
     pending: AtomicBool,
+    /// Set once the socket thread has ended: pushes are dropped at once.
+    closed: AtomicBool,
     tx: UnixStream,
     rx: UnixStream,
 }
@@ -67,17 +69,33 @@ impl<T> Mailbox<T> {
         Ok(Mailbox {
             items: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             tx,
             rx,
         })
     }
 
+    /// Queue items for the socket thread; once it has ended (`close`) they are dropped
+    /// at once, so a reply channel among them disconnects instead of waiting forever.
     pub fn push(&self, items: impl IntoIterator<Item = T>) {
-        self.items.lock().unwrap().extend(items);
+        {
+            let mut q = self.items.lock().unwrap();
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            q.extend(items);
+        }
         if !self.pending.swap(true, Ordering::AcqRel) {
             // A full socket buffer already means a wake-up is pending.
             let _ = (&self.tx).write(&[1]);
         }
+    }
+
+    /// The socket thread has ended: drop what is queued and everything pushed later.
+    pub fn close(&self) {
+        let mut q = self.items.lock().unwrap();
+        self.closed.store(true, Ordering::Release);
+        q.clear();
     }
 
     /// The fd to poll for readability.
@@ -124,6 +142,19 @@ mod tests {
         let mut fds = [zmq::PollItem::from_fd(m.fd(), zmq::POLLIN)];
         assert_eq!(zmq::poll(&mut fds, 1000).unwrap(), 1);
         assert_eq!(m.take(), vec![4]);
+    }
+
+    #[test]
+    fn a_closed_mailbox_drops_what_it_held_and_what_comes_later() {
+        let m = Mailbox::new().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        m.push([tx]);
+        m.close();
+        assert!(rx.recv().is_err(), "the queued reply channel is dropped");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        m.push([tx]);
+        assert!(rx.recv().is_err(), "a later one too");
+        assert!(m.take().is_empty());
     }
 
     #[test]

@@ -77,3 +77,34 @@ def test_a_pool_socket_admits_only_its_own_user(tmp_path, monkeypatch):
             same_user.kill()
             same_user.wait()
         assert [f.result(timeout=60) for f in [ex.submit(pow2, {}, i) for i in range(5)]] == [0, 1, 4, 9, 16]
+
+
+def test_a_worker_death_noticed_after_the_core_ended_is_answered_at_once():
+    """The race behind a pool that outlived its interchange by 30 s: the core stops (here:
+    its interchange went silent), its workers exit on the closed streams, and the pool's
+    supervisor then reports their deaths to the ended core. The answer (nothing held)
+    must come at once, not after the 30 s command timeout."""
+    import json
+    import time
+
+    import zmq
+
+    from htex_rs import _core
+    ctx = zmq.Context()
+    ix = ctx.socket(zmq.ROUTER)  # a fake interchange that takes the registration, then says nothing
+    ix.setsockopt(zmq.LINGER, 0)
+    port = ix.bind_to_random_port("tcp://127.0.0.1")
+    reg = json.dumps({"protocol_version": _core.PROTOCOL_VERSION, "uid": "late", "block_id": "0",
+                      "worker_count": 1, "max_capacity": 1}).encode()
+    core = _core.PoolCore(f"tcp://127.0.0.1:{port}", b"late", f"@htex-rs-test-late-{os.getpid()}", reg,
+                          0.2, 1.0, 1, None, 1 << 20)
+    try:
+        assert ix.poll(5000), "the core did not register"
+        stopped = core.wait_stopped(10_000)
+        assert stopped is not None and stopped[0] == "silent", stopped
+        t = time.monotonic()
+        assert core.worker_died(b"worker-0") == []
+        assert time.monotonic() - t < 2, "the ended core's answer waited for the command timeout"
+    finally:
+        core.stop()
+        ctx.destroy(linger=0)

@@ -312,9 +312,9 @@ class Pool:
             if self.stopping:  # a worker kept dying at start-up
                 exit_code = 5
                 break
-            self.restart_due_workers()
             stopped = self.core.wait_stopped(0)
             if stopped is None:
+                self.restart_due_workers()  # not once the core has ended: we exit below
                 continue
             reason, detail = stopped
             if reason == "refused":

@@ -151,6 +151,7 @@ impl Shared {
 struct AliveGuard(Arc<Shared>);
 impl Drop for AliveGuard {
     fn drop(&mut self) {
+        self.0.inbox.close(); // queries after the end disconnect instead of timing out
         self.0.alive.store(false, Ordering::Release);
         let _q = self.0.events.lock();
         self.0.events_cv.notify_all();

@@ -77,6 +77,9 @@ struct Shared {
 struct StopGuard(Arc<Shared>);
 impl Drop for StopGuard {
     fn drop(&mut self) {
+        // Commands sent from now on (a worker's death noticed late) get no answer:
+        // disconnect their reply channels instead of letting callers wait them out.
+        self.0.inbox.close();
         let mut s = self.0.stopped.lock().unwrap();
         if s.is_none() {
             *s = Some(Stopped::Crashed);

@@ -39,7 +39,12 @@ fn ask<T: Send>(
     let (tx, rx) = mpsc::channel();
     h.command(make(tx));
     py.detach(move || rx.recv_timeout(Duration::from_secs(30)))
-        .map_err(|_| PyRuntimeError::new_err("the interchange did not answer within 30 s"))
+        .map_err(|e| {
+            PyRuntimeError::new_err(match e {
+                mpsc::RecvTimeoutError::Disconnected => "the interchange has stopped",
+                mpsc::RecvTimeoutError::Timeout => "the interchange did not answer within 30 s",
+            })
+        })
 }
 
 #[pymethods]
@@ -300,8 +305,15 @@ impl PoolCore {
         let h = pool_handle(self)?;
         let (tx, rx) = mpsc::channel();
         h.command(manager::Command::WorkerDied(identity, tx));
-        py.detach(move || rx.recv_timeout(Duration::from_secs(30)))
-            .map_err(|_| PyRuntimeError::new_err("the pool core did not answer within 30 s"))
+        match py.detach(move || rx.recv_timeout(Duration::from_secs(30))) {
+            Ok(held) => Ok(held),
+            // The core has ended (its workers' streams with it): no result can be sent
+            // now; the interchange fails this pool's tasks as ManagerLost.
+            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(Vec::new()),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(PyRuntimeError::new_err(
+                "the pool core did not answer within 30 s",
+            )),
+        }
     }
 
     /// Send results made in Python: [(task_id, status)], [payload].
