@@ -1,6 +1,8 @@
-"""A real one-node Slurm cluster on loopback for the provider tests: a private munged
-(its own key and socket), slurmctld and slurmd, all under one temporary directory with
-ports picked at start-up. Clients find it through ``SLURM_CONF``. Debian's slurmd,
+"""A real Slurm cluster for the provider tests: a private munged (its own key and
+socket), slurmctld and one slurmd on this machine, and optionally a second node whose
+slurmd runs in a network namespace (its own "host" on a veth pair), all under one
+temporary directory with ports picked at start-up. Clients find it through
+``SLURM_CONF``; ``address`` is where the nodes reach this machine. Debian's slurmd,
 slurmctld, slurm-client and munge packages (installed by scripts/setup.sh)."""
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
+
+from netns_hosts import Namespace
 
 NEEDED = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
 
@@ -31,19 +36,23 @@ def _sbin(name: str) -> str:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 2) -> None:
+    def __init__(self, root: Path, cpus: int = 2, second: Optional[Namespace] = None) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.host = socket.gethostname().split(".")[0]
         self.cpus = cpus
+        self.second = second
+        # With a second node the controller and this node are reached on the veth address.
+        self.address = second.host_ip if second else "127.0.0.1"
+        self.nodes = [self.host] + (["node2"] if second else [])
         self.procs: list[subprocess.Popen] = []
         self.stepds_before: set[int] = set()
 
     def start(self, timeout: float = 60) -> None:
         r = self.root
         self.stepds_before = _stepds()
-        for d in ("state", "spool", "munge"):
+        for d in ("state", "munge", *(f"spool-{n}" for n in self.nodes)):
             (r / d).mkdir(mode=0o700, exist_ok=True)
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
@@ -55,7 +64,7 @@ class SlurmCluster:
                      "--seed-file", str(r / "munge" / "munged.seed")])
         self.conf.write_text(f"""\
 ClusterName=htexrs
-SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldHost={self.host}({self.address})
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={_free_port()}
@@ -63,11 +72,11 @@ SlurmdPort={_free_port()}
 AuthType=auth/munge
 AuthInfo=socket={sock}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool-%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -77,22 +86,29 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+NodeName={self.host} NodeAddr={self.address} CPUs={self.cpus} State=UNKNOWN
+{f"NodeName=node2 NodeAddr={self.second.ns_ip} CPUs={self.cpus} State=UNKNOWN" if self.second else ""}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
         self._wait(lambda: sock.exists(), timeout, "munged did not start")
         self._spawn([_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._spawn([_sbin("slurmd"), "-D", "-f", str(self.conf)])
-        self._wait(self._node_idle, timeout, "the Slurm node did not become idle")
+        self._spawn([_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
+        if self.second:
+            # nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup
+            # filesystem slurmd needs.
+            self._spawn(["nsenter", f"--net=/var/run/netns/{self.second.ns}", _sbin("slurmd"), "-D",
+                         "-f", str(self.conf), "-N", "node2"])
+        self._wait(self._node_idle, timeout, "the Slurm nodes did not become idle")
 
     def _spawn(self, argv: list[str]) -> None:
-        log = open(self.root / (os.path.basename(argv[0]) + ".out"), "wb")
+        log = open(self.root / f"{os.path.basename(argv[0])}-{len(self.procs)}.out", "wb")
         self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
 
     def _node_idle(self) -> bool:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
-        return out.returncode == 0 and out.stdout.strip() == "idle"
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True)
+        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        return out.returncode == 0 and all(states.get(n) == "idle" for n in self.nodes)
 
     def _wait(self, ok, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

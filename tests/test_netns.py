@@ -10,12 +10,12 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import psutil
 import pytest
 from parsl.executors.high_throughput.errors import ManagerLost
 
+import netns_hosts
 from htex_rs import HighThroughputExecutor
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.fault,
@@ -25,32 +25,21 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
+    netns_hosts.ip(*args)
 
 
 @pytest.fixture
 def netns():
-    """A namespace joined to this host by a veth pair: host 10.251.N.1, namespace 10.251.N.2."""
-    tag = uuid.uuid4().hex[:6]
-    ns, host_if, ns_if = f"htexrs-{tag}", f"hx{tag}a", f"hx{tag}b"
-    n = int(tag[:2], 16)
-    host_ip, ns_ip = f"10.251.{n}.1", f"10.251.{n}.2"
+    """A namespace joined to this host by a veth pair (tests/netns_hosts.py)."""
     try:
-        ip("netns", "add", ns)
+        ctx = netns_hosts.namespace()
+        n = ctx.__enter__()
     except subprocess.CalledProcessError as e:
         pytest.skip(f"cannot create a network namespace here: {e.stderr.decode().strip()}")
     try:
-        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        ip("link", "set", ns_if, "netns", ns)
-        ip("addr", "add", f"{host_ip}/30", "dev", host_if)
-        ip("link", "set", host_if, "up")
-        ip("netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
-        ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield {"ns": ns, "host_if": host_if, "host_ip": host_ip}
+        yield {"ns": n.ns, "host_if": n.host_if, "host_ip": n.host_ip}
     finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        ctx.__exit__(None, None, None)
 
 
 def where(seconds):

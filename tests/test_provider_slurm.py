@@ -1,13 +1,16 @@
-"""htex_rs under a real batch system: a one-node Slurm cluster on loopback (munged,
-slurmctld and slurmd started by the fixture), Parsl's SlurmProvider submitting blocks
-with sbatch and SrunLauncher starting the worker pool, as users run it on a cluster."""
+"""htex_rs under a real batch system: a Slurm cluster of two nodes (munged, slurmctld
+and a slurmd on this machine, a second slurmd in its own network namespace, all started
+by the fixture), Parsl's SlurmProvider submitting blocks with sbatch and SrunLauncher
+starting the worker pools, as users run it on a cluster."""
 from __future__ import annotations
 
+import contextlib
 import os
-import time
+import subprocess
 
 import pytest
 
+import netns_hosts
 import slurm_cluster
 from htex_rs import HighThroughputExecutor
 
@@ -21,12 +24,18 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
+    """The cluster; one node only where no network namespace can be made."""
+    with contextlib.ExitStack() as stack:
+        second = None
+        if netns_hosts.available():
+            try:
+                second = stack.enter_context(netns_hosts.namespace())
+            except subprocess.CalledProcessError:
+                pass
+        cluster = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm"), second=second)
+        stack.callback(cluster.stop)  # before the namespace goes
         cluster.start()
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
@@ -40,19 +49,24 @@ def where_am_i(seconds: float = 0):
     import os
     import time
     time.sleep(seconds)
-    return os.environ.get("SLURM_JOB_ID"), os.environ["PARSL_WORKER_BLOCK_ID"], os.getpid()
+    return os.environ.get("SLURM_JOB_ID"), os.environ["PARSL_WORKER_BLOCK_ID"], os.environ.get("SLURMD_NODENAME")
+
+
+def slurm_executor(cluster, label: str, workers: int, **provider: object) -> HighThroughputExecutor:
+    """htex_rs on the cluster's debug partition, pools started by srun, non-exclusive
+    jobs (so several blocks fit on the small nodes); ``provider`` sets the block shape."""
+    from parsl.launchers import SrunLauncher
+    from parsl.providers import SlurmProvider
+    return HighThroughputExecutor(
+        label=label, address=cluster.address, max_workers_per_node=workers, heartbeat_period=2,
+        provider=SlurmProvider(partition="debug", walltime="00:05:00", exclusive=False,
+                               launcher=SrunLauncher(), **provider))
 
 
 def test_slurm_provider_with_srun_launcher_runs_tasks_in_the_batch_job(slurm_env, load_dfk, try_assert):
     import parsl
     from parsl.config import Config
-    from parsl.launchers import SrunLauncher
-    from parsl.providers import SlurmProvider
-    ex = HighThroughputExecutor(
-        label="slurm", address="127.0.0.1", max_workers_per_node=2, heartbeat_period=2,
-        provider=SlurmProvider(partition="debug", nodes_per_block=1, init_blocks=1, min_blocks=1,
-                               max_blocks=1, walltime="00:05:00", exclusive=False,
-                               launcher=SrunLauncher()))
+    ex = slurm_executor(slurm_env, "slurm", 2, nodes_per_block=1, init_blocks=1, min_blocks=1, max_blocks=1)
     load_dfk(Config(executors=[ex], strategy="none"))
     results = [f.result(timeout=120) for f in [parsl.python_app(where_am_i)() for _ in range(20)]]
     job_ids = {r[0] for r in results}
@@ -71,13 +85,8 @@ def test_auto_scaling_submits_blocks_with_sbatch_and_cancels_idle_ones(slurm_env
     managers and scancels them while the DFK is still running."""
     import parsl
     from parsl.config import Config
-    from parsl.launchers import SrunLauncher
-    from parsl.providers import SlurmProvider
-    ex = HighThroughputExecutor(
-        label="slurm_scale", address="127.0.0.1", max_workers_per_node=1, heartbeat_period=2,
-        provider=SlurmProvider(partition="debug", nodes_per_block=1, init_blocks=0, min_blocks=0,
-                               max_blocks=2, parallelism=1, walltime="00:05:00", exclusive=False,
-                               launcher=SrunLauncher()))
+    ex = slurm_executor(slurm_env, "slurm_scale", 1, nodes_per_block=1, init_blocks=0, min_blocks=0, max_blocks=2,
+                        parallelism=1)
     load_dfk(Config(executors=[ex], strategy="htex_auto_scale", strategy_period=0.5, max_idletime=2))
     assert slurm_env.jobs() == []
     futs = [parsl.python_app(where_am_i)(1.5) for _ in range(6)]
@@ -89,3 +98,21 @@ def test_auto_scaling_submits_blocks_with_sbatch_and_cancels_idle_ones(slurm_env
     assert not any(m["active"] for m in ex.connected_managers()), "a cancelled block's manager is still active"
     # The executor scales out again for new work.
     assert parsl.python_app(where_am_i)().result(timeout=120)[0] is not None
+
+
+def test_a_two_node_block_runs_one_pool_per_node(slurm_env, load_dfk, try_assert):
+    """nodes_per_block=2 with SrunLauncher: srun starts a pool on each node (one of them
+    in its own network namespace, reaching the interchange over the veth link); both
+    register under the same block and both run tasks."""
+    if slurm_env.second is None:
+        pytest.skip("no network namespace for a second node here")
+    import parsl
+    from parsl.config import Config
+    ex = slurm_executor(slurm_env, "slurm_two", 1, nodes_per_block=2, init_blocks=1, min_blocks=1, max_blocks=1)
+    load_dfk(Config(executors=[ex], strategy="none"))
+    try_assert(lambda: len(ex.connected_managers()) == 2, "both nodes' pools should register",
+               timeout_ms=90_000)
+    assert {m["block_id"] for m in ex.connected_managers()} == {"0"}
+    results = [f.result(timeout=120) for f in [parsl.python_app(where_am_i)(0.3) for _ in range(12)]]
+    assert {r[2] for r in results} == set(slurm_env.nodes), f"tasks did not run on both nodes: {results}"
+    assert len({r[0] for r in results}) == 1, "one block, one Slurm job"
