@@ -116,3 +116,46 @@ def test_a_two_node_block_runs_one_pool_per_node(slurm_env, load_dfk, try_assert
     results = [f.result(timeout=120) for f in [parsl.python_app(where_am_i)(0.3) for _ in range(12)]]
     assert {r[2] for r in results} == set(slurm_env.nodes), f"tasks did not run on both nodes: {results}"
     assert len({r[0] for r in results}) == 1, "one block, one Slurm job"
+
+
+def mpi_task(hold_s: float = 0, parsl_resource_specification: dict = {}):  # noqa: B006 (Parsl's convention)
+    """Launch one rank per node with $PARSL_MPI_PREFIX; report the nodes it ran on."""
+    import os
+    import subprocess
+    import time
+    start = time.time()
+    out = subprocess.run(os.environ["PARSL_MPI_PREFIX"] + " printenv SLURMD_NODENAME", shell=True,
+                         capture_output=True, text=True, check=True).stdout
+    time.sleep(hold_s)
+    return sorted(out.split()), os.environ["PARSL_MPI_NODELIST"], start, time.time()
+
+
+def test_mpi_executor_gives_each_task_its_own_nodes(slurm_env, load_dfk):
+    """htex_rs.MPIExecutor on a two-node block: a two-node task's ranks run on both
+    nodes; two one-node tasks running at once get different nodes; a task asking for
+    more nodes than the block has fails at once with the fix in its message."""
+    if slurm_env.second is None:
+        pytest.skip("no network namespace for a second node here")
+    import parsl
+    from parsl.config import Config
+    from parsl.launchers import SimpleLauncher
+    from parsl.providers import SlurmProvider
+
+    from htex_rs import MPIExecutor
+    from htex_rs.mpi import TooManyNodes
+    ex = MPIExecutor(label="slurm_mpi", address=slurm_env.address, max_workers_per_block=2, mpi_launcher="srun",
+                     heartbeat_period=2,
+                     provider=SlurmProvider(partition="debug", nodes_per_block=2, init_blocks=1, min_blocks=1,
+                                            max_blocks=1, walltime="00:05:00", exclusive=False,
+                                            launcher=SimpleLauncher()))
+    load_dfk(Config(executors=[ex], strategy="none"))
+    app = parsl.python_app(mpi_task)
+    ranks, nodelist, _, _ = app(parsl_resource_specification={"num_nodes": 2, "ranks_per_node": 1}).result(
+        timeout=120)
+    assert ranks == sorted(slurm_env.nodes) and sorted(nodelist.split(",")) == sorted(slurm_env.nodes)
+    one = {"num_nodes": 1, "ranks_per_node": 1}
+    a, b = [f.result(timeout=120) for f in [app(2.0, parsl_resource_specification=one) for _ in range(2)]]
+    assert a[2] < b[3] and b[2] < a[3], "the two one-node tasks should run at the same time"
+    assert {a[1], b[1]} == set(slurm_env.nodes), f"overlapping tasks shared a node: {a[1]}, {b[1]}"
+    with pytest.raises(TooManyNodes, match="nodes_per_block"):
+        app(parsl_resource_specification={"num_nodes": 3, "ranks_per_node": 1}).result(timeout=60)

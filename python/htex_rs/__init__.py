@@ -6,6 +6,7 @@ Swap it in with one import line::
 """
 from htex_rs._core import PROTOCOL_VERSION, VERSION
 from htex_rs.executor import HighThroughputExecutor
+from htex_rs.mpi_executor import MPIExecutor
 
 __version__ = VERSION
-__all__ = ["HighThroughputExecutor", "PROTOCOL_VERSION", "__version__"]
+__all__ = ["HighThroughputExecutor", "MPIExecutor", "PROTOCOL_VERSION", "__version__"]

@@ -327,7 +327,8 @@ class HighThroughputExecutor(ParslHTEX):
             raise self.executor_exception
         if self._ix is None:
             raise RuntimeError("the executor has not been started; call start() or use it as a context manager")
-        priority = validation.check_resource_spec(context.get("resource_spec"))
+        # MPI mode's keys (num_nodes, ...) were checked by submit; they carry no priority.
+        priority = math.inf if self.enable_mpi_mode else validation.check_resource_spec(context.get("resource_spec"))
         flags, payload = wire.encode_task(context, buffer)
         if len(payload) > self.max_message_bytes:
             raise TaskTooLarge("this task", len(payload), self.max_message_bytes)

@@ -17,7 +17,12 @@ import sys
 import threading
 import time
 
+from typing import TYPE_CHECKING, Optional
+
 from htex_rs import logs, stream, wire
+
+if TYPE_CHECKING:
+    from htex_rs.mpi import NodePool
 
 logger = logging.getLogger("htex_rs.worker")
 
@@ -56,10 +61,22 @@ class MonitoringChannel:
                                     wire.encode_meta([(0, wire.STATUS_MONITORING)]), data])
 
 
-def run_task(context: dict, buffer: bytes, unpack, serialize):
+def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[NodePool] = None):
     spec = context.get("resource_spec") or {}
     for key, value in spec.items():
         os.environ["PARSL_" + str(key).upper()] = str(value)
+    if nodes is not None and spec.get("num_nodes"):  # MPI mode: the task's own nodes
+        from htex_rs import mpi
+        held = nodes.acquire(int(spec["num_nodes"]))
+        try:
+            mpi.set_task_env(os.environ[mpi.LAUNCHER_ENV], dict(spec), held.nodes)
+            return _call(context, buffer, unpack)
+        finally:
+            held.release()
+    return _call(context, buffer, unpack)
+
+
+def _call(context: dict, buffer: bytes, unpack):
     executor = context.get("task_executor")
     if executor:
         module, _, name = executor["f"].rpartition(".")
@@ -97,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     from htex_rs.errors import TaskTooLarge
     limit = int(os.environ.get("HTEX_RS_MAX_MESSAGE_BYTES", 1 << 30))
 
+    nodes = None
+    if os.environ.get("HTEX_RS_MPI_NODES"):  # set by the pool in MPI mode
+        from htex_rs import mpi
+        nodes = mpi.NodePool.from_env()
+        logger.info("MPI mode: nodes %s shared through %s", nodes.nodes if nodes else None,
+                    os.environ.get(mpi.LOCKS_ENV))
     sock = stream.connect(args.url)
     reader = sock.makefile("rb", buffering=1 << 16)
     stream.send(sock, [wire.header(wire.REGISTER), str(args.rank).encode()])
@@ -123,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 started = time.monotonic()
             try:
                 context, buffer = wire.decode_task(flags, frame)
-                result = serialize(run_task(context, buffer, unpack_apply_message, serialize),
+                result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes),
                                    buffer_threshold=1_000_000)
                 if len(result) > limit:  # the interchange would drop the connection instead
                     raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)

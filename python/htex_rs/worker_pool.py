@@ -138,6 +138,11 @@ class Pool:
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
         self.ctx = zmq.Context()
         self.workers: dict[int, Worker] = {}
+        # MPI mode: the batch job's nodes, shared by the workers (htex_rs.mpi).
+        self.mpi_env: dict[str, str] = {}
+        if args.enable_mpi_mode:
+            from htex_rs import mpi
+            self.mpi_env = mpi.pool_env(os.path.join(self.logdir, "mpi-nodes"), args.mpi_launcher)
         self.restart_at: dict[int, float] = {}  # rank -> when to start its next worker
         self.quick_deaths: dict[int, int] = {}
         self.stopping = False
@@ -220,6 +225,7 @@ class Pool:
             "PARSL_WORKER_BLOCK_ID": str(self.block_id),
             "HTEX_RS_MAX_MESSAGE_BYTES": str(self.args.max_message_bytes),
         })
+        env.update(self.mpi_env)
         plan = self.plan[rank]
         cpus = plan["cpus"]
         env.update(plan["env"])
