@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python examples/demo.py
+# The worker pools are started as `htex-rs-worker-pool`, found on PATH as Parsl finds
+# process_worker_pool.py: put the environment's bin first.
+export PATH="$PWD/.venv/bin:$PATH"
+exec python examples/demo.py

@@ -10,6 +10,9 @@ status=0
 echo "==> cargo test (unit tests; benches run once)"
 cargo test --locked --all-targets 2>&1 | tail -n 40 || status=1
 
+echo "==> the README's demo workflow (what scripts/demo.sh runs after setup)"
+python examples/demo.py || status=1
+
 echo "==> pytest tests/ (real executors, pools, sockets)"
 python -m pytest tests -q --durations 10 || status=1
 

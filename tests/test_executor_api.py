@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import time
 import traceback
 
@@ -176,3 +177,19 @@ def test_a_cancelled_future_does_not_stop_result_delivery(executor, try_assert):
                "the cancelled task's result never came back", timeout_ms=60_000)
     assert executor.submit(add, {}, 20, 22).result(timeout=60) == 42
     assert not executor.bad_state_is_set
+
+
+def test_start_warns_when_the_pool_command_is_not_on_path(tmp_path, monkeypatch, caplog):
+    """Outside an activated environment the pools would fail with 'command not found'
+    only once a block starts; start() says so at once, with the directory to add."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    ex = HighThroughputExecutor(label="nopath", address="127.0.0.1", encrypted=False,
+                                provider=LocalProvider(init_blocks=0, min_blocks=0, max_blocks=0))
+    ex.run_dir = str(tmp_path)
+    with caplog.at_level("WARNING", logger="htex_rs.executor"):
+        ex.start()
+    try:
+        msgs = [r.getMessage() for r in caplog.records if "htex-rs-worker-pool is not on PATH" in r.getMessage()]
+        assert msgs and os.path.dirname(sys.executable) in msgs[0]
+    finally:
+        ex.shutdown()

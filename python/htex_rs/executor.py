@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -254,6 +255,7 @@ class HighThroughputExecutor(ParslHTEX):
     def start(self) -> None:
         """Start the interchange thread and the result thread; compose the launch command."""
         BlockProviderExecutor.start(self)
+        self._warn_if_pool_command_missing()
         secret, clients = self._curve_keys()
         if self.log_config:
             log_config_dir = os.path.join(self.logdir, "log_config")
@@ -288,6 +290,18 @@ class HighThroughputExecutor(ParslHTEX):
         self._result_queue_thread.start()
         self.initialize_scaling()
         self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
+
+    def _warn_if_pool_command_missing(self) -> None:
+        """Pools start as ``htex-rs-worker-pool`` found on PATH (as Parsl's do with
+        process_worker_pool.py). Local and batch providers pass this process's PATH on,
+        so say it now, not as a block failing with 'command not found' later."""
+        if self.launch_cmd.startswith("htex-rs-worker-pool") and shutil.which("htex-rs-worker-pool") is None:
+            here = os.path.join(os.path.dirname(sys.executable), "htex-rs-worker-pool")
+            hint = (f"it is in {os.path.dirname(here)}: put that directory on PATH (activate the "
+                    f"environment)" if os.path.exists(here) else "install htex_rs where the pools run")
+            logger.warning("htex-rs-worker-pool is not on PATH, so worker pools started with this PATH "
+                           "will fail with 'command not found'; %s, or set it up in the provider's "
+                           "worker_init", hint)
 
     def __enter__(self) -> "HighThroughputExecutor":
         if self.provider.script_dir is None:
