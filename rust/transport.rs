@@ -53,10 +53,9 @@ pub fn send_frames<T: zmq::Sendable>(
 /// writes to the fd only when no wake-up is already pending, so a burst of pushes costs
 /// one system call.
 pub struct Mailbox<T> {
-    items: Mutex<Vec<T>>,
+    /// `None` once the socket thread has ended (`close`): pushes are dropped at once.
+    items: Mutex<Option<Vec<T>>>,
     pending: AtomicBool,
-    /// Set once the socket thread has ended: pushes are dropped at once.
-    closed: AtomicBool,
     tx: UnixStream,
     rx: UnixStream,
 }
@@ -67,9 +66,8 @@ impl<T> Mailbox<T> {
         rx.set_nonblocking(true)?;
         tx.set_nonblocking(true)?;
         Ok(Mailbox {
-            items: Mutex::new(Vec::new()),
+            items: Mutex::new(Some(Vec::new())),
             pending: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
             tx,
             rx,
         })
@@ -78,12 +76,9 @@ impl<T> Mailbox<T> {
     /// Queue items for the socket thread; once it has ended (`close`) they are dropped
     /// at once, so a reply channel among them disconnects instead of waiting forever.
     pub fn push(&self, items: impl IntoIterator<Item = T>) {
-        {
-            let mut q = self.items.lock().unwrap();
-            if self.closed.load(Ordering::Acquire) {
-                return;
-            }
-            q.extend(items);
+        match self.items.lock().unwrap().as_mut() {
+            Some(q) => q.extend(items),
+            None => return,
         }
         if !self.pending.swap(true, Ordering::AcqRel) {
             // A full socket buffer already means a wake-up is pending.
@@ -93,9 +88,7 @@ impl<T> Mailbox<T> {
 
     /// The socket thread has ended: drop what is queued and everything pushed later.
     pub fn close(&self) {
-        let mut q = self.items.lock().unwrap();
-        self.closed.store(true, Ordering::Release);
-        q.clear();
+        *self.items.lock().unwrap() = None;
     }
 
     /// The fd to poll for readability.
@@ -116,7 +109,12 @@ impl<T> Mailbox<T> {
         }
         // Clear before taking, so a push racing with us wakes the next poll.
         self.pending.store(false, Ordering::Release);
-        std::mem::take(&mut *self.items.lock().unwrap())
+        self.items
+            .lock()
+            .unwrap()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 }
 
