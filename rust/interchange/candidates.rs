@@ -67,7 +67,7 @@ impl Candidates {
                 if let Some(i) = pos.remove(id) {
                     ids.swap_remove(i);
                     if let Some(moved) = ids.get(i) {
-                        pos.insert(moved.clone(), i);
+                        *pos.get_mut(moved).expect("every id has a position") = i;
                     }
                 }
             }
@@ -113,8 +113,8 @@ impl Candidates {
                     let j = fastrand::usize(i..n);
                     if i != j {
                         ids.swap(i, j);
-                        pos.insert(ids[i].clone(), i);
-                        pos.insert(ids[j].clone(), j);
+                        *pos.get_mut(&ids[i]).expect("every id has a position") = i;
+                        *pos.get_mut(&ids[j]).expect("every id has a position") = j;
                     }
                     match free(&ids[i]) {
                         Some(f) if f > 0 => {
