@@ -64,16 +64,20 @@ class Allocation:
 
 
 class NodePool:
-    def __init__(self, nodes: list[str], lock_dir: str) -> None:
+    """A batch job's nodes as one worker sees them; ``launcher`` makes the prefixes."""
+
+    def __init__(self, nodes: list[str], lock_dir: str, launcher: str = "mpiexec") -> None:
         self.nodes = nodes
         self.lock_dir = lock_dir
+        self.launcher = launcher
 
     @classmethod
     def from_env(cls) -> Optional["NodePool"]:
+        """The pool's nodes in a worker of an MPI-mode pool, else None."""
         nodes = os.environ.get(NODES_ENV)
         if not nodes:
             return None
-        return cls(nodes.split(","), os.environ[LOCKS_ENV])
+        return cls(nodes.split(","), os.environ[LOCKS_ENV], os.environ[LAUNCHER_ENV])
 
     def _try_take(self, n: int) -> Optional[Allocation]:
         with open(os.path.join(self.lock_dir, ".allocate"), "a") as guard:
@@ -105,10 +109,9 @@ class NodePool:
                 return got
             time.sleep(poll_s)
 
-
-def set_task_env(launcher: str, spec: dict, nodes: list[str]) -> None:
-    """What Parsl's worker sets for an MPI task: PARSL_MPI_NODELIST and the launch
-    prefixes (PARSL_MPI_PREFIX for the executor's launcher, PARSL_SRUN_PREFIX, ...)."""
-    spec["MPI_NODELIST"] = ",".join(nodes)
-    os.environ["PARSL_MPI_NODELIST"] = spec["MPI_NODELIST"]
-    os.environ.update(compose_all(launcher, resource_spec=spec, node_hostnames=nodes))
+    def set_task_env(self, spec: dict, nodes: list[str]) -> None:
+        """What Parsl's worker sets for an MPI task: PARSL_MPI_NODELIST and the launch
+        prefixes (PARSL_MPI_PREFIX for this pool's launcher, PARSL_SRUN_PREFIX, ...)."""
+        spec["MPI_NODELIST"] = ",".join(nodes)
+        os.environ["PARSL_MPI_NODELIST"] = spec["MPI_NODELIST"]
+        os.environ.update(compose_all(self.launcher, resource_spec=spec, node_hostnames=nodes))

@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-
 from typing import TYPE_CHECKING, Optional
 
 from htex_rs import logs, stream, wire
@@ -66,10 +65,9 @@ def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[No
     for key, value in spec.items():
         os.environ["PARSL_" + str(key).upper()] = str(value)
     if nodes is not None and spec.get("num_nodes"):  # MPI mode: the task's own nodes
-        from htex_rs import mpi
         held = nodes.acquire(int(spec["num_nodes"]))
         try:
-            mpi.set_task_env(os.environ[mpi.LAUNCHER_ENV], dict(spec), held.nodes)
+            nodes.set_task_env(dict(spec), held.nodes)
             return _call(context, buffer, unpack)
         finally:
             held.release()
@@ -114,12 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     from htex_rs.errors import TaskTooLarge
     limit = int(os.environ.get("HTEX_RS_MAX_MESSAGE_BYTES", 1 << 30))
 
-    nodes = None
-    if os.environ.get("HTEX_RS_MPI_NODES"):  # set by the pool in MPI mode
-        from htex_rs import mpi
+    nodes: Optional[NodePool] = None
+    if os.environ.get("HTEX_RS_MPI_NODES"):  # htex_rs.mpi.NODES_ENV, set by an MPI-mode pool
+        from htex_rs import mpi  # only then: it imports Parsl's MPI modules
         nodes = mpi.NodePool.from_env()
-        logger.info("MPI mode: nodes %s shared through %s", nodes.nodes if nodes else None,
-                    os.environ.get(mpi.LOCKS_ENV))
+        logger.info("MPI mode: nodes %s, launcher %s, locks in %s", nodes.nodes, nodes.launcher,
+                    nodes.lock_dir)
     sock = stream.connect(args.url)
     reader = sock.makefile("rb", buffering=1 << 16)
     stream.send(sock, [wire.header(wire.REGISTER), str(args.rank).encode()])
