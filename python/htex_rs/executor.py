@@ -296,9 +296,10 @@ class HighThroughputExecutor(ParslHTEX):
         process_worker_pool.py). Local and batch providers pass this process's PATH on,
         so say it now, not as a block failing with 'command not found' later."""
         if self.launch_cmd.startswith("htex-rs-worker-pool") and shutil.which("htex-rs-worker-pool") is None:
-            here = os.path.join(os.path.dirname(sys.executable), "htex-rs-worker-pool")
-            hint = (f"it is in {os.path.dirname(here)}: put that directory on PATH (activate the "
-                    f"environment)" if os.path.exists(here) else "install htex_rs where the pools run")
+            bindir = os.path.dirname(sys.executable)
+            hint = (f"it is in {bindir}: put that directory on PATH (activate the environment)"
+                    if os.path.exists(os.path.join(bindir, "htex-rs-worker-pool"))
+                    else "install htex_rs where the pools run")
             logger.warning("htex-rs-worker-pool is not on PATH, so worker pools started with this PATH "
                            "will fail with 'command not found'; %s, or set it up in the provider's "
                            "worker_init", hint)
