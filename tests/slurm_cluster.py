@@ -19,10 +19,14 @@ from netns_hosts import Namespace
 NEEDED = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
 
 
+def _search_path() -> str:
+    """PATH plus the sbin directories the daemons live in (not on a user's PATH)."""
+    return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
 def missing() -> list[str]:
     """The programs this cluster needs that are not installed."""
-    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    return [p for p in NEEDED if shutil.which(p, path=path) is None]
+    return [p for p in NEEDED if shutil.which(p, path=_search_path()) is None]
 
 
 def _free_port() -> int:
@@ -32,7 +36,7 @@ def _free_port() -> int:
 
 
 def _sbin(name: str) -> str:
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or name
+    return shutil.which(name, path=_search_path()) or name
 
 
 class SlurmCluster:
