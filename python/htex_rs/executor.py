@@ -29,7 +29,7 @@ from parsl import curvezmq
 from parsl.app.errors import RemoteExceptionWrapper
 from parsl.data_provider.staging import Staging
 from parsl.executors.errors import BadStateException
-from parsl.executors.high_throughput.errors import ManagerLost
+from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 from parsl.executors.high_throughput.executor import HighThroughputExecutor as ParslHTEX
 from parsl.executors.high_throughput.executor import HTEXFuture
 from parsl.executors.high_throughput.manager_selector import (
@@ -422,6 +422,16 @@ class HighThroughputExecutor(ParslHTEX):
         fut = self.tasks.pop(task_id, None)
         if fut is None:
             logger.warning("Result for unknown or already failed task %s ignored", task_id)
+            return
+        if status == wire.STATUS_WORKER_LOST:
+            try:
+                worker_id, hostname, how = wire.worker_lost(data)
+            except ValueError as e:
+                _settle(fut, exception=DeserializationError(f"Unreadable worker loss for task {task_id}: {e}"))
+                return
+            logger.warning("Task %s failed: worker %s on %s died running it (%s)", task_id, worker_id,
+                           hostname, how)
+            _settle(fut, exception=WorkerLost(worker_id, hostname))
             return
         try:
             obj = deserialize(data)

@@ -5,10 +5,12 @@ frame of (task id u64 LE, flag u8) entries followed by one opaque payload frame 
 """
 from __future__ import annotations
 
+import json
 import pickle
 import struct
 from typing import Any
 
+from htex_rs import _core
 from htex_rs._core import PROTOCOL_VERSION
 
 MAGIC = b"HX"
@@ -17,9 +19,13 @@ META = struct.Struct("<QB")
 PROBE, REGISTER, HEARTBEAT, RESULTS = 1, 2, 3, 4
 PROBE_ACK, TASKS, HEARTBEAT_REPLY, SHUTDOWN, REFUSED, REGISTERED = 65, 66, 67, 68, 69, 70
 
-STATUS_RESULT, STATUS_EXCEPTION = 0, 1
+# Result statuses come from the Rust protocol module, so the two sides cannot drift.
+STATUS_RESULT, STATUS_EXCEPTION = _core.STATUS_RESULT, _core.STATUS_EXCEPTION
 #: A worker-side monitoring message (task id 0): pickle({'type': 'monitoring', 'payload': m}).
-STATUS_MONITORING = 2
+STATUS_MONITORING = _core.STATUS_MONITORING
+#: The task's worker died running it; the payload is the pool core's JSON
+#: ``{"worker_id", "hostname", "pid", "exit_code"}`` (see :func:`worker_lost`).
+STATUS_WORKER_LOST = _core.STATUS_WORKER_LOST
 FLAG_CONTEXT = 1  # the payload is pickle((context, buffer)) instead of the bare buffer
 
 
@@ -54,3 +60,17 @@ def decode_task(flags: int, payload: bytes) -> tuple[dict[str, Any], bytes]:
     if flags & FLAG_CONTEXT:
         return pickle.loads(payload)
     return {}, payload
+
+
+def worker_lost(payload: bytes) -> tuple[Any, str, str]:
+    """A STATUS_WORKER_LOST payload: (worker_id, hostname, what ended the process)."""
+    d = json.loads(payload)
+    worker_id = d.get("worker_id")
+    try:
+        worker_id = int(worker_id)  # Parsl's WorkerLost carries the integer rank
+    except (TypeError, ValueError):
+        pass
+    code = d.get("exit_code")
+    how = (f"killed by signal {-code}" if isinstance(code, int) and code < 0
+           else f"exited with code {code}")
+    return worker_id, str(d.get("hostname", "")), f"pid {d.get('pid')} {how}"

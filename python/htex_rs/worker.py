@@ -1,6 +1,6 @@
-"""A long-lived worker process: receives task batches from its pool over a Unix
-stream socket, runs them, sends result batches back in protocol form (the pool
-forwards them unchanged).
+"""A long-lived worker process: receives tasks from its pool over a Unix stream socket
+(one at a time: the pool core gives a worker its next task when it sends a result),
+runs them, and sends each result back in protocol form the moment its task returns.
 
 Dies with its pool: PR_SET_PDEATHSIG, and the stream's end (the pool's socket closes
 when its process goes).
@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING, Optional
 
 from htex_rs import logs, stream, wire
@@ -24,10 +23,6 @@ if TYPE_CHECKING:
     from htex_rs.mpi import NodePool
 
 logger = logging.getLogger("htex_rs.worker")
-
-#: Results are flushed at the end of a batch, or sooner once this old.
-FLUSH_AFTER_S = 0.005
-
 
 def die_with_parent(parent: int) -> None:
     try:
@@ -105,11 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("Set worker CPU affinity to %s", cpus)
 
     import parsl.executors.high_throughput.monitoring_info as monitoring_info
-    from parsl.app.errors import RemoteExceptionWrapper
-    from parsl.serialize import serialize, unpack_apply_message
     monitoring_info.result_queue = MonitoringChannel(args.url)  # type: ignore[assignment]
-
-    from htex_rs.errors import TaskTooLarge
     limit = int(os.environ.get("HTEX_RS_MAX_MESSAGE_BYTES", 1 << 30))
 
     nodes: Optional[NodePool] = None
@@ -122,15 +113,6 @@ def main(argv: list[str] | None = None) -> None:
     reader = sock.makefile("rb", buffering=1 << 16)
     stream.send(sock, [wire.header(wire.REGISTER), str(args.rank).encode()])
     logger.info("Worker %d ready (pid %d)", args.rank, os.getpid())
-    meta_out: list[tuple[int, int]] = []
-    payloads: list[bytes] = []
-
-    def flush() -> None:
-        if meta_out:
-            stream.send(sock, [wire.header(wire.RESULTS), wire.encode_meta(meta_out), *payloads])
-            meta_out.clear()
-            payloads.clear()
-
     while True:
         frames = stream.recv(reader)
         if frames is None:
@@ -138,34 +120,35 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not frames or wire.kind_of(frames[0]) != wire.TASKS:
             continue
-        started = 0.0
         for (task_id, flags), frame in zip(wire.decode_meta(frames[1]), frames[2:]):
-            if not meta_out:
-                started = time.monotonic()
+            status, payload = execute(task_id, flags, frame, limit, nodes)
+            # At once, not with the next task's: the pool's next task for us waits on it.
+            stream.send(sock, [wire.header(wire.RESULTS), wire.encode_meta([(task_id, status)]), payload])
+
+
+def execute(task_id: int, flags: int, frame: bytes, limit: int,
+            nodes: Optional[NodePool]) -> tuple[int, bytes]:
+    """Run one task; (status, its serialized result or RemoteExceptionWrapper)."""
+    from parsl.app.errors import RemoteExceptionWrapper as wrapper
+    from parsl.serialize import serialize, unpack_apply_message
+
+    from htex_rs.errors import TaskTooLarge as too_large
+    try:
+        context, buffer = wire.decode_task(flags, frame)
+        result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes),
+                           buffer_threshold=1_000_000)
+        if len(result) > limit:  # the interchange would drop the connection instead
+            raise too_large(f"the result of task {task_id}", len(result), limit)
+        return wire.STATUS_RESULT, result
+    except Exception:
+        logger.debug("Task %s raised", task_id, exc_info=True)
+        try:
+            return wire.STATUS_EXCEPTION, serialize(wrapper(*sys.exc_info()))
+        except Exception as e:
             try:
-                context, buffer = wire.decode_task(flags, frame)
-                result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes),
-                                   buffer_threshold=1_000_000)
-                if len(result) > limit:  # the interchange would drop the connection instead
-                    raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)
-                if payloads and sum(map(len, payloads)) + len(result) > limit:
-                    flush()  # keep every message under the pool's limit
-                meta_out.append((task_id, wire.STATUS_RESULT))
-                payloads.append(result)
-            except Exception:
-                logger.debug("Task %s raised", task_id, exc_info=True)
-                try:
-                    exc = serialize(RemoteExceptionWrapper(*sys.exc_info()))
-                except Exception as e:
-                    try:
-                        raise RuntimeError(f"the task's exception could not be serialized: {e!r}") from None
-                    except RuntimeError:
-                        exc = serialize(RemoteExceptionWrapper(*sys.exc_info()))
-                meta_out.append((task_id, wire.STATUS_EXCEPTION))
-                payloads.append(exc)
-            if time.monotonic() - started >= FLUSH_AFTER_S:
-                flush()
-        flush()
+                raise RuntimeError(f"the task's exception could not be serialized: {e!r}") from None
+            except RuntimeError:
+                return wire.STATUS_EXCEPTION, serialize(wrapper(*sys.exc_info()))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """htex-rs-worker-pool: the per-node manager.
 
-Registers with the interchange, starts N long-lived worker processes, hands them task
-batches over a Unix stream each (the Rust pool core), forwards their result batches
-unchanged, heartbeats, and turns a worker that died mid-task into WorkerLost (then
-restarts it). It exits when the interchange says so (drain, shutdown) or goes silent
+Registers with the interchange and starts N long-lived worker processes. The Rust pool
+core owns the pool's tasks: it queues them, hands each idle worker one task over its Unix
+stream, forwards each result as its task ends, heartbeats, and fails the running task of
+a worker whose death this supervisor reports (pid, exit code) as WorkerLost. The
+supervisor starts, pins and restarts the processes. It exits when the interchange says so (drain, shutdown) or goes silent
 past ``--hb_threshold``.
 Takes the same options as Parsl's process_worker_pool.py.
 """
@@ -114,12 +115,11 @@ def curve_client(sock: zmq.Socket, cert_dir: Optional[str]) -> None:
 
 
 class Worker:
-    """One worker process and the tasks it holds."""
+    """One worker process (the tasks it runs are the core's business)."""
 
     def __init__(self, rank: int, proc: subprocess.Popen, pidfd: int) -> None:
         self.started = time.monotonic()
         self.rank = rank
-        self.identity = str(rank).encode()
         self.proc = proc
         self.pidfd = pidfd
 
@@ -131,9 +131,9 @@ class Pool:
         self.block_id = args.block_id
         self.cert_dir = None if args.cert_dir in (None, "None") else args.cert_dir
         self.count = worker_count(args)
+        # What the interchange may send us (Parsl's rule); the core queues the prefetched
+        # ones and gives each worker one task at a time.
         self.capacity = self.count + args.prefetch_capacity
-        # Tasks a worker may hold at once: 1 unless prefetch spreads more over the workers.
-        self.per_worker = max(1, math.ceil(self.capacity / self.count))
         self.drain_time = _SCRIPT_LOAD_TIME + args.drain_period if args.drain_period is not None else None
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
         self.ctx = zmq.Context()
@@ -245,22 +245,14 @@ class Pool:
         return w
 
     def worker_lost(self, w: Worker) -> None:
-        """A worker process ended: fail its tasks with WorkerLost and start a new one."""
+        """A worker process ended: tell the core (it fails the task the worker was
+        running as WorkerLost; queued tasks stay queued) and start a new one."""
         code = w.proc.wait()
         self.poller.unregister(w.pidfd)
         os.close(w.pidfd)
         del self.workers[w.rank]
-        held = self.core.worker_died(w.identity)
-        logger.error("Worker %d (pid %d) exited with code %s holding tasks %s", w.rank, w.proc.pid, code, held)
-        if held:
-            from parsl.app.errors import RemoteExceptionWrapper
-            from parsl.executors.high_throughput.errors import WorkerLost
-            from parsl.serialize import serialize
-            try:
-                raise WorkerLost(w.rank, socket.gethostname())
-            except Exception:
-                payload = serialize(RemoteExceptionWrapper(*sys.exc_info()))
-            self.core.send_results([(t, wire.STATUS_EXCEPTION) for t in held], [payload] * len(held))
+        self.core.worker_died(w.proc.pid, code)
+        logger.error("Worker %d (pid %d) exited with code %s", w.rank, w.proc.pid, code)
         if self.stopping:
             return
         # A worker that dies soon after starting (a broken environment, an import error) is
@@ -303,7 +295,7 @@ class Pool:
         self.worker_url = f"@htex-rs-{self.uid}-{os.getpid()}"
         self.core = _core.PoolCore(url, self.uid.encode(), self.worker_url, self.registration(),
                                    float(self.args.hb_period), float(self.args.hb_threshold),
-                                   self.per_worker, self.curve_keys(), self.args.max_message_bytes)
+                                   socket.gethostname(), self.curve_keys(), self.args.max_message_bytes)
         logger.info("Registered pool %s: block %s, %d workers, capacity %d",
                     self.uid, self.block_id, self.count, self.capacity)
         self.poller = select.poll()
@@ -349,6 +341,10 @@ class Pool:
         self.stopping = True
         core = getattr(self, "core", None)
         if core is not None:
+            try:
+                logger.info("Pool core counts: %s", core.counts())
+            except RuntimeError:  # already stopped
+                pass
             core.stop()
         procs = [w.proc for w in self.workers.values()]
         self.workers.clear()

@@ -1,22 +1,30 @@
 //! The worker pool's data path: a thread that owns the DEALER to the interchange and
 //! the Unix stream socket its worker processes connect to (one stream per worker,
 //! framed by `crate::stream`: no ZMQ I/O threads between pool and worker). It registers
-//! the pool, heartbeats, spreads task batches over ready workers and forwards their
-//! result batches to the interchange frame for frame. Python keeps the process
-//! supervision (start, pin, restart workers) and is told why the core stopped:
-//! shutdown, refusal, or interchange silence.
+//! the pool, heartbeats, and owns every task the pool holds (`tasks`): one queue, and
+//! one task per idle worker at a time, so a free worker never waits behind a busy one.
+//! Results go to the interchange as their tasks end (results that finished together
+//! share a message). When the Python supervisor reports a worker's death (pid, exit
+//! code), the core fails that worker's running task with `STATUS_WORKER_LOST` itself.
+//! Python keeps only process supervision (start, pin, restart workers) and is told why
+//! the core stopped: shutdown, refusal, or interchange silence.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod tasks;
+
+use std::collections::HashMap;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc::Sender;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind, META_ENTRY};
+use crate::protocol::{
+    decode_header, decode_meta, header, Kind, META_ENTRY, STATUS_MONITORING, STATUS_WORKER_LOST,
+};
 use crate::stream::{self, Decoder, Outbox};
 use crate::transport::{recv_frames, send_frames, Mailbox};
+use tasks::{Task, Tasks};
 
 /// CURVE client keys (40-character Z85 text or 32 raw bytes each).
 #[derive(Clone)]
@@ -37,8 +45,8 @@ pub struct Config {
     pub registration: Vec<u8>,
     pub heartbeat_period: Duration,
     pub heartbeat_threshold: Duration,
-    /// Tasks one worker may hold at once.
-    pub per_worker: usize,
+    /// This node's name, for the WorkerLost of a task whose worker died.
+    pub hostname: String,
     pub curve: Option<ClientKeys>,
 }
 
@@ -61,17 +69,47 @@ pub enum Stopped {
 }
 
 pub enum Command {
-    /// A worker process died: forget it, return the tasks it held.
-    WorkerDied(Vec<u8>, Sender<Vec<u64>>),
-    /// Results made on the Python side (e.g. WorkerLost), forwarded to the interchange.
-    Results(Vec<(u64, u8)>, Vec<Vec<u8>>),
+    /// The worker process `pid` ended with `exit_code` (negative: killed by that signal).
+    /// The core forwards what it sent before dying, fails its running task as WorkerLost
+    /// and forgets it.
+    WorkerDied { pid: u32, exit_code: i32 },
     Stop,
+}
+
+/// What the core has done, counted as it goes (read with [`Handle::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Tasks received from the interchange.
+    pub received: u64,
+    /// Tasks handed to a worker.
+    pub started: u64,
+    /// Results forwarded to the interchange (monitoring messages not included).
+    pub results: u64,
+    /// Tasks failed as WorkerLost because their worker died running them.
+    pub lost: u64,
+    /// Worker deaths reported by the supervisor.
+    pub deaths: u64,
+    /// Tasks queued now, running now.
+    pub queued: u64,
+    pub running: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    started: AtomicU64,
+    results: AtomicU64,
+    lost: AtomicU64,
+    deaths: AtomicU64,
+    queued: AtomicU64,
+    running: AtomicU64,
 }
 
 struct Shared {
     inbox: Mailbox<Command>,
     stopped: Mutex<Option<Stopped>>,
     stopped_cv: Condvar,
+    counters: Counters,
 }
 
 struct StopGuard(Arc<Shared>);
@@ -130,6 +168,7 @@ impl Handle {
             inbox: Mailbox::new().map_err(|e| e.to_string())?,
             stopped: Mutex::new(None),
             stopped_cv: Condvar::new(),
+            counters: Counters::default(),
         });
         let guard = StopGuard(shared.clone());
         let mut core = Core {
@@ -143,8 +182,8 @@ impl Handle {
             own_uid: unsafe { libc::geteuid() },
             monitor,
             shared: shared.clone(),
-            pending: VecDeque::new(),
-            ready: HashMap::new(),
+            tasks: Tasks::default(),
+            results: ResultBatch::default(),
             stop: None,
         };
         let thread = std::thread::Builder::new()
@@ -175,6 +214,21 @@ impl Handle {
         s.clone()
     }
 
+    #[must_use]
+    pub fn counts(&self) -> Counts {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            received: get(&c.received),
+            started: get(&c.started),
+            results: get(&c.results),
+            lost: get(&c.lost),
+            deaths: get(&c.deaths),
+            queued: get(&c.queued),
+            running: get(&c.running),
+        }
+    }
+
     pub fn stop(&self) {
         let thread = self.thread.lock().unwrap().take();
         if let Some(t) = thread {
@@ -202,8 +256,8 @@ fn bind_workers(url: &str) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The uid of the process at the other end of a Unix stream (SO_PEERCRED).
-fn peer_uid(stream: &UnixStream) -> Option<u32> {
+/// (pid, uid) of the process at the other end of a Unix stream (SO_PEERCRED).
+fn peer_cred(stream: &UnixStream) -> Option<(u32, u32)> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -220,7 +274,7 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
             &raw mut len,
         )
     };
-    (rc == 0).then_some(cred.uid)
+    (rc == 0).then_some((cred.pid as u32, cred.uid))
 }
 
 /// One worker's stream.
@@ -228,10 +282,13 @@ struct Conn {
     stream: UnixStream,
     decoder: Decoder,
     out: Outbox,
-    /// Set by the worker's registration.
-    identity: Option<Vec<u8>>,
+    /// The connecting process (SO_PEERCRED): how a reported death finds its stream.
+    pid: u32,
+    /// The worker's rank, set by its registration. Streams that never register (a
+    /// process's monitoring channel) only send monitoring messages.
+    rank: Option<Vec<u8>>,
     /// False once the stream ended or broke; the entry stays until the worker's death is
-    /// reported, so the tasks it held can be returned.
+    /// reported, so the task it was running can be failed.
     open: bool,
 }
 
@@ -244,10 +301,40 @@ impl Conn {
     }
 }
 
-/// A registered worker: its stream and the task ids it holds.
-struct Worker {
-    token: u64,
-    held: HashSet<u64>,
+/// Results waiting to go to the interchange: those that arrived in one pass of the loop
+/// (all already finished) leave together at its end.
+#[derive(Default)]
+struct ResultBatch {
+    meta: Vec<u8>,
+    payloads: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl ResultBatch {
+    /// Past these, a batch is sent before more is added.
+    const MAX_RESULTS: usize = 1024;
+    const MAX_BYTES: usize = 16 << 20;
+
+    fn full(&self) -> bool {
+        self.payloads.len() >= Self::MAX_RESULTS || self.bytes >= Self::MAX_BYTES
+    }
+
+    fn push(&mut self, task_id: u64, status: u8, payload: Vec<u8>) {
+        self.meta.extend_from_slice(&task_id.to_le_bytes());
+        self.meta.push(status);
+        self.bytes += payload.len();
+        self.payloads.push(payload);
+    }
+
+    fn send(&mut self, ix: &zmq::Socket) {
+        if self.payloads.is_empty() {
+            return;
+        }
+        let head = [header(Kind::Results).to_vec(), std::mem::take(&mut self.meta)];
+        let payloads = std::mem::take(&mut self.payloads);
+        self.bytes = 0;
+        let _ = send_frames(ix, head.into_iter().chain(payloads));
+    }
 }
 
 struct Core {
@@ -260,10 +347,9 @@ struct Core {
     own_uid: u32,
     monitor: zmq::Socket,
     shared: Arc<Shared>,
-    /// (meta entry, payload) of tasks not yet given to a worker.
-    pending: VecDeque<([u8; META_ENTRY], zmq::Message)>,
-    /// Registered workers by identity.
-    ready: HashMap<Vec<u8>, Worker>,
+    /// Every task the pool holds: queued, or running on one worker (keyed by stream token).
+    tasks: Tasks<zmq::Message>,
+    results: ResultBatch,
     stop: Option<Stopped>,
 }
 
@@ -353,6 +439,8 @@ impl Core {
                 self.stop = Some(Stopped::Disconnected);
             }
             self.dispatch();
+            self.results.send(&self.ix);
+            self.publish_counts();
         }
         let mut s = self.shared.stopped.lock().unwrap();
         *s = self.stop.take();
@@ -362,27 +450,59 @@ impl Core {
     fn take_inbox(&mut self) {
         for c in self.shared.inbox.take() {
             match c {
-                Command::WorkerDied(id, tx) => {
-                    // Results the worker sent just before dying may still be unread on
-                    // its stream: forward them first, so only unfinished tasks are lost.
-                    let mut held: Vec<u64> = Vec::new();
-                    if let Some(token) = self.ready.get(&id).map(|w| w.token) {
-                        self.read(token);
-                        self.conns.remove(&token);
-                        if let Some(w) = self.ready.remove(&id) {
-                            held = w.held.into_iter().collect();
-                        }
-                    }
-                    held.sort_unstable();
-                    let _ = tx.send(held);
-                }
-                Command::Results(meta, payloads) => {
-                    let head = [header(Kind::Results).to_vec(), encode_meta(&meta)];
-                    let _ = send_frames(&self.ix, head.into_iter().chain(payloads));
-                }
+                Command::WorkerDied { pid, exit_code } => self.worker_died(pid, exit_code),
                 Command::Stop => self.stop = Some(Stopped::Requested),
             }
         }
+    }
+
+    /// The supervisor saw process `pid` end. Its stream (and a monitoring stream it may
+    /// have opened) is read to the end first: results it sent just before dying are
+    /// forwarded, so only a task that really did not finish is lost.
+    fn worker_died(&mut self, pid: u32, exit_code: i32) {
+        self.shared.counters.deaths.fetch_add(1, Ordering::Relaxed);
+        // A worker that connected and died at once may still sit in the listen backlog.
+        self.accept();
+        let mut tokens: Vec<(bool, u64)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.pid == pid)
+            .map(|(t, c)| (c.rank.is_some(), *t))
+            .collect();
+        tokens.sort_unstable();
+        // One process has one worker stream; should a new worker ever get a pid whose
+        // death is still being handled, the older registered stream is the dead one.
+        if let Some(first) = tokens.iter().position(|(registered, _)| *registered) {
+            tokens.truncate(first + 1);
+        }
+        for (_, token) in tokens {
+            self.read(token);
+            let Some(conn) = self.conns.remove(&token) else {
+                continue;
+            };
+            let Some(task_id) = self.tasks.remove_worker(token) else {
+                continue;
+            };
+            self.shared.counters.lost.fetch_add(1, Ordering::Relaxed);
+            let rank = conn.rank.unwrap_or_default();
+            let lost = serde_json::json!({
+                "worker_id": String::from_utf8_lossy(&rank),
+                "hostname": self.config.hostname,
+                "pid": pid,
+                "exit_code": exit_code,
+            });
+            if self.results.full() {
+                self.results.send(&self.ix);
+            }
+            self.results
+                .push(task_id, STATUS_WORKER_LOST, lost.to_string().into_bytes());
+        }
+    }
+
+    fn publish_counts(&self) {
+        let c = &self.shared.counters;
+        c.queued.store(self.tasks.queued() as u64, Ordering::Relaxed);
+        c.running.store(self.tasks.running() as u64, Ordering::Relaxed);
     }
 
     fn on_interchange(&mut self, mut frames: Vec<zmq::Message>) {
@@ -393,10 +513,18 @@ impl Core {
                 if meta.len() != payloads.len() * META_ENTRY {
                     return; // malformed; the interchange never sends this
                 }
-                for (entry, p) in meta.chunks_exact(META_ENTRY).zip(payloads) {
-                    let mut e = [0u8; META_ENTRY];
-                    e.copy_from_slice(entry);
-                    self.pending.push_back((e, p));
+                self.shared
+                    .counters
+                    .received
+                    .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+                for (entry, payload) in meta.chunks_exact(META_ENTRY).zip(payloads) {
+                    let mut id = [0u8; 8];
+                    id.copy_from_slice(&entry[..8]);
+                    self.tasks.push(Task {
+                        id: u64::from_le_bytes(id),
+                        flags: entry[8],
+                        payload,
+                    });
                 }
             }
             Ok(Kind::Shutdown) => self.stop = Some(Stopped::Shutdown),
@@ -417,9 +545,10 @@ impl Core {
                 Ok((stream, _)) => {
                     // An abstract socket has no file permissions: admit only processes
                     // of our own user (workers are our children).
-                    if peer_uid(&stream) != Some(self.own_uid)
-                        || stream.set_nonblocking(true).is_err()
-                    {
+                    let Some((pid, uid)) = peer_cred(&stream) else {
+                        continue;
+                    };
+                    if uid != self.own_uid || stream.set_nonblocking(true).is_err() {
                         continue;
                     }
                     self.next_token += 1;
@@ -429,7 +558,8 @@ impl Core {
                             stream,
                             decoder: Decoder::new(self.config.max_message_bytes),
                             out: Outbox::default(),
-                            identity: None,
+                            pid,
+                            rank: None,
                             open: true,
                         },
                     );
@@ -462,7 +592,10 @@ impl Core {
         if !alive {
             c.open = false; // end of stream: the worker exited; its supervisor reports it
         }
-        let unregistered_and_closed = !c.open && c.identity.is_none();
+        let unregistered_and_closed = !c.open && c.rank.is_none();
+        if !c.open {
+            self.tasks.retire(token);
+        }
         for m in messages {
             self.on_worker(token, m);
         }
@@ -475,6 +608,7 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&token) {
             if c.out.flush(&mut c.stream).is_err() {
                 c.close();
+                self.tasks.retire(token);
             }
         }
     }
@@ -485,82 +619,52 @@ impl Core {
         };
         match kind {
             Kind::Register if frames.len() == 2 => {
-                let id = frames[1].clone();
-                let claimed = self
-                    .ready
-                    .get(&id)
-                    .is_some_and(|w| self.conns.get(&w.token).is_some_and(|c| c.open));
-                if claimed {
-                    // Someone else claims a live worker's identity: drop the newcomer.
-                    if let Some(mut c) = self.conns.remove(&token) {
-                        c.close();
-                    }
-                    return;
-                }
-                if let Some(c) = self.conns.get_mut(&token) {
-                    c.identity = Some(id.clone());
-                }
-                self.ready.insert(
-                    id,
-                    Worker {
-                        token,
-                        held: HashSet::new(),
-                    },
-                );
-            }
-            Kind::Results if frames.len() >= 2 => {
-                let Ok(meta) = decode_meta(&frames[1], frames.len() - 2) else {
+                let Some(c) = self.conns.get_mut(&token) else {
                     return;
                 };
-                let identity = self.conns.get(&token).and_then(|c| c.identity.as_ref());
-                if let Some(w) = identity.and_then(|id| self.ready.get_mut(id)) {
-                    for (tid, _) in meta {
-                        w.held.remove(&tid);
-                    }
+                if c.rank.is_some() || !c.open {
+                    return; // registers once
                 }
-                // Already in protocol form: forward frame for frame.
-                let _ = send_frames(&self.ix, frames);
+                c.rank = Some(frames[1].clone());
+                self.tasks.add_worker(token);
+            }
+            Kind::Results if frames.len() >= 2 => {
+                let mut frames = frames.into_iter();
+                let (Some(_), Some(meta)) = (frames.next(), frames.next()) else {
+                    return;
+                };
+                let payloads: Vec<Vec<u8>> = frames.collect();
+                let Ok(meta) = decode_meta(&meta, payloads.len()) else {
+                    return;
+                };
+                let registered = self.conns.get(&token).is_some_and(|c| c.rank.is_some());
+                for ((task_id, status), payload) in meta.into_iter().zip(payloads) {
+                    if status != STATUS_MONITORING {
+                        if !registered {
+                            continue; // only a worker sends results, and only its own
+                        }
+                        self.tasks.finished(token, task_id);
+                        self.shared.counters.results.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if self.results.full() {
+                        self.results.send(&self.ix);
+                    }
+                    self.results.push(task_id, status, payload);
+                }
             }
             _ => {}
         }
     }
 
+    /// Hand each idle worker the next queued task, one task per worker.
     fn dispatch(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let per_worker = self.config.per_worker;
-        let conns = &self.conns;
-        // Least-loaded first, so prefetched tasks spread over the workers.
-        let mut order: Vec<(usize, Vec<u8>)> = self
-            .ready
-            .iter()
-            .filter(|(_, w)| {
-                w.held.len() < per_worker && conns.get(&w.token).is_some_and(|c| c.open)
-            })
-            .map(|(id, w)| (w.held.len(), id.clone()))
-            .collect();
-        order.sort_unstable();
-        for (held, id) in order {
-            if self.pending.is_empty() {
-                break;
-            }
-            let n = (per_worker - held).min(self.pending.len());
-            let batch: Vec<_> = self.pending.drain(..n).collect();
-            let mut meta = Vec::with_capacity(n * META_ENTRY);
-            let w = self.ready.get_mut(&id).expect("worker in order is ready");
-            for (e, _) in &batch {
-                meta.extend_from_slice(e);
-                let mut tid = [0u8; 8];
-                tid.copy_from_slice(&e[..8]);
-                w.held.insert(u64::from_le_bytes(tid));
-            }
-            let head = header(Kind::Tasks);
-            let mut frames: Vec<&[u8]> = Vec::with_capacity(n + 2);
-            frames.push(&head);
-            frames.push(&meta);
-            frames.extend(batch.iter().map(|(_, p)| &p[..]));
-            let token = w.token;
+        let head = header(Kind::Tasks);
+        while let Some((token, task)) = self.tasks.next_assignment() {
+            self.shared.counters.started.fetch_add(1, Ordering::Relaxed);
+            let mut meta = [0u8; META_ENTRY];
+            meta[..8].copy_from_slice(&task.id.to_le_bytes());
+            meta[8] = task.flags;
+            let frames: [&[u8]; 3] = [&head, &meta, &task.payload];
             if let Some(c) = self.conns.get_mut(&token) {
                 c.out.push(stream::encode(&frames));
             }
@@ -572,7 +676,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{STATUS_EXCEPTION, STATUS_RESULT};
+    use crate::protocol::{encode_meta, STATUS_EXCEPTION, STATUS_RESULT};
 
     /// A fake interchange (ROUTER) and a core with one fake worker (a Unix stream),
     /// real sockets.
@@ -615,7 +719,56 @@ mod tests {
         }
     }
 
-    fn rig(per_worker: usize, threshold: Duration) -> Rig {
+    fn connect(addr: &std::os::unix::net::SocketAddr, rank: &[u8]) -> FakeWorker {
+        let mut w = FakeWorker {
+            stream: UnixStream::connect_addr(addr).unwrap(),
+            decoder: Decoder::new(1 << 20),
+        };
+        w.send(&[&header(Kind::Register), rank]);
+        w
+    }
+
+    impl FakeWorker {
+        /// The next task message, which must carry exactly one task: its id and payload.
+        fn recv_one(&mut self) -> (u64, Vec<u8>) {
+            let m = self.recv();
+            assert_eq!(decode_header(&m[0]), Ok(Kind::Tasks));
+            let meta = decode_meta(&m[1], m.len() - 2).unwrap();
+            assert_eq!(meta.len(), 1, "a worker is given one task at a time");
+            (meta[0].0, m[2].clone())
+        }
+
+        fn finish(&mut self, id: u64, payload: &[u8]) {
+            let meta = encode_meta(&[(id, STATUS_RESULT)]);
+            self.send(&[&header(Kind::Results), &meta, payload]);
+        }
+
+        /// Nothing arrives within `ms`.
+        fn assert_quiet(&mut self, ms: u64) {
+            use std::io::Read;
+            self.stream
+                .set_read_timeout(Some(Duration::from_millis(ms)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            match self.stream.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => panic!("expected nothing, got {other:?}"),
+            }
+        }
+    }
+
+    /// Results forwarded to the interchange, in order, until `n` have arrived.
+    fn results(ix: &zmq::Socket, n: usize) -> Vec<(u64, u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let f = recv_kind(ix, Kind::Results);
+            let meta = decode_meta(&f[1], f.len() - 2).unwrap();
+            out.extend(meta.into_iter().zip(&f[2..]).map(|((t, s), p)| (t, s, p.clone())));
+        }
+        out
+    }
+
+    fn rig(threshold: Duration) -> Rig {
         let ctx = zmq::Context::new();
         let ix = ctx.socket(zmq::ROUTER).unwrap();
         ix.set_linger(0).unwrap();
@@ -634,7 +787,7 @@ mod tests {
             registration: b"{}".to_vec(),
             heartbeat_period: Duration::from_millis(50),
             heartbeat_threshold: threshold,
-            per_worker,
+            hostname: "node-a".into(),
             curve: None,
         })
         .unwrap();
@@ -642,11 +795,7 @@ mod tests {
             use std::os::linux::net::SocketAddrExt;
             std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap()
         };
-        let mut worker = FakeWorker {
-            stream: UnixStream::connect_addr(&addr).unwrap(),
-            decoder: Decoder::new(1 << 20),
-        };
-        worker.send(&[&header(Kind::Register), b"0"]);
+        let worker = connect(&addr, b"0");
         Rig {
             _ctx: ctx,
             ix,
@@ -674,49 +823,108 @@ mod tests {
     }
 
     fn send_tasks(r: &Rig, ids: &[u64]) {
+        send_tasks_to(&r.ix, ids);
+    }
+
+    fn send_tasks_to(ix: &zmq::Socket, ids: &[u64]) {
         let meta = encode_meta(&ids.iter().map(|i| (*i, 0)).collect::<Vec<_>>());
         let mut frames = vec![b"pool-1".to_vec(), header(Kind::Tasks).to_vec(), meta];
         frames.extend(ids.iter().map(|i| i.to_le_bytes().to_vec()));
-        r.ix.send_multipart(frames, 0).unwrap();
+        ix.send_multipart(frames, 0).unwrap();
+    }
+
+    fn died(core: &Handle) {
+        core.command(Command::WorkerDied {
+            pid: std::process::id(),
+            exit_code: -9,
+        });
     }
 
     #[test]
-    fn registers_routes_tasks_and_forwards_results() {
-        let mut r = rig(2, Duration::from_secs(30));
+    fn registers_routes_one_task_per_worker_and_forwards_results() {
+        let mut r = rig(Duration::from_secs(30));
         let reg = recv_kind(&r.ix, Kind::Register);
         assert_eq!(reg[1], b"{}");
         send_tasks(&r, &[1, 2, 3]);
-        // The worker may hold 2 at once: it gets 2, the third waits.
-        let batch = r.worker.recv();
-        assert_eq!(decode_header(&batch[0]), Ok(Kind::Tasks));
-        let meta = decode_meta(&batch[1], batch.len() - 2).unwrap();
-        assert_eq!(meta.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(batch[2], 1u64.to_le_bytes());
-        let results = encode_meta(&[(1, STATUS_RESULT), (2, STATUS_EXCEPTION)]);
-        r.worker
-            .send(&[&header(Kind::Results), &results, b"r1", b"r2"]);
-        let fwd = recv_kind(&r.ix, Kind::Results);
-        assert_eq!(fwd[1], results);
-        assert_eq!(&fwd[2..], &[b"r1".to_vec(), b"r2".to_vec()]);
-        let batch = r.worker.recv();
-        assert_eq!(decode_meta(&batch[1], 1).unwrap(), vec![(3, 0)]);
-        // The worker dies holding task 3: the core hands it back for WorkerLost.
-        let (tx, rx) = std::sync::mpsc::channel();
-        r.core.command(Command::WorkerDied(b"0".to_vec(), tx));
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), vec![3]);
-        r.core.command(Command::Results(
-            vec![(3, STATUS_EXCEPTION)],
-            vec![b"lost".to_vec()],
-        ));
-        let fwd = recv_kind(&r.ix, Kind::Results);
-        assert_eq!(fwd[2], b"lost");
+        // One task at a time: the other two wait in the core's queue.
+        assert_eq!(r.worker.recv_one(), (1, 1u64.to_le_bytes().to_vec()));
+        r.worker.assert_quiet(100);
+        let meta = encode_meta(&[(1, STATUS_EXCEPTION)]);
+        r.worker.send(&[&header(Kind::Results), &meta, b"r1"]);
+        assert_eq!(results(&r.ix, 1), vec![(1, STATUS_EXCEPTION, b"r1".to_vec())]);
+        assert_eq!(r.worker.recv_one().0, 2);
+        r.worker.finish(2, b"r2");
+        assert_eq!(r.worker.recv_one().0, 3);
+        r.worker.finish(3, b"r3");
+        assert_eq!(results(&r.ix, 2).len(), 2);
+        let c = r.core.counts();
+        assert_eq!((c.received, c.started, c.results, c.lost), (3, 3, 3, 0));
         assert_eq!(r.core.wait_stopped(Duration::from_millis(10)), None);
+    }
+
+    #[test]
+    fn an_idle_worker_takes_queued_tasks_while_another_runs_a_long_one() {
+        let mut r = rig(Duration::from_secs(30));
+        recv_kind(&r.ix, Kind::Register);
+        let mut second = connect(&r.worker_addr, b"1");
+        // Both registered before the tasks arrive (the core reads streams in order).
+        std::thread::sleep(Duration::from_millis(100));
+        send_tasks(&r, &[1, 2, 3, 4, 5]);
+        let first_task = r.worker.recv_one().0;
+        let mut done = vec![];
+        // The first worker never finishes its task: the second runs all the others.
+        for _ in 0..4 {
+            let (id, _) = second.recv_one();
+            second.finish(id, b"ok");
+            done.push(id);
+        }
+        done.push(first_task);
+        done.sort_unstable();
+        assert_eq!(done, vec![1, 2, 3, 4, 5]);
+        assert_eq!(results(&r.ix, 4).len(), 4);
+        r.worker.assert_quiet(100);
+    }
+
+    #[test]
+    fn a_dead_worker_loses_only_its_running_task_and_the_queue_goes_on() {
+        let r = rig(Duration::from_secs(30));
+        let Rig {
+            ix,
+            mut worker,
+            core,
+            worker_addr,
+            ..
+        } = r;
+        recv_kind(&ix, Kind::Register);
+        send_tasks_to(&ix, &[1, 2, 3, 4]);
+        assert_eq!(worker.recv_one().0, 1);
+        drop(worker); // killed while running task 1
+        // Its replacement registers under the same rank before the death is reported:
+        // a new worker, not the dead one (the reuse race of issue #6).
+        let mut next = connect(&worker_addr, b"0");
+        std::thread::sleep(Duration::from_millis(100));
+        died(&core);
+        let lost = results(&ix, 1);
+        assert_eq!((lost[0].0, lost[0].1), (1, STATUS_WORKER_LOST));
+        let doc: serde_json::Value = serde_json::from_slice(&lost[0].2).unwrap();
+        assert_eq!(doc["worker_id"], "0");
+        assert_eq!(doc["hostname"], "node-a");
+        assert_eq!(doc["exit_code"], -9);
+        for want in 2..=4 {
+            let (id, _) = next.recv_one();
+            assert_eq!(id, want, "queued tasks keep their order");
+            next.finish(id, b"ok");
+        }
+        let rest = results(&ix, 3);
+        assert!(rest.iter().all(|(_, s, _)| *s == STATUS_RESULT));
+        let c = core.counts();
+        assert_eq!((c.lost, c.deaths, c.queued, c.running), (1, 1, 0, 0));
     }
 
     #[test]
     fn results_sent_just_before_death_are_forwarded_and_junk_is_ignored() {
         use std::io::Write;
-        let r = rig(1, Duration::from_secs(30));
+        let r = rig(Duration::from_secs(30));
         let Rig {
             ix,
             mut worker,
@@ -728,26 +936,21 @@ mod tests {
         // A peer that sends garbage (an absurd frame count) is cut off; the rest goes on.
         let mut junk = UnixStream::connect_addr(&worker_addr).unwrap();
         junk.write_all(&u32::MAX.to_le_bytes()).unwrap();
-        let meta = encode_meta(&[(7, 0)]);
-        ix.send_multipart([&b"pool-1"[..], &header(Kind::Tasks), &meta, b"t7"], 0)
-            .unwrap();
-        assert_eq!(worker.recv()[2], b"t7");
-        let results = encode_meta(&[(7, STATUS_RESULT)]);
-        worker.send(&[&header(Kind::Results), &results, b"done"]);
+        send_tasks_to(&ix, &[7]);
+        assert_eq!(worker.recv_one().0, 7);
+        worker.finish(7, b"done");
         drop(worker); // the worker exits right after sending
-        let (tx, rx) = std::sync::mpsc::channel();
-        core.command(Command::WorkerDied(b"0".to_vec(), tx));
-        assert_eq!(
-            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
-            Vec::<u64>::new()
-        );
-        assert_eq!(recv_kind(&ix, Kind::Results)[2], b"done");
+        died(&core);
+        let got = results(&ix, 1);
+        assert_eq!(got, vec![(7, STATUS_RESULT, b"done".to_vec())]);
+        let c = core.counts();
+        assert_eq!((c.lost, c.deaths, c.results), (0, 1, 1));
         assert_eq!(core.wait_stopped(Duration::from_millis(10)), None);
     }
 
     #[test]
     fn heartbeats_then_stops_on_shutdown() {
-        let r = rig(1, Duration::from_secs(30));
+        let r = rig(Duration::from_secs(30));
         recv_kind(&r.ix, Kind::Register);
         recv_kind(&r.ix, Kind::Heartbeat);
         r.ix.send_multipart([&b"pool-1"[..], &header(Kind::Shutdown)[..]], 0)
@@ -760,7 +963,7 @@ mod tests {
 
     #[test]
     fn stops_at_once_when_the_connection_breaks() {
-        let r = rig(1, Duration::from_secs(30));
+        let r = rig(Duration::from_secs(30));
         recv_kind(&r.ix, Kind::Register);
         drop(r.ix); // the interchange side goes away: the TCP connection is reset
         assert_eq!(
@@ -771,12 +974,12 @@ mod tests {
 
     #[test]
     fn stops_when_the_interchange_is_silent_or_refuses() {
-        let r = rig(1, Duration::from_millis(300));
+        let r = rig(Duration::from_millis(300));
         assert_eq!(
             r.core.wait_stopped(Duration::from_secs(5)),
             Some(Stopped::Silent)
         );
-        let r = rig(1, Duration::from_secs(30));
+        let r = rig(Duration::from_secs(30));
         recv_kind(&r.ix, Kind::Register); // connected: the ROUTER can address it now
         r.ix.send_multipart(
             [&b"pool-1"[..], &header(Kind::Refused)[..], b"other version"],

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a frame layout or a message meaning changes.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const MAGIC: [u8; 2] = *b"HX";
 /// Bytes per entry of a task or result meta frame: task id (u64 LE) + flags/status (u8).
 pub const META_ENTRY: usize = 9;
@@ -135,6 +135,9 @@ pub const STATUS_RESULT: u8 = 0;
 pub const STATUS_EXCEPTION: u8 = 1;
 /// A monitoring message from a worker (task id 0), forwarded like a result.
 pub const STATUS_MONITORING: u8 = 2;
+/// The task's worker died while running it. The payload is JSON made by the pool core:
+/// `{"worker_id", "hostname", "pid", "exit_code"}`; the executor raises Parsl's WorkerLost.
+pub const STATUS_WORKER_LOST: u8 = 3;
 
 /// Registration document sent by a worker pool (JSON, second frame of `Register`).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

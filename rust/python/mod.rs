@@ -10,7 +10,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use crate::interchange::{self, Command, CurveConfig, Event, Handle, NewTask, Selector};
 use crate::manager;
 use crate::planner;
-use crate::protocol::PROTOCOL_VERSION;
+use crate::protocol::{self, PROTOCOL_VERSION};
 
 /// A running interchange thread owned by one executor. Frozen, so calls from
 /// several Python threads (result thread, strategy, user) never conflict on a borrow.
@@ -261,7 +261,7 @@ fn pool_handle(slf: &PoolCore) -> PyResult<Arc<manager::Handle>> {
 impl PoolCore {
     #[new]
     #[pyo3(signature = (interchange_url, identity, worker_url, registration, heartbeat_period,
-                        heartbeat_threshold, per_worker, curve_keys=None,
+                        heartbeat_threshold, hostname, curve_keys=None,
                         max_message_bytes=1 << 30))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -272,7 +272,7 @@ impl PoolCore {
         registration: Vec<u8>,
         heartbeat_period: f64,
         heartbeat_threshold: f64,
-        per_worker: usize,
+        hostname: String,
         curve_keys: Option<(Vec<u8>, Vec<u8>, Vec<u8>)>,
         max_message_bytes: usize,
     ) -> PyResult<Self> {
@@ -285,7 +285,7 @@ impl PoolCore {
             registration,
             heartbeat_period: Duration::from_secs_f64(heartbeat_period.max(0.001)),
             heartbeat_threshold: Duration::from_secs_f64(heartbeat_threshold.max(0.001)),
-            per_worker: per_worker.max(1),
+            hostname,
             curve: curve_keys.map(|(public, secret, server_public)| manager::ClientKeys {
                 public,
                 secret,
@@ -300,29 +300,29 @@ impl PoolCore {
         })
     }
 
-    /// Forget a dead worker; returns the task ids it held.
-    fn worker_died(&self, py: Python<'_>, identity: Vec<u8>) -> PyResult<Vec<u64>> {
-        let h = pool_handle(self)?;
-        let (tx, rx) = mpsc::channel();
-        h.command(manager::Command::WorkerDied(identity, tx));
-        match py.detach(move || rx.recv_timeout(Duration::from_secs(30))) {
-            Ok(held) => Ok(held),
-            // The core has ended (its workers' streams with it): no result can be sent
-            // now; the interchange fails this pool's tasks as ManagerLost.
-            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(Vec::new()),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(PyRuntimeError::new_err(
-                "the pool core did not answer within 30 s",
-            )),
+    /// Report that worker process `pid` ended (`exit_code` negative: killed by that
+    /// signal). Returns at once; the core fails the task it was running as WorkerLost.
+    /// After the core has stopped there is nothing left to fail: the interchange fails
+    /// this pool's tasks as ManagerLost.
+    fn worker_died(&self, pid: u32, exit_code: i32) {
+        if let Ok(h) = pool_handle(self) {
+            h.command(manager::Command::WorkerDied { pid, exit_code });
         }
     }
 
-    /// Send results made in Python: [(task_id, status)], [payload].
-    fn send_results(&self, meta: Vec<(u64, u8)>, payloads: Vec<Vec<u8>>) -> PyResult<()> {
-        if meta.len() != payloads.len() {
-            return Err(PyValueError::new_err("one payload per result"));
-        }
-        pool_handle(self)?.command(manager::Command::Results(meta, payloads));
-        Ok(())
+    /// What the core has done so far: tasks received, started, results, lost, deaths,
+    /// and the tasks queued and running now.
+    fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = pool_handle(self)?.counts();
+        let d = PyDict::new(py);
+        d.set_item("received", c.received)?;
+        d.set_item("started", c.started)?;
+        d.set_item("results", c.results)?;
+        d.set_item("lost", c.lost)?;
+        d.set_item("deaths", c.deaths)?;
+        d.set_item("queued", c.queued)?;
+        d.set_item("running", c.running)?;
+        Ok(d)
     }
 
     /// Wait up to `timeout_ms`; returns None while running, else (reason, detail).
@@ -435,6 +435,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allowed_cpus, m)?)?;
     m.add_function(wrap_pyfunction!(plan_pool, m)?)?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
+    m.add("STATUS_RESULT", protocol::STATUS_RESULT)?;
+    m.add("STATUS_EXCEPTION", protocol::STATUS_EXCEPTION)?;
+    m.add("STATUS_MONITORING", protocol::STATUS_MONITORING)?;
+    m.add("STATUS_WORKER_LOST", protocol::STATUS_WORKER_LOST)?;
     m.add("VERSION", interchange::HTEX_RS_VERSION)?;
     m.add("HAS_CURVE", zmq::has("curve") == Some(true))?;
     Ok(())
