@@ -8,6 +8,16 @@ Measures, per executor, interleaved over rounds (medians reported):
   * one-at-a-time round-trip latency (median, p99);
   * throughput through the DataFlowKernel (parsl-perf style ``@python_app``);
   * the same throughput with encryption off, for the encrypted/unencrypted ratio.
+
+With ``--mixed`` it measures scheduling instead, on tasks of mixed lengths:
+
+    python benches/compare.py --mixed --rounds 3 --json docs/benchmarks_mixed.json
+
+  * makespan of a shuffled mix (10% 100 ms, 90% 1 ms sleeps) at prefetch 0, 16 and 64;
+  * prefetch 16, 2 workers: one 4 s task, then 30 of 20 ms: when the last short one ends;
+  * 1 worker, prefetch 4: a 1 ms task queued with a 3 s task: when the 1 ms result arrives;
+  * 1 worker, prefetch 8: a task that kills its worker, 6 quick tasks behind it: how many
+    of the 6 complete.
 """
 from __future__ import annotations
 
@@ -33,6 +43,17 @@ KINDS: dict[str, Callable[..., Any]] = {"parsl": ParslHTEX, "htex_rs": RustHTEX}
 
 def noop(x: int = 0) -> int:
     return x
+
+
+def nap(seconds: float) -> None:
+    import time
+    time.sleep(seconds)
+
+
+def kill_own_worker() -> None:
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make(kind: str, run_dir: str, workers: int, encrypted: bool, prefetch: int) -> Any:
@@ -111,6 +132,97 @@ def dfk_round(kind: str, args: argparse.Namespace, log: bool) -> float:
             parsl.clear()
 
 
+def with_executor(kind: str, workers: int, prefetch: int, body: Callable[[Any], Any]) -> Any:
+    with tempfile.TemporaryDirectory() as d:
+        ex = make(kind, d, workers, False, prefetch)
+        start(ex)
+        try:
+            for f in [ex.submit(nap, {}, 0.2) for _ in range(workers)]:
+                f.result(timeout=120)  # every worker up
+            return body(ex)
+        finally:
+            stop(ex)
+
+
+def makespan(ex: Any, lengths: list[float]) -> float:
+    t = time.perf_counter()
+    for f in [ex.submit(nap, {}, s) for s in lengths]:
+        f.result(timeout=600)
+    return time.perf_counter() - t
+
+
+def short_beside_long(ex: Any) -> float:
+    """Seconds from submitting a 4 s task and 30 of 20 ms until the last short one ends."""
+    t = time.perf_counter()
+    long = ex.submit(nap, {}, 4.0)
+    shorts = [ex.submit(nap, {}, 0.02) for _ in range(30)]
+    for f in shorts:
+        f.result(timeout=120)
+    done = time.perf_counter() - t
+    long.result(timeout=120)
+    return done
+
+
+def quick_result_beside_slow(ex: Any) -> float:
+    """Seconds until a 1 ms task's result arrives when a 3 s task is queued with it."""
+    t = time.perf_counter()
+    fast = ex.submit(nap, {}, 0.001)
+    slow = ex.submit(nap, {}, 3.0)
+    fast.result(timeout=120)
+    done = time.perf_counter() - t
+    slow.result(timeout=120)
+    return done
+
+
+def survivors_of_a_killer(ex: Any) -> float:
+    """Of 6 quick tasks queued behind a task that kills its worker, how many complete."""
+    killer = ex.submit(kill_own_worker, {})
+    quick = [ex.submit(nap, {}, 0.001) for _ in range(6)]
+    ok = 0
+    for f in [killer, *quick]:
+        try:
+            f.result(timeout=120)
+            ok += f is not killer
+        except Exception:
+            pass
+    return float(ok)
+
+
+def mixed_main(args: argparse.Namespace) -> None:
+    import random
+    rng = random.Random(6)
+    lengths = [0.1 if i % 10 == 0 else 0.001 for i in range(args.mixed_tasks)]
+    rng.shuffle(lengths)
+    cases: list[tuple[str, int, int, Callable[[Any], float]]] = [
+        (f"mixed makespan s, prefetch {pf}", args.workers, pf, lambda ex: makespan(ex, lengths))
+        for pf in (0, 16, 64)
+    ] + [
+        ("last short task beside a 4 s one, s (prefetch 16)", 2, 16, short_beside_long),
+        ("1 ms result beside a 3 s task, s (1 worker, prefetch 4)", 1, 4, quick_result_beside_slow),
+        ("tasks of 6 done behind a worker killer (1 worker, prefetch 8)", 1, 8, survivors_of_a_killer),
+    ]
+    raw: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+    for r in range(args.rounds):
+        for name, workers, pf, body in cases:
+            for kind in KINDS:  # side by side, case by case
+                v = with_executor(kind, workers, pf, body)
+                raw[kind].setdefault(name, []).append(v)
+                print(f"round {r + 1}/{args.rounds} {kind}: {name} = {v:.4g}", file=sys.stderr, flush=True)
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in raw.items()}
+    print(f"
+{args.workers} workers unless stated, {args.mixed_tasks} mixed tasks "
+          f"(10% 100 ms, 90% 1 ms), {args.rounds} rounds, medians")
+    print(f"{'case':<64}{'parsl':>9}{'htex_rs':>9}{'ratio':>8}")
+    ratios = {}
+    for name, *_ in cases:
+        a, b = med["parsl"][name], med["htex_rs"][name]
+        ratios[name] = b / a if a else float("nan")
+        print(f"{name:<64}{a:>9.4g}{b:>9.4g}{ratios[name]:>8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "raw": raw, "median": med, "ratios": ratios}, f, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -120,7 +232,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--mixed", action="store_true", help="the mixed-length scheduling cases instead")
+    p.add_argument("--mixed-tasks", type=int, default=600)
     args = p.parse_args()
+    if args.mixed:
+        mixed_main(args)
+        return
 
     raw: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
     raw["threads"] = {}

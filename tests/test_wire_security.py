@@ -77,7 +77,7 @@ def test_junk_is_dropped_counted_and_serving_continues(executor):
                 [wire.header(wire.HEARTBEAT)],                      # unregistered heartbeat
                 [wire.header(wire.RESULTS), b"\x01\x02"],            # unregistered + truncated
                 [wire.header(wire.REGISTER), b"not json"],
-                [b"HX\x01\xfe"],                                     # unknown kind
+                [wire.header(0xfe)],                                 # unknown kind
                 [wire.header(wire.TASKS)]]                           # wrong direction
         for frames in junk:
             s.send_multipart(frames)
