@@ -209,8 +209,7 @@ def mixed_main(args: argparse.Namespace) -> None:
                 raw[kind].setdefault(name, []).append(v)
                 print(f"round {r + 1}/{args.rounds} {kind}: {name} = {v:.4g}", file=sys.stderr, flush=True)
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in raw.items()}
-    print(f"
-{args.workers} workers unless stated, {args.mixed_tasks} mixed tasks "
+    print(f"\n{args.workers} workers unless stated, {args.mixed_tasks} mixed tasks "
           f"(10% 100 ms, 90% 1 ms), {args.rounds} rounds, medians")
     print(f"{'case':<64}{'parsl':>9}{'htex_rs':>9}{'ratio':>8}")
     ratios = {}
@@ -232,6 +231,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-dfk", action="store_true", help="only the executor.submit figures (for benches/ab.py)")
     p.add_argument("--mixed", action="store_true", help="the mixed-length scheduling cases instead")
     p.add_argument("--mixed-tasks", type=int, default=600)
     args = p.parse_args()
@@ -248,13 +248,21 @@ def main() -> None:
                 suffix = "" if enc else "_unencrypted"
                 for key, v in res.items():
                     raw[kind].setdefault(key + suffix, []).append(v)
-            raw[kind].setdefault("dfk_throughput", []).append(dfk_round(kind, args, True))
-            raw[kind].setdefault("dfk_throughput_nolog", []).append(dfk_round(kind, args, False))
+            if not args.no_dfk:
+                raw[kind].setdefault("dfk_throughput", []).append(dfk_round(kind, args, True))
+                raw[kind].setdefault("dfk_throughput_nolog", []).append(dfk_round(kind, args, False))
             print(f"round {r + 1}/{args.rounds} {kind}: " + ", ".join(
                 f"{k}={v[-1]:.4g}" for k, v in raw[kind].items()), file=sys.stderr, flush=True)
 
-        raw.setdefault("threads", {}).setdefault("dfk_throughput", []).append(dfk_round("threads", args, True))
-        raw["threads"].setdefault("dfk_throughput_nolog", []).append(dfk_round("threads", args, False))
+        if not args.no_dfk:
+            raw["threads"].setdefault("dfk_throughput", []).append(dfk_round("threads", args, True))
+            raw["threads"].setdefault("dfk_throughput_nolog", []).append(dfk_round("threads", args, False))
+    if args.no_dfk:
+        if args.json:
+            med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in raw.items() if d}
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "raw": raw, "median": med}, f, indent=2)
+        return
 
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in raw.items()}
     p_, r_ = med["parsl"], med["htex_rs"]

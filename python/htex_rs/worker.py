@@ -1,6 +1,8 @@
-"""A long-lived worker process: receives tasks from its pool over a Unix stream socket
-(one at a time: the pool core gives a worker its next task when it sends a result),
-runs them, and sends each result back in protocol form the moment its task returns.
+"""A long-lived worker process: receives tasks from its pool over a Unix stream socket,
+runs them in order, and sends each result back in protocol form the moment its task
+returns. The pool core gives it the task to run and at most one look-ahead, and may ask
+for the look-ahead back (RECLAIM) when another worker is idle: a reader thread answers
+that at once, even while a long task runs, with the tasks not yet started (RETURNED).
 
 Dies with its pool: PR_SET_PDEATHSIG, and the stream's end (the pool's socket closes
 when its process goes).
@@ -8,6 +10,7 @@ when its process goes).
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import importlib
 import logging
@@ -53,6 +56,59 @@ class MonitoringChannel:
                 self.pid = os.getpid()
             stream.send(self.sock, [wire.header(wire.RESULTS),
                                     wire.encode_meta([(0, wire.STATUS_MONITORING)]), data])
+
+
+class Inbox:
+    """The worker's end of its stream: a reader thread queues the tasks the pool sends
+    and answers RECLAIM by handing back every task not yet started; the main thread
+    takes tasks in order and sends results. Sends are serialised by a lock."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb", buffering=1 << 16)
+        self.tasks: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        self.cv = threading.Condition()
+        self.send_lock = threading.Lock()
+        self.closed = False
+
+    def send(self, frames: list[bytes]) -> None:
+        with self.send_lock:
+            stream.send(self.sock, frames)
+
+    def read_forever(self) -> None:
+        try:
+            self._read()
+        except (OSError, ValueError):  # a broken stream ends it as surely as its end does
+            logger.warning("The stream to the pool broke", exc_info=True)
+        finally:
+            with self.cv:
+                self.closed = True
+                self.cv.notify()
+
+    def _read(self) -> None:
+        while True:
+            frames = stream.recv(self.reader)
+            if frames is None:
+                return
+            kind = wire.kind_of(frames[0]) if frames else -1
+            if kind == wire.TASKS:
+                with self.cv:
+                    self.tasks.extend((tid, flags, frame)
+                                      for (tid, flags), frame in zip(wire.decode_meta(frames[1]), frames[2:]))
+                    self.cv.notify()
+            elif kind == wire.RECLAIM:
+                with self.cv:
+                    back = [tid for tid, _, _ in self.tasks]
+                    self.tasks.clear()
+                self.send([wire.header(wire.RETURNED), wire.encode_meta([(tid, 0) for tid in back])])
+
+    def next(self) -> Optional[tuple[int, int, bytes]]:
+        """The next task to run; None once the stream has ended. Nothing is started after
+        that: the pool core has put this worker's unstarted tasks back in its queue."""
+        with self.cv:
+            while not self.tasks and not self.closed:
+                self.cv.wait()
+            return None if self.closed else self.tasks.popleft()
 
 
 def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[NodePool] = None):
@@ -109,21 +165,19 @@ def main(argv: list[str] | None = None) -> None:
         nodes = mpi.NodePool.from_env()
         logger.info("MPI mode: nodes %s, launcher %s, locks in %s", nodes.nodes, nodes.launcher,
                     nodes.lock_dir)
-    sock = stream.connect(args.url)
-    reader = sock.makefile("rb", buffering=1 << 16)
-    stream.send(sock, [wire.header(wire.REGISTER), str(args.rank).encode()])
+    inbox = Inbox(stream.connect(args.url))
+    inbox.send([wire.header(wire.REGISTER), str(args.rank).encode()])
+    threading.Thread(target=inbox.read_forever, name="htex-rs-worker-inbox", daemon=True).start()
     logger.info("Worker %d ready (pid %d)", args.rank, os.getpid())
     while True:
-        frames = stream.recv(reader)
-        if frames is None:
+        task = inbox.next()
+        if task is None:
             logger.warning("Pool closed the stream (pool process gone); exiting")
             return
-        if not frames or wire.kind_of(frames[0]) != wire.TASKS:
-            continue
-        for (task_id, flags), frame in zip(wire.decode_meta(frames[1]), frames[2:]):
-            status, payload = execute(task_id, flags, frame, limit, nodes)
-            # At once, not with the next task's: the pool's next task for us waits on it.
-            stream.send(sock, [wire.header(wire.RESULTS), wire.encode_meta([(task_id, status)]), payload])
+        task_id, flags, frame = task
+        status, payload = execute(task_id, flags, frame, limit, nodes)
+        # At once, not with the next task's: the result frees this worker's slot.
+        inbox.send([wire.header(wire.RESULTS), wire.encode_meta([(task_id, status)]), payload])
 
 
 def execute(task_id: int, flags: int, frame: bytes, limit: int,

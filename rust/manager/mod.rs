@@ -1,8 +1,9 @@
 //! The worker pool's data path: a thread that owns the DEALER to the interchange and
 //! the Unix stream socket its worker processes connect to (one stream per worker,
 //! framed by `crate::stream`: no ZMQ I/O threads between pool and worker). It registers
-//! the pool, heartbeats, and owns every task the pool holds (`tasks`): one queue, and
-//! one task per idle worker at a time, so a free worker never waits behind a busy one.
+//! the pool, heartbeats, and owns every task the pool holds (`tasks`): one queue; a task
+//! goes to an idle worker first, and a one-task look-ahead only while no worker is idle
+//! (taken back when one is), so a free worker never waits behind a busy one.
 //! Results go to the interchange as their tasks end (results that finished together
 //! share a message). When the Python supervisor reports a worker's death (pid, exit
 //! code), the core fails that worker's running task with `STATUS_WORKER_LOST` itself.
@@ -72,7 +73,10 @@ pub enum Command {
     /// The worker process `pid` ended with `exit_code` (negative: killed by that signal).
     /// The core forwards what it sent before dying, fails its running task as WorkerLost
     /// and forgets it.
-    WorkerDied { pid: u32, exit_code: i32 },
+    WorkerDied {
+        pid: u32,
+        exit_code: i32,
+    },
     Stop,
 }
 
@@ -89,9 +93,11 @@ pub struct Counts {
     pub lost: u64,
     /// Worker deaths reported by the supervisor.
     pub deaths: u64,
-    /// Tasks queued now, running now.
+    /// Tasks returned unstarted (taken back for an idle worker, or held by a dead one).
+    pub requeued: u64,
+    /// Tasks queued now, held by workers now (running or look-ahead).
     pub queued: u64,
-    pub running: u64,
+    pub held: u64,
 }
 
 #[derive(Default)]
@@ -101,8 +107,9 @@ struct Counters {
     results: AtomicU64,
     lost: AtomicU64,
     deaths: AtomicU64,
+    requeued: AtomicU64,
     queued: AtomicU64,
-    running: AtomicU64,
+    held: AtomicU64,
 }
 
 struct Shared {
@@ -224,8 +231,9 @@ impl Handle {
             results: get(&c.results),
             lost: get(&c.lost),
             deaths: get(&c.deaths),
+            requeued: get(&c.requeued),
             queued: get(&c.queued),
-            running: get(&c.running),
+            held: get(&c.held),
         }
     }
 
@@ -330,7 +338,10 @@ impl ResultBatch {
         if self.payloads.is_empty() {
             return;
         }
-        let head = [header(Kind::Results).to_vec(), std::mem::take(&mut self.meta)];
+        let head = [
+            header(Kind::Results).to_vec(),
+            std::mem::take(&mut self.meta),
+        ];
         let payloads = std::mem::take(&mut self.payloads);
         self.bytes = 0;
         let _ = send_frames(ix, head.into_iter().chain(payloads));
@@ -369,7 +380,10 @@ impl Core {
                 self.stop = Some(Stopped::Silent);
                 break;
             }
-            let next = (last_beat + hb).min(last_contact + threshold);
+            let mut next = (last_beat + hb).min(last_contact + threshold);
+            if self.tasks.has_lookahead() {
+                next = next.min(now + tasks::STALE / 2); // to take a stale one back
+            }
             let timeout = next
                 .saturating_duration_since(now)
                 .as_millis()
@@ -480,7 +494,12 @@ impl Core {
             let Some(conn) = self.conns.remove(&token) else {
                 continue;
             };
-            let Some(task_id) = self.tasks.remove_worker(token) else {
+            let (lost, requeued) = self.tasks.remove_worker(token);
+            self.shared
+                .counters
+                .requeued
+                .fetch_add(requeued as u64, Ordering::Relaxed);
+            let Some(task_id) = lost else {
                 continue;
             };
             self.shared.counters.lost.fetch_add(1, Ordering::Relaxed);
@@ -501,8 +520,9 @@ impl Core {
 
     fn publish_counts(&self) {
         let c = &self.shared.counters;
-        c.queued.store(self.tasks.queued() as u64, Ordering::Relaxed);
-        c.running.store(self.tasks.running() as u64, Ordering::Relaxed);
+        c.queued
+            .store(self.tasks.queued() as u64, Ordering::Relaxed);
+        c.held.store(self.tasks.held() as u64, Ordering::Relaxed);
     }
 
     fn on_interchange(&mut self, mut frames: Vec<zmq::Message>) {
@@ -594,7 +614,11 @@ impl Core {
         }
         let unregistered_and_closed = !c.open && c.rank.is_none();
         if !c.open {
-            self.tasks.retire(token);
+            let n = self.tasks.retire(token);
+            self.shared
+                .counters
+                .requeued
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         for m in messages {
             self.on_worker(token, m);
@@ -608,7 +632,11 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&token) {
             if c.out.flush(&mut c.stream).is_err() {
                 c.close();
-                self.tasks.retire(token);
+                let n = self.tasks.retire(token);
+                self.shared
+                    .counters
+                    .requeued
+                    .fetch_add(n as u64, Ordering::Relaxed);
             }
         }
     }
@@ -628,6 +656,17 @@ impl Core {
                 c.rank = Some(frames[1].clone());
                 self.tasks.add_worker(token);
             }
+            Kind::Returned if frames.len() == 2 => {
+                let ids: Vec<u64> = frames[1]
+                    .chunks_exact(META_ENTRY)
+                    .map(|e| u64::from_le_bytes(e[..8].try_into().expect("8 bytes")))
+                    .collect();
+                self.shared
+                    .counters
+                    .requeued
+                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                self.tasks.returned(token, &ids);
+            }
             Kind::Results if frames.len() >= 2 => {
                 let mut frames = frames.into_iter();
                 let (Some(_), Some(meta)) = (frames.next(), frames.next()) else {
@@ -643,7 +682,7 @@ impl Core {
                         if !registered {
                             continue; // only a worker sends results, and only its own
                         }
-                        self.tasks.finished(token, task_id);
+                        self.tasks.finished(token, task_id, Instant::now());
                         self.shared.counters.results.fetch_add(1, Ordering::Relaxed);
                     }
                     if self.results.full() {
@@ -656,18 +695,35 @@ impl Core {
         }
     }
 
-    /// Hand each idle worker the next queued task, one task per worker.
+    /// Give out queued tasks (idle workers first, then look-aheads) and take back
+    /// look-aheads when a worker is idle with nothing queued.
     fn dispatch(&mut self) {
         let head = header(Kind::Tasks);
-        while let Some((token, task)) = self.tasks.next_assignment() {
-            self.shared.counters.started.fetch_add(1, Ordering::Relaxed);
+        let mut touched = Vec::new();
+        let conns = &mut self.conns;
+        let started = &self.shared.counters.started;
+        let now = Instant::now();
+        self.tasks.assign(now, |token, task| {
+            started.fetch_add(1, Ordering::Relaxed);
             let mut meta = [0u8; META_ENTRY];
             meta[..8].copy_from_slice(&task.id.to_le_bytes());
             meta[8] = task.flags;
             let frames: [&[u8]; 3] = [&head, &meta, &task.payload];
-            if let Some(c) = self.conns.get_mut(&token) {
+            if let Some(c) = conns.get_mut(&token) {
                 c.out.push(stream::encode(&frames));
+                touched.push(token);
             }
+        });
+        let reclaim = header(Kind::Reclaim);
+        for token in self.tasks.reclaims(now) {
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.out.push(stream::encode(&[&reclaim[..]]));
+                touched.push(token);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for token in touched {
             self.flush(token);
         }
     }
@@ -763,7 +819,11 @@ mod tests {
         while out.len() < n {
             let f = recv_kind(ix, Kind::Results);
             let meta = decode_meta(&f[1], f.len() - 2).unwrap();
-            out.extend(meta.into_iter().zip(&f[2..]).map(|((t, s), p)| (t, s, p.clone())));
+            out.extend(
+                meta.into_iter()
+                    .zip(&f[2..])
+                    .map(|((t, s), p)| (t, s, p.clone())),
+            );
         }
         out
     }
@@ -841,17 +901,20 @@ mod tests {
     }
 
     #[test]
-    fn registers_routes_one_task_per_worker_and_forwards_results() {
+    fn registers_routes_tasks_and_forwards_results() {
         let mut r = rig(Duration::from_secs(30));
         let reg = recv_kind(&r.ix, Kind::Register);
         assert_eq!(reg[1], b"{}");
         send_tasks(&r, &[1, 2, 3]);
-        // One task at a time: the other two wait in the core's queue.
+        // A fresh worker gets one task: no look-ahead until its tasks prove quick.
         assert_eq!(r.worker.recv_one(), (1, 1u64.to_le_bytes().to_vec()));
         r.worker.assert_quiet(100);
         let meta = encode_meta(&[(1, STATUS_EXCEPTION)]);
         r.worker.send(&[&header(Kind::Results), &meta, b"r1"]);
-        assert_eq!(results(&r.ix, 1), vec![(1, STATUS_EXCEPTION, b"r1".to_vec())]);
+        assert_eq!(
+            results(&r.ix, 1),
+            vec![(1, STATUS_EXCEPTION, b"r1".to_vec())]
+        );
         assert_eq!(r.worker.recv_one().0, 2);
         r.worker.finish(2, b"r2");
         assert_eq!(r.worker.recv_one().0, 3);
@@ -863,25 +926,41 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_worker_takes_queued_tasks_while_another_runs_a_long_one() {
+    fn a_look_ahead_behind_a_long_task_is_taken_back_for_the_idle_worker() {
         let mut r = rig(Duration::from_secs(30));
         recv_kind(&r.ix, Kind::Register);
         let mut second = connect(&r.worker_addr, b"1");
         // Both registered before the tasks arrive (the core reads streams in order).
         std::thread::sleep(Duration::from_millis(100));
+        // One quick task each first, so both may get a look-ahead.
+        send_tasks(&r, &[100, 101]);
+        let w = r.worker.recv_one().0;
+        r.worker.finish(w, b"ok");
+        let w = second.recv_one().0;
+        second.finish(w, b"ok");
+        assert_eq!(results(&r.ix, 2).len(), 2);
         send_tasks(&r, &[1, 2, 3, 4, 5]);
-        let first_task = r.worker.recv_one().0;
+        // Each gets a task and a look-ahead; the first worker never finishes its task.
+        let (a1, a2) = (r.worker.recv_one().0, r.worker.recv_one().0);
         let mut done = vec![];
-        // The first worker never finishes its task: the second runs all the others.
-        for _ in 0..4 {
+        while done.len() < 3 {
             let (id, _) = second.recv_one();
             second.finish(id, b"ok");
             done.push(id);
         }
-        done.push(first_task);
+        // The second worker is idle with nothing queued: the core asks for the look-ahead.
+        let m = r.worker.recv();
+        assert_eq!(decode_header(&m[0]), Ok(Kind::Reclaim));
+        r.worker
+            .send(&[&header(Kind::Returned), &encode_meta(&[(a2, 0)])]);
+        let (id, _) = second.recv_one();
+        assert_eq!(id, a2, "the returned task runs on the idle worker");
+        second.finish(id, b"ok");
+        done.extend([id, a1]);
         done.sort_unstable();
         assert_eq!(done, vec![1, 2, 3, 4, 5]);
         assert_eq!(results(&r.ix, 4).len(), 4);
+        assert_eq!(r.core.counts().requeued, 1);
         r.worker.assert_quiet(100);
     }
 
@@ -899,8 +978,8 @@ mod tests {
         send_tasks_to(&ix, &[1, 2, 3, 4]);
         assert_eq!(worker.recv_one().0, 1);
         drop(worker); // killed while running task 1
-        // Its replacement registers under the same rank before the death is reported:
-        // a new worker, not the dead one (the reuse race of issue #6).
+                      // Its replacement registers under the same rank before the death is reported:
+                      // a new worker, not the dead one (the reuse race of issue #6).
         let mut next = connect(&worker_addr, b"0");
         std::thread::sleep(Duration::from_millis(100));
         died(&core);
@@ -918,7 +997,10 @@ mod tests {
         let rest = results(&ix, 3);
         assert!(rest.iter().all(|(_, s, _)| *s == STATUS_RESULT));
         let c = core.counts();
-        assert_eq!((c.lost, c.deaths, c.queued, c.running), (1, 1, 0, 0));
+        assert_eq!(
+            (c.lost, c.deaths, c.requeued, c.queued, c.held),
+            (1, 1, 0, 0, 0)
+        );
     }
 
     #[test]

@@ -1,24 +1,49 @@
 //! The pool's tasks, owned in one place: one queue in the order the interchange sent them
-//! (Parsl's priority order) and the one task each worker is running. A worker is given a
-//! task only when it is idle, so no idle worker ever waits while another worker holds
-//! unstarted tasks, and a dead worker takes only its running task with it.
+//! (Parsl's priority order) and, per worker, the tasks it holds in the order it runs them:
+//! the first is running, the rest (at most `LOOKAHEAD`) wait in the worker so it never
+//! idles for a round trip between short tasks. A look-ahead is only given while no worker
+//! is idle, and only to a worker whose last task was short (`QUICK`): for longer tasks the
+//! round trip it hides is noise. It is taken back (`reclaims`, `returned`) as soon as a
+//! worker is idle with nothing queued, so no idle worker waits while another holds
+//! unstarted tasks, and once the task ahead of it has run for `STALE`, so a task never
+//! waits long behind a long one while later tasks run elsewhere (priority order). A dead worker's
+//! running task is lost; its unstarted ones go back to the front of the queue.
 //!
 //! Workers are keys (the core's stream tokens), not identities: a restarted worker that
 //! registers under its predecessor's rank before that death is reported is a new key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
-/// A queued task: its id, the flags of its meta entry, its opaque payload.
+/// Tasks a worker may hold beyond the one it runs.
+pub const LOOKAHEAD: usize = 1;
+/// A worker whose last task ran shorter than this gets a look-ahead.
+pub const QUICK: Duration = Duration::from_millis(2);
+/// A look-ahead is taken back once the task ahead of it has run this long.
+pub const STALE: Duration = Duration::from_millis(10);
+
+/// A task: its id, the flags of its meta entry, its opaque payload.
 pub struct Task<P> {
     pub id: u64,
     pub flags: u8,
     pub payload: P,
 }
 
+struct Held<P> {
+    /// In the order the worker runs them; the first is running.
+    tasks: VecDeque<Task<P>>,
+    /// A reclaim was sent and not yet answered: give this worker nothing more until then.
+    reclaiming: bool,
+    /// When the first task became the one it runs (given to an idle worker, or the
+    /// previous task's result arrived).
+    since: Instant,
+    /// Its last task ran shorter than `QUICK`.
+    quick: bool,
+}
+
 pub struct Tasks<P> {
     queue: VecDeque<Task<P>>,
-    /// Worker -> the id of the task it runs.
-    running: HashMap<u64, u64>,
+    held: HashMap<u64, Held<P>>,
     /// Idle workers in the order they became idle; `idle_set` is the same set, for
     /// O(1) removal (stale entries in `idle` are skipped when popped).
     idle: VecDeque<u64>,
@@ -31,7 +56,7 @@ impl<P> Default for Tasks<P> {
     fn default() -> Self {
         Tasks {
             queue: VecDeque::new(),
-            running: HashMap::new(),
+            held: HashMap::new(),
             idle: VecDeque::new(),
             idle_set: HashSet::new(),
             usable: HashSet::new(),
@@ -48,58 +73,169 @@ impl<P> Tasks<P> {
     /// A worker that registered: idle until given a task.
     pub fn add_worker(&mut self, worker: u64) {
         self.usable.insert(worker);
+        self.held.entry(worker).or_insert_with(|| Held {
+            tasks: VecDeque::new(),
+            reclaiming: false,
+            since: Instant::now(),
+            quick: false,
+        });
         self.make_idle(worker);
     }
 
-    /// A worker whose stream ended: give it nothing more. What it runs stays its own until
-    /// its death is reported ([`Tasks::remove_worker`]) or its result arrives.
-    pub fn retire(&mut self, worker: u64) {
+    /// A worker whose stream ended: give it nothing more, and put its look-ahead back at
+    /// the front of the queue (a worker starts no task once its stream has ended, and runs
+    /// its tasks in order, so only the first can have started). The first stays its own
+    /// until its death is reported ([`Tasks::remove_worker`]) or its result arrives.
+    /// Returns how many tasks went back.
+    pub fn retire(&mut self, worker: u64) -> usize {
         self.usable.remove(&worker);
         self.idle_set.remove(&worker);
-    }
-
-    /// The next (worker, task) pairing, while a task is queued and a worker is idle.
-    /// FIFO on both sides: the oldest queued task goes to the longest-idle worker.
-    pub fn next_assignment(&mut self) -> Option<(u64, Task<P>)> {
-        if self.queue.is_empty() {
-            return None;
-        }
-        let worker = loop {
-            let w = self.idle.pop_front()?;
-            if self.idle_set.remove(&w) {
-                break w;
-            }
+        let Some(h) = self.held.get_mut(&worker) else {
+            return 0;
         };
-        let task = self.queue.pop_front().expect("queue checked non-empty");
-        self.running.insert(worker, task.id);
-        Some((worker, task))
+        let back: Vec<Task<P>> = h.tasks.drain(1.min(h.tasks.len())..).collect();
+        let n = back.len();
+        for t in back.into_iter().rev() {
+            self.queue.push_front(t);
+        }
+        n
     }
 
-    /// `worker` sent the result of `task_id`. True if that was the task it was running
-    /// (it is idle again); false for anything else, which changes nothing.
-    pub fn finished(&mut self, worker: u64, task_id: u64) -> bool {
-        if self.running.get(&worker) != Some(&task_id) {
-            return false;
+    /// Give out queued tasks: first one to each idle worker (the longest idle first),
+    /// then, only while none is idle, one look-ahead to each busy worker. `send` is
+    /// called with each (worker, task) given; the task stays held here until it ends.
+    pub fn assign(&mut self, now: Instant, mut send: impl FnMut(u64, &Task<P>)) {
+        while !self.queue.is_empty() {
+            let Some(w) = self.idle.pop_front() else {
+                break;
+            };
+            if self.idle_set.remove(&w) {
+                if let Some(h) = self.held.get_mut(&w) {
+                    h.since = now;
+                }
+                self.give(w, &mut send);
+            }
         }
-        self.running.remove(&worker);
-        if self.usable.contains(&worker) {
+        if self.queue.is_empty() || !self.idle_set.is_empty() {
+            return;
+        }
+        let mut busy: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(w, h)| {
+                self.usable.contains(w)
+                    && h.quick
+                    && !h.reclaiming
+                    && !h.tasks.is_empty()
+                    && h.tasks.len() <= LOOKAHEAD
+            })
+            .map(|(w, _)| *w)
+            .collect();
+        busy.sort_unstable();
+        for w in busy {
+            while !self.queue.is_empty() && self.held[&w].tasks.len() <= LOOKAHEAD {
+                self.give(w, &mut send);
+            }
+        }
+    }
+
+    fn give(&mut self, worker: u64, send: &mut impl FnMut(u64, &Task<P>)) {
+        let task = self.queue.pop_front().expect("caller checked the queue");
+        send(worker, &task);
+        if let Some(h) = self.held.get_mut(&worker) {
+            h.tasks.push_back(task);
+        }
+    }
+
+    /// Workers to ask for their unstarted tasks back (each asked once until it answers):
+    /// every one holding a look-ahead while a worker is idle and nothing is queued, and
+    /// any whose look-ahead has waited `STALE` behind the task it runs.
+    pub fn reclaims(&mut self, now: Instant) -> Vec<u64> {
+        let starving = self.queue.is_empty() && !self.idle_set.is_empty();
+        let mut out: Vec<u64> = self
+            .held
+            .iter_mut()
+            .filter(|(_, h)| {
+                !h.reclaiming
+                    && h.tasks.len() > 1
+                    && (starving || now.saturating_duration_since(h.since) >= STALE)
+            })
+            .map(|(w, h)| {
+                h.reclaiming = true;
+                h.quick = false; // it runs a long task now
+                *w
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// `worker` answered a reclaim with the tasks it had not started: they go back to the
+    /// front of the queue, in their order.
+    pub fn returned(&mut self, worker: u64, ids: &[u64]) {
+        let Some(h) = self.held.get_mut(&worker) else {
+            return;
+        };
+        h.reclaiming = false;
+        let mut back = Vec::new();
+        for id in ids {
+            if let Some(at) = h.tasks.iter().position(|t| t.id == *id) {
+                back.extend(h.tasks.remove(at));
+            }
+        }
+        let empty = h.tasks.is_empty();
+        for t in back.into_iter().rev() {
+            self.queue.push_front(t);
+        }
+        if empty && self.usable.contains(&worker) {
+            self.make_idle(worker);
+        }
+    }
+
+    /// `worker` sent the result of `task_id` at `now`. True if it held that task.
+    pub fn finished(&mut self, worker: u64, task_id: u64, now: Instant) -> bool {
+        let Some(h) = self.held.get_mut(&worker) else {
+            return false;
+        };
+        let Some(at) = h.tasks.iter().position(|t| t.id == task_id) else {
+            return false;
+        };
+        h.tasks.remove(at);
+        if at == 0 {
+            h.quick = now.saturating_duration_since(h.since) < QUICK;
+            h.since = now;
+        }
+        if h.tasks.is_empty() && self.usable.contains(&worker) {
             self.make_idle(worker);
         }
         true
     }
 
-    /// A worker died: forget it. Returns the task it was running, which is lost.
-    pub fn remove_worker(&mut self, worker: u64) -> Option<u64> {
-        self.retire(worker);
-        self.running.remove(&worker)
+    /// A worker died: forget it. Returns the id of the task it was running (lost) and
+    /// how many unstarted ones went back to the front of the queue.
+    pub fn remove_worker(&mut self, worker: u64) -> (Option<u64>, usize) {
+        let requeued = self.retire(worker);
+        let lost = self
+            .held
+            .remove(&worker)
+            .and_then(|h| h.tasks.into_iter().next())
+            .map(|t| t.id);
+        (lost, requeued)
     }
 
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
 
-    pub fn running(&self) -> usize {
-        self.running.len()
+    /// Whether any worker holds a look-ahead (the core then wakes often enough to take
+    /// back a stale one).
+    pub fn has_lookahead(&self) -> bool {
+        self.held.values().any(|h| h.tasks.len() > 1)
+    }
+
+    /// Tasks held by workers (running or look-ahead).
+    pub fn held(&self) -> usize {
+        self.held.values().map(|h| h.tasks.len()).sum()
     }
 
     #[cfg(test)]
@@ -108,7 +244,8 @@ impl<P> Tasks<P> {
     }
 
     fn make_idle(&mut self, worker: u64) {
-        if !self.running.contains_key(&worker) && self.idle_set.insert(worker) {
+        let holds = self.held.get(&worker).is_some_and(|h| !h.tasks.is_empty());
+        if !holds && self.idle_set.insert(worker) {
             self.idle.push_back(worker);
         }
     }
@@ -126,77 +263,202 @@ mod tests {
         }
     }
 
-    fn drain(t: &mut Tasks<()>) -> Vec<(u64, u64)> {
-        std::iter::from_fn(|| t.next_assignment().map(|(w, t)| (w, t.id))).collect()
+    /// The tests' clock stands still (every task is quick, no look-ahead goes stale)
+    /// unless a test moves it on explicitly.
+    fn now() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// A registered worker whose last task was quick, so it may get a look-ahead.
+    fn add(t: &mut Tasks<()>, w: u64) {
+        let _ = now();
+        t.add_worker(w);
+        t.held.get_mut(&w).unwrap().quick = true;
+    }
+
+    fn assign(t: &mut Tasks<()>) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        t.assign(now(), |w, task| out.push((w, task.id)));
+        out
     }
 
     #[test]
-    fn a_worker_runs_one_task_at_a_time_and_an_idle_one_takes_the_next() {
+    fn idle_workers_first_then_one_look_ahead_each() {
         let mut t = Tasks::default();
-        t.add_worker(1);
-        t.add_worker(2);
-        for id in 10..14 {
+        add(&mut t, 1);
+        add(&mut t, 2);
+        for id in 10..16 {
             t.push(task(id));
         }
-        // One each; the other two stay queued, bound to nobody.
-        assert_eq!(drain(&mut t), vec![(1, 10), (2, 11)]);
-        assert_eq!((t.queued(), t.running(), t.idle_workers()), (2, 2, 0));
-        // Worker 1 stays busy (a long task); worker 2 takes every remaining short one.
-        assert!(t.finished(2, 11));
-        assert_eq!(drain(&mut t), vec![(2, 12)]);
-        assert!(t.finished(2, 12));
-        assert_eq!(drain(&mut t), vec![(2, 13)]);
-        assert!(t.finished(2, 13));
-        assert_eq!(drain(&mut t), vec![]);
+        assert_eq!(assign(&mut t), vec![(1, 10), (2, 11), (1, 12), (2, 13)]);
+        assert_eq!((t.queued(), t.held(), t.idle_workers()), (2, 4, 0));
+        assert_eq!(
+            t.reclaims(now()),
+            Vec::<u64>::new(),
+            "tasks are queued: nothing to take back"
+        );
+        // Worker 1 finishes its running task and starts its look-ahead: one more for it.
+        assert!(t.finished(1, 10, now()));
+        assert_eq!(assign(&mut t), vec![(1, 14)]);
+    }
+
+    #[test]
+    fn a_look_ahead_behind_a_long_task_is_taken_back_for_an_idle_worker() {
+        let mut t = Tasks::default();
+        add(&mut t, 1);
+        add(&mut t, 2);
+        for id in 1..=4 {
+            t.push(task(id));
+        }
+        assert_eq!(assign(&mut t), vec![(1, 1), (2, 2), (1, 3), (2, 4)]);
+        // Worker 2 runs both of its tasks; worker 1 is stuck in task 1 holding task 3.
+        assert!(t.finished(2, 2, now()));
+        assert!(t.finished(2, 4, now()));
         assert_eq!(t.idle_workers(), 1);
+        assert_eq!(t.reclaims(now()), vec![1]);
+        assert_eq!(
+            t.reclaims(now()),
+            Vec::<u64>::new(),
+            "asked once until it answers"
+        );
+        assert_eq!(
+            assign(&mut t),
+            vec![],
+            "nothing more for a worker being asked"
+        );
+        t.returned(1, &[3]);
+        assert_eq!(assign(&mut t), vec![(2, 3)]);
+        assert!(t.finished(2, 3, now()));
+        assert!(t.finished(1, 1, now()));
+        assert_eq!((t.queued(), t.held(), t.idle_workers()), (0, 0, 2));
+    }
+
+    #[test]
+    fn a_reclaim_that_comes_too_late_returns_nothing_and_changes_nothing() {
+        let mut t = Tasks::default();
+        add(&mut t, 1);
+        add(&mut t, 2);
+        for id in 1..=3 {
+            t.push(task(id));
+        }
+        assert_eq!(assign(&mut t), vec![(1, 1), (2, 2), (1, 3)]);
+        assert!(t.finished(2, 2, now()));
+        assert_eq!(t.reclaims(now()), vec![1]);
+        assert!(t.finished(1, 1, now())); // it had already started task 3
+        t.returned(1, &[]);
+        assert_eq!(t.held(), 1);
+        assert!(t.finished(1, 3, now()));
+        assert_eq!(t.idle_workers(), 2);
     }
 
     #[test]
     fn a_dead_worker_loses_only_its_running_task() {
         let mut t = Tasks::default();
-        t.add_worker(1);
+        add(&mut t, 1);
+        add(&mut t, 2);
         for id in 1..=7 {
             t.push(task(id));
         }
-        assert_eq!(drain(&mut t), vec![(1, 1)]);
-        assert_eq!(t.remove_worker(1), Some(1));
-        assert_eq!(t.remove_worker(1), None, "a second report loses nothing more");
-        // The restarted worker (a new key) runs the six that were queued.
-        t.add_worker(2);
+        assert_eq!(assign(&mut t), vec![(1, 1), (2, 2), (1, 3), (2, 4)]);
+        assert_eq!(t.remove_worker(1), (Some(1), 1));
+        assert_eq!(
+            t.remove_worker(1),
+            (None, 0),
+            "a second report loses nothing more"
+        );
+        // Its look-ahead is first in the queue again; the restarted worker (a new key)
+        // and worker 2 run everything else.
+        add(&mut t, 3);
         let mut done = Vec::new();
-        while let Some((w, task)) = t.next_assignment() {
-            assert!(t.finished(w, task.id));
-            done.push(task.id);
+        while t.queued() + t.held() > 0 {
+            for (w, id) in assign(&mut t) {
+                let _ = w;
+                done.push(id);
+            }
+            for w in [2, 3] {
+                let first = t.held.get(&w).and_then(|h| h.tasks.front()).map(|x| x.id);
+                if let Some(id) = first {
+                    assert!(t.finished(w, id, now()));
+                }
+            }
         }
-        assert_eq!(done, vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(done[0], 3, "the dead worker's unstarted task goes first");
+        done.sort_unstable();
+        assert_eq!(done, vec![3, 5, 6, 7]);
     }
 
     #[test]
     fn a_retired_worker_gets_nothing_and_its_late_result_still_counts() {
         let mut t = Tasks::default();
-        t.add_worker(1);
-        t.add_worker(2);
+        add(&mut t, 1);
+        add(&mut t, 2);
         t.push(task(1));
-        assert_eq!(drain(&mut t), vec![(1, 1)]);
-        t.retire(2); // idle, stream ended: not given task 2
-        t.retire(1); // running, stream ended after it sent its result
+        assert_eq!(assign(&mut t), vec![(1, 1)]);
+        assert_eq!(t.retire(2), 0); // idle, stream ended: not given task 2
+        assert_eq!(t.retire(1), 0); // running, stream ended after it sent its result
         t.push(task(2));
-        assert_eq!(drain(&mut t), vec![]);
-        assert!(t.finished(1, 1));
-        assert_eq!(t.remove_worker(1), None, "its result arrived: nothing lost");
-        assert_eq!(drain(&mut t), vec![]);
-        t.add_worker(3);
-        assert_eq!(drain(&mut t), vec![(3, 2)]);
+        assert_eq!(assign(&mut t), vec![]);
+        assert!(t.finished(1, 1, now()));
+        assert_eq!(
+            t.remove_worker(1),
+            (None, 0),
+            "its result arrived: nothing lost"
+        );
+        add(&mut t, 3);
+        assert_eq!(assign(&mut t), vec![(3, 2)]);
+    }
+
+    #[test]
+    fn a_worker_whose_stream_ends_gives_back_its_look_ahead_at_once() {
+        let mut t = Tasks::default();
+        add(&mut t, 1);
+        add(&mut t, 2);
+        for id in 1..=5 {
+            t.push(task(id));
+        }
+        assert_eq!(assign(&mut t), vec![(1, 1), (2, 2), (1, 3), (2, 4)]);
+        assert_eq!(t.retire(1), 1);
+        assert!(t.finished(2, 2, now()));
+        assert_eq!(
+            assign(&mut t),
+            vec![(2, 3)],
+            "the look-ahead goes first again"
+        );
+        assert_eq!(t.remove_worker(1), (Some(1), 0));
+    }
+
+    #[test]
+    fn a_fresh_or_slow_worker_gets_no_look_ahead_and_a_stale_one_is_taken_back() {
+        let mut t = Tasks::default();
+        let _ = now();
+        t.add_worker(1); // no task run yet: not known to be quick
+        for id in 1..=3 {
+            t.push(task(id));
+        }
+        assert_eq!(assign(&mut t), vec![(1, 1)]);
+        assert!(t.finished(1, 1, now() + QUICK * 2)); // a slow task
+        assert_eq!(assign(&mut t), vec![(1, 2)]);
+        assert!(t.finished(1, 2, now())); // a quick one (given at now())
+        assert_eq!(assign(&mut t), vec![(1, 3)]);
+        t.push(task(4));
+        assert_eq!(assign(&mut t), vec![(1, 4)], "quick: one look-ahead");
+        // Task 3 turns out long: its look-ahead is taken back once it has waited STALE.
+        assert_eq!(t.reclaims(now() + STALE / 2), Vec::<u64>::new());
+        assert_eq!(t.reclaims(now() + STALE), vec![1]);
+        t.returned(1, &[4]);
+        assert_eq!(t.queued(), 1);
+        assert_eq!(assign(&mut t), vec![], "no longer quick: no look-ahead");
     }
 
     #[test]
     fn results_for_other_tasks_change_nothing() {
         let mut t = Tasks::default();
-        t.add_worker(1);
+        add(&mut t, 1);
         t.push(task(5));
-        assert_eq!(drain(&mut t), vec![(1, 5)]);
-        assert!(!t.finished(1, 6));
-        assert!(!t.finished(9, 5));
-        assert_eq!((t.running(), t.idle_workers()), (1, 0));
+        assert_eq!(assign(&mut t), vec![(1, 5)]);
+        assert!(!t.finished(1, 6, now()));
+        assert!(!t.finished(9, 5, now()));
+        assert_eq!((t.held(), t.idle_workers()), (1, 0));
     }
 }

@@ -21,12 +21,16 @@ pub enum Kind {
     Register = 2,
     Heartbeat = 3,
     Results = 4,
+    /// Worker -> pool core only: the tasks it had not started, answering a `Reclaim`.
+    Returned = 5,
     ProbeAck = 65,
     Tasks = 66,
     HeartbeatReply = 67,
     Shutdown = 68,
     Refused = 69,
     Registered = 70,
+    /// Pool core -> worker only: send back the tasks you have not started.
+    Reclaim = 71,
 }
 
 impl Kind {
@@ -37,12 +41,14 @@ impl Kind {
             2 => Kind::Register,
             3 => Kind::Heartbeat,
             4 => Kind::Results,
+            5 => Kind::Returned,
             65 => Kind::ProbeAck,
             66 => Kind::Tasks,
             67 => Kind::HeartbeatReply,
             68 => Kind::Shutdown,
             69 => Kind::Refused,
             70 => Kind::Registered,
+            71 => Kind::Reclaim,
             _ => return None,
         })
     }

@@ -321,7 +321,8 @@ impl PoolCore {
         d.set_item("lost", c.lost)?;
         d.set_item("deaths", c.deaths)?;
         d.set_item("queued", c.queued)?;
-        d.set_item("running", c.running)?;
+        d.set_item("requeued", c.requeued)?;
+        d.set_item("held", c.held)?;
         Ok(d)
     }
 
