@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from htex_rs import logs, stream, wire
 
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         nodes = mpi.NodePool.from_env()
         logger.info("MPI mode: nodes %s, launcher %s, locks in %s", nodes.nodes, nodes.launcher,
                     nodes.lock_dir)
+    execute = task_runner(limit, nodes)
     inbox = Inbox(stream.connect(args.url))
     inbox.send([wire.header(wire.REGISTER), str(args.rank).encode()])
     threading.Thread(target=inbox.read_forever, name="htex-rs-worker-inbox", daemon=True).start()
@@ -175,34 +176,37 @@ def main(argv: list[str] | None = None) -> None:
             logger.warning("Pool closed the stream (pool process gone); exiting")
             return
         task_id, flags, frame = task
-        status, payload = execute(task_id, flags, frame, limit, nodes)
+        status, payload = execute(task_id, flags, frame)
         # At once, not with the next task's: the result frees this worker's slot.
         inbox.send([wire.header(wire.RESULTS), wire.encode_meta([(task_id, status)]), payload])
 
 
-def execute(task_id: int, flags: int, frame: bytes, limit: int,
-            nodes: Optional[NodePool]) -> tuple[int, bytes]:
-    """Run one task; (status, its serialized result or RemoteExceptionWrapper)."""
-    from parsl.app.errors import RemoteExceptionWrapper as wrapper
+def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, bytes], tuple[int, bytes]]:
+    """``execute(task_id, flags, frame) -> (status, serialized result or exception)``.
+    Parsl's serializer is imported here, once, after the worker's CPU affinity is set."""
+    from parsl.app.errors import RemoteExceptionWrapper
     from parsl.serialize import serialize, unpack_apply_message
 
-    from htex_rs.errors import TaskTooLarge as too_large
-    try:
-        context, buffer = wire.decode_task(flags, frame)
-        result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes),
-                           buffer_threshold=1_000_000)
-        if len(result) > limit:  # the interchange would drop the connection instead
-            raise too_large(f"the result of task {task_id}", len(result), limit)
-        return wire.STATUS_RESULT, result
-    except Exception:
-        logger.debug("Task %s raised", task_id, exc_info=True)
+    from htex_rs.errors import TaskTooLarge
+
+    def execute(task_id: int, flags: int, frame: bytes) -> tuple[int, bytes]:
         try:
-            return wire.STATUS_EXCEPTION, serialize(wrapper(*sys.exc_info()))
-        except Exception as e:
+            context, buffer = wire.decode_task(flags, frame)
+            result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes),
+                               buffer_threshold=1_000_000)
+            if len(result) > limit:  # the interchange would drop the connection instead
+                raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)
+            return wire.STATUS_RESULT, result
+        except Exception:
+            logger.debug("Task %s raised", task_id, exc_info=True)
             try:
-                raise RuntimeError(f"the task's exception could not be serialized: {e!r}") from None
-            except RuntimeError:
-                return wire.STATUS_EXCEPTION, serialize(wrapper(*sys.exc_info()))
+                return wire.STATUS_EXCEPTION, serialize(RemoteExceptionWrapper(*sys.exc_info()))
+            except Exception as e:
+                try:
+                    raise RuntimeError(f"the task's exception could not be serialized: {e!r}") from None
+                except RuntimeError:
+                    return wire.STATUS_EXCEPTION, serialize(RemoteExceptionWrapper(*sys.exc_info()))
+    return execute
 
 
 if __name__ == "__main__":

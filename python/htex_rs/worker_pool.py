@@ -1,10 +1,11 @@
 """htex-rs-worker-pool: the per-node manager.
 
 Registers with the interchange and starts N long-lived worker processes. The Rust pool
-core owns the pool's tasks: it queues them, hands each idle worker one task over its Unix
-stream, forwards each result as its task ends, heartbeats, and fails the running task of
-a worker whose death this supervisor reports (pid, exit code) as WorkerLost. The
-supervisor starts, pins and restarts the processes. It exits when the interchange says so (drain, shutdown) or goes silent
+core owns the pool's tasks: it queues them, gives idle workers tasks first (a quick
+worker may hold one look-ahead) over a Unix stream each, forwards each result as its task
+ends, heartbeats, and fails the running task of a worker whose death this supervisor
+reports (pid, exit code) as WorkerLost. The supervisor starts, pins and restarts the
+processes. It exits when the interchange says so (drain, shutdown) or goes silent
 past ``--hb_threshold``.
 Takes the same options as Parsl's process_worker_pool.py.
 """
@@ -132,7 +133,7 @@ class Pool:
         self.cert_dir = None if args.cert_dir in (None, "None") else args.cert_dir
         self.count = worker_count(args)
         # What the interchange may send us (Parsl's rule); the core queues the prefetched
-        # ones and gives each worker one task at a time.
+        # ones in one queue, not in per-worker shares.
         self.capacity = self.count + args.prefetch_capacity
         self.drain_time = _SCRIPT_LOAD_TIME + args.drain_period if args.drain_period is not None else None
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)

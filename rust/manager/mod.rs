@@ -21,7 +21,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    decode_header, decode_meta, header, Kind, META_ENTRY, STATUS_MONITORING, STATUS_WORKER_LOST,
+    decode_header, decode_meta, encode_meta, header, Kind, META_ENTRY, STATUS_MONITORING,
+    STATUS_WORKER_LOST,
 };
 use crate::stream::{self, Decoder, Outbox};
 use crate::transport::{recv_frames, send_frames, Mailbox};
@@ -313,7 +314,7 @@ impl Conn {
 /// (all already finished) leave together at its end.
 #[derive(Default)]
 struct ResultBatch {
-    meta: Vec<u8>,
+    meta: Vec<(u64, u8)>,
     payloads: Vec<Vec<u8>>,
     bytes: usize,
 }
@@ -328,8 +329,7 @@ impl ResultBatch {
     }
 
     fn push(&mut self, task_id: u64, status: u8, payload: Vec<u8>) {
-        self.meta.extend_from_slice(&task_id.to_le_bytes());
-        self.meta.push(status);
+        self.meta.push((task_id, status));
         self.bytes += payload.len();
         self.payloads.push(payload);
     }
@@ -338,10 +338,8 @@ impl ResultBatch {
         if self.payloads.is_empty() {
             return;
         }
-        let head = [
-            header(Kind::Results).to_vec(),
-            std::mem::take(&mut self.meta),
-        ];
+        let head = [header(Kind::Results).to_vec(), encode_meta(&self.meta)];
+        self.meta.clear();
         let payloads = std::mem::take(&mut self.payloads);
         self.bytes = 0;
         let _ = send_frames(ix, head.into_iter().chain(payloads));
@@ -358,7 +356,7 @@ struct Core {
     own_uid: u32,
     monitor: zmq::Socket,
     shared: Arc<Shared>,
-    /// Every task the pool holds: queued, or running on one worker (keyed by stream token).
+    /// Every task the pool holds: queued, or held by a worker (keyed by stream token).
     tasks: Tasks<zmq::Message>,
     results: ResultBatch,
     stop: Option<Stopped>,
@@ -494,12 +492,7 @@ impl Core {
             let Some(conn) = self.conns.remove(&token) else {
                 continue;
             };
-            let (lost, requeued) = self.tasks.remove_worker(token);
-            self.shared
-                .counters
-                .requeued
-                .fetch_add(requeued as u64, Ordering::Relaxed);
-            let Some(task_id) = lost else {
+            let Some(task_id) = self.tasks.remove_worker(token) else {
                 continue;
             };
             self.shared.counters.lost.fetch_add(1, Ordering::Relaxed);
@@ -523,28 +516,22 @@ impl Core {
         c.queued
             .store(self.tasks.queued() as u64, Ordering::Relaxed);
         c.held.store(self.tasks.held() as u64, Ordering::Relaxed);
+        c.requeued.store(self.tasks.requeued(), Ordering::Relaxed);
     }
 
     fn on_interchange(&mut self, mut frames: Vec<zmq::Message>) {
         match decode_header(&frames[0]) {
             Ok(Kind::Tasks) if frames.len() >= 2 => {
                 let payloads = frames.split_off(2);
-                let meta = &frames[1];
-                if meta.len() != payloads.len() * META_ENTRY {
+                let Ok(meta) = decode_meta(&frames[1], payloads.len()) else {
                     return; // malformed; the interchange never sends this
-                }
+                };
                 self.shared
                     .counters
                     .received
                     .fetch_add(payloads.len() as u64, Ordering::Relaxed);
-                for (entry, payload) in meta.chunks_exact(META_ENTRY).zip(payloads) {
-                    let mut id = [0u8; 8];
-                    id.copy_from_slice(&entry[..8]);
-                    self.tasks.push(Task {
-                        id: u64::from_le_bytes(id),
-                        flags: entry[8],
-                        payload,
-                    });
+                for ((id, flags), payload) in meta.into_iter().zip(payloads) {
+                    self.tasks.push(Task { id, flags, payload });
                 }
             }
             Ok(Kind::Shutdown) => self.stop = Some(Stopped::Shutdown),
@@ -614,11 +601,7 @@ impl Core {
         }
         let unregistered_and_closed = !c.open && c.rank.is_none();
         if !c.open {
-            let n = self.tasks.retire(token);
-            self.shared
-                .counters
-                .requeued
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.tasks.retire(token);
         }
         for m in messages {
             self.on_worker(token, m);
@@ -632,11 +615,7 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&token) {
             if c.out.flush(&mut c.stream).is_err() {
                 c.close();
-                let n = self.tasks.retire(token);
-                self.shared
-                    .counters
-                    .requeued
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.tasks.retire(token);
             }
         }
     }
@@ -657,14 +636,11 @@ impl Core {
                 self.tasks.add_worker(token);
             }
             Kind::Returned if frames.len() == 2 => {
-                let ids: Vec<u64> = frames[1]
-                    .chunks_exact(META_ENTRY)
-                    .map(|e| u64::from_le_bytes(e[..8].try_into().expect("8 bytes")))
-                    .collect();
-                self.shared
-                    .counters
-                    .requeued
-                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                // A meta frame of the returned task ids, with no payload frames.
+                let Ok(meta) = decode_meta(&frames[1], frames[1].len() / META_ENTRY) else {
+                    return;
+                };
+                let ids: Vec<u64> = meta.into_iter().map(|(id, _)| id).collect();
                 self.tasks.returned(token, &ids);
             }
             Kind::Results if frames.len() >= 2 => {
@@ -705,9 +681,7 @@ impl Core {
         let now = Instant::now();
         self.tasks.assign(now, |token, task| {
             started.fetch_add(1, Ordering::Relaxed);
-            let mut meta = [0u8; META_ENTRY];
-            meta[..8].copy_from_slice(&task.id.to_le_bytes());
-            meta[8] = task.flags;
+            let meta = encode_meta(&[(task.id, task.flags)]);
             let frames: [&[u8]; 3] = [&head, &meta, &task.payload];
             if let Some(c) = conns.get_mut(&token) {
                 c.out.push(stream::encode(&frames));

@@ -50,6 +50,8 @@ pub struct Tasks<P> {
     idle_set: HashSet<u64>,
     /// Workers that may be given tasks (registered, stream open).
     usable: HashSet<u64>,
+    /// Tasks that went back to the queue unstarted, so far.
+    requeued: u64,
 }
 
 impl<P> Default for Tasks<P> {
@@ -60,6 +62,7 @@ impl<P> Default for Tasks<P> {
             idle: VecDeque::new(),
             idle_set: HashSet::new(),
             usable: HashSet::new(),
+            requeued: 0,
         }
     }
 }
@@ -86,19 +89,22 @@ impl<P> Tasks<P> {
     /// the front of the queue (a worker starts no task once its stream has ended, and runs
     /// its tasks in order, so only the first can have started). The first stays its own
     /// until its death is reported ([`Tasks::remove_worker`]) or its result arrives.
-    /// Returns how many tasks went back.
-    pub fn retire(&mut self, worker: u64) -> usize {
+    pub fn retire(&mut self, worker: u64) {
         self.usable.remove(&worker);
         self.idle_set.remove(&worker);
         let Some(h) = self.held.get_mut(&worker) else {
-            return 0;
+            return;
         };
         let back: Vec<Task<P>> = h.tasks.drain(1.min(h.tasks.len())..).collect();
-        let n = back.len();
+        self.requeue_front(back);
+    }
+
+    /// Unstarted tasks back at the front of the queue, in their order.
+    fn requeue_front(&mut self, back: Vec<Task<P>>) {
+        self.requeued += back.len() as u64;
         for t in back.into_iter().rev() {
             self.queue.push_front(t);
         }
-        n
     }
 
     /// Give out queued tasks: first one to each idle worker (the longest idle first),
@@ -184,9 +190,7 @@ impl<P> Tasks<P> {
             }
         }
         let empty = h.tasks.is_empty();
-        for t in back.into_iter().rev() {
-            self.queue.push_front(t);
-        }
+        self.requeue_front(back);
         if empty && self.usable.contains(&worker) {
             self.make_idle(worker);
         }
@@ -211,20 +215,24 @@ impl<P> Tasks<P> {
         true
     }
 
-    /// A worker died: forget it. Returns the id of the task it was running (lost) and
-    /// how many unstarted ones went back to the front of the queue.
-    pub fn remove_worker(&mut self, worker: u64) -> (Option<u64>, usize) {
-        let requeued = self.retire(worker);
-        let lost = self
-            .held
+    /// A worker died: forget it, its unstarted tasks back at the front of the queue.
+    /// Returns the id of the task it was running, which is lost.
+    pub fn remove_worker(&mut self, worker: u64) -> Option<u64> {
+        self.retire(worker);
+        self.held
             .remove(&worker)
             .and_then(|h| h.tasks.into_iter().next())
-            .map(|t| t.id);
-        (lost, requeued)
+            .map(|t| t.id)
     }
 
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Tasks that went back to the queue unstarted so far (reclaimed, or held by a worker
+    /// whose stream ended).
+    pub fn requeued(&self) -> u64 {
+        self.requeued
     }
 
     /// Whether any worker holds a look-ahead (the core then wakes often enough to take
@@ -361,12 +369,14 @@ mod tests {
             t.push(task(id));
         }
         assert_eq!(assign(&mut t), vec![(1, 1), (2, 2), (1, 3), (2, 4)]);
-        assert_eq!(t.remove_worker(1), (Some(1), 1));
+        assert_eq!(t.remove_worker(1), Some(1));
+        assert_eq!(t.requeued(), 1);
         assert_eq!(
             t.remove_worker(1),
-            (None, 0),
+            None,
             "a second report loses nothing more"
         );
+        assert_eq!(t.requeued(), 1, "nor requeues anything more");
         // Its look-ahead is first in the queue again; the restarted worker (a new key)
         // and worker 2 run everything else.
         add(&mut t, 3);
@@ -395,16 +405,14 @@ mod tests {
         add(&mut t, 2);
         t.push(task(1));
         assert_eq!(assign(&mut t), vec![(1, 1)]);
-        assert_eq!(t.retire(2), 0); // idle, stream ended: not given task 2
-        assert_eq!(t.retire(1), 0); // running, stream ended after it sent its result
+        t.retire(2); // idle, stream ended: not given task 2
+        t.retire(1); // running, stream ended after it sent its result
+        assert_eq!(t.requeued(), 0);
         t.push(task(2));
         assert_eq!(assign(&mut t), vec![]);
         assert!(t.finished(1, 1, now()));
-        assert_eq!(
-            t.remove_worker(1),
-            (None, 0),
-            "its result arrived: nothing lost"
-        );
+        assert_eq!(t.remove_worker(1), None, "its result arrived: nothing lost");
+        assert_eq!(t.requeued(), 0);
         add(&mut t, 3);
         assert_eq!(assign(&mut t), vec![(3, 2)]);
     }
@@ -418,14 +426,16 @@ mod tests {
             t.push(task(id));
         }
         assert_eq!(assign(&mut t), vec![(1, 1), (2, 2), (1, 3), (2, 4)]);
-        assert_eq!(t.retire(1), 1);
+        t.retire(1);
+        assert_eq!(t.requeued(), 1);
         assert!(t.finished(2, 2, now()));
         assert_eq!(
             assign(&mut t),
             vec![(2, 3)],
             "the look-ahead goes first again"
         );
-        assert_eq!(t.remove_worker(1), (Some(1), 0));
+        assert_eq!(t.remove_worker(1), Some(1));
+        assert_eq!(t.requeued(), 1);
     }
 
     #[test]

@@ -311,7 +311,7 @@ impl PoolCore {
     }
 
     /// What the core has done so far: tasks received, started, results, lost, deaths,
-    /// and the tasks queued and running now.
+    /// requeued, and the tasks queued and held by workers now.
     fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = pool_handle(self)?.counts();
         let d = PyDict::new(py);
