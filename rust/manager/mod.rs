@@ -99,6 +99,8 @@ pub struct Counts {
     /// Tasks queued now, held by workers now (running or look-ahead).
     pub queued: u64,
     pub held: u64,
+    /// Registered workers now (until their death is reported).
+    pub workers: u64,
 }
 
 #[derive(Default)]
@@ -111,6 +113,7 @@ struct Counters {
     requeued: AtomicU64,
     queued: AtomicU64,
     held: AtomicU64,
+    workers: AtomicU64,
 }
 
 struct Shared {
@@ -235,6 +238,7 @@ impl Handle {
             requeued: get(&c.requeued),
             queued: get(&c.queued),
             held: get(&c.held),
+            workers: get(&c.workers),
         }
     }
 
@@ -517,6 +521,8 @@ impl Core {
             .store(self.tasks.queued() as u64, Ordering::Relaxed);
         c.held.store(self.tasks.held() as u64, Ordering::Relaxed);
         c.requeued.store(self.tasks.requeued(), Ordering::Relaxed);
+        c.workers
+            .store(self.tasks.workers() as u64, Ordering::Relaxed);
     }
 
     fn on_interchange(&mut self, mut frames: Vec<zmq::Message>) {
@@ -867,6 +873,19 @@ mod tests {
         ix.send_multipart(frames, 0).unwrap();
     }
 
+    /// Wait until the core counts `n` registered workers.
+    fn wait_workers(core: &Handle, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while core.counts().workers != n {
+            assert!(
+                Instant::now() < deadline,
+                "{:?}: not {n} workers",
+                core.counts()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn died(core: &Handle) {
         core.command(Command::WorkerDied {
             pid: std::process::id(),
@@ -904,9 +923,8 @@ mod tests {
         let mut r = rig(Duration::from_secs(30));
         recv_kind(&r.ix, Kind::Register);
         let mut second = connect(&r.worker_addr, b"1");
-        // Both registered before the tasks arrive (the core reads streams in order).
-        std::thread::sleep(Duration::from_millis(100));
-        // One quick task each first, so both may get a look-ahead.
+        wait_workers(&r.core, 2); // both registered before the tasks arrive
+                                  // One quick task each first, so both may get a look-ahead.
         send_tasks(&r, &[100, 101]);
         let w = r.worker.recv_one().0;
         r.worker.finish(w, b"ok");
@@ -952,10 +970,11 @@ mod tests {
         send_tasks_to(&ix, &[1, 2, 3, 4]);
         assert_eq!(worker.recv_one().0, 1);
         drop(worker); // killed while running task 1
-                      // Its replacement registers under the same rank before the death is reported:
-                      // a new worker, not the dead one (the reuse race of issue #6).
+
+        // Its replacement registers under the same rank before the death is reported:
+        // a new worker, not the dead one (the reuse race of issue #6).
         let mut next = connect(&worker_addr, b"0");
-        std::thread::sleep(Duration::from_millis(100));
+        wait_workers(&core, 2);
         died(&core);
         let lost = results(&ix, 1);
         assert_eq!((lost[0].0, lost[0].1), (1, STATUS_WORKER_LOST));

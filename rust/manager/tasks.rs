@@ -241,6 +241,11 @@ impl<P> Tasks<P> {
         self.held.values().any(|h| h.tasks.len() > 1)
     }
 
+    /// Registered workers whose death has not been reported (streams open or not).
+    pub fn workers(&self) -> usize {
+        self.held.len()
+    }
+
     /// Tasks held by workers (running or look-ahead).
     pub fn held(&self) -> usize {
         self.held.values().map(|h| h.tasks.len()).sum()

@@ -311,7 +311,7 @@ impl PoolCore {
     }
 
     /// What the core has done so far: tasks received, started, results, lost, deaths,
-    /// requeued, and the tasks queued and held by workers now.
+    /// requeued, the tasks queued and held by workers now, and the registered workers.
     fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = pool_handle(self)?.counts();
         let d = PyDict::new(py);
@@ -323,6 +323,7 @@ impl PoolCore {
         d.set_item("queued", c.queued)?;
         d.set_item("requeued", c.requeued)?;
         d.set_item("held", c.held)?;
+        d.set_item("workers", c.workers)?;
         Ok(d)
     }
 
