@@ -455,8 +455,9 @@ impl Core {
                 self.stop = Some(Stopped::Disconnected);
             }
             self.dispatch();
-            self.results.send(&self.ix);
+            // Counts first: whoever sees these results then sees counts that include them.
             self.publish_counts();
+            self.results.send(&self.ix);
         }
         let mut s = self.shared.stopped.lock().unwrap();
         *s = self.stop.take();
@@ -873,17 +874,21 @@ mod tests {
         ix.send_multipart(frames, 0).unwrap();
     }
 
-    /// Wait until the core counts `n` registered workers.
-    fn wait_workers(core: &Handle, n: u64) {
+    /// Wait until the core's counts satisfy `done` (the core publishes them as it goes).
+    fn wait_counts(core: &Handle, what: &str, done: impl Fn(&Counts) -> bool) -> Counts {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while core.counts().workers != n {
-            assert!(
-                Instant::now() < deadline,
-                "{:?}: not {n} workers",
-                core.counts()
-            );
+        loop {
+            let c = core.counts();
+            if done(&c) {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "{c:?}: never {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn wait_workers(core: &Handle, n: u64) {
+        wait_counts(core, &format!("{n} workers"), |c| c.workers == n);
     }
 
     fn died(core: &Handle) {
@@ -1018,7 +1023,8 @@ mod tests {
         died(&core);
         let got = results(&ix, 1);
         assert_eq!(got, vec![(7, STATUS_RESULT, b"done".to_vec())]);
-        let c = core.counts();
+        // The result may have left before the death was handled: wait for the death.
+        let c = wait_counts(&core, "the death handled", |c| c.deaths == 1);
         assert_eq!((c.lost, c.deaths, c.results), (0, 1, 1));
         assert_eq!(core.wait_stopped(Duration::from_millis(10)), None);
     }
