@@ -2,7 +2,7 @@
 
 Registers with the interchange and starts N long-lived worker processes. The Rust pool
 core owns the pool's tasks: it queues them, gives idle workers tasks first (a quick
-worker may hold one look-ahead) over a Unix stream each, forwards each result as its task
+worker may hold a few to run next) over a Unix stream each, forwards each result as its task
 ends, heartbeats, and fails the running task of a worker whose death this supervisor
 reports (pid, exit code) as WorkerLost. The supervisor starts, pins and restarts the
 processes. It exits when the interchange says so (drain, shutdown) or goes silent

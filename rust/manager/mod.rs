@@ -2,8 +2,9 @@
 //! the Unix stream socket its worker processes connect to (one stream per worker,
 //! framed by `crate::stream`: no ZMQ I/O threads between pool and worker). It registers
 //! the pool, heartbeats, and owns every task the pool holds (`tasks`): one queue; a task
-//! goes to an idle worker first, and a one-task look-ahead only while no worker is idle
-//! (taken back when one is), so a free worker never waits behind a busy one.
+//! goes to an idle worker first, and a few to run next (a look-ahead, several tasks in
+//! one message) only to quick workers while no worker is idle, taken back when one is,
+//! so a free worker never waits behind a busy one.
 //! Results go to the interchange as their tasks end (results that finished together
 //! share a message). When the Python supervisor reports a worker's death (pid, exit
 //! code), the core fails that worker's running task with `STATUS_WORKER_LOST` itself.
@@ -686,10 +687,12 @@ impl Core {
         let conns = &mut self.conns;
         let started = &self.shared.counters.started;
         let now = Instant::now();
-        self.tasks.assign(now, |token, task| {
-            started.fetch_add(1, Ordering::Relaxed);
-            let meta = encode_meta(&[(task.id, task.flags)]);
-            let frames: [&[u8]; 3] = [&head, &meta, &task.payload];
+        self.tasks.assign(now, |token, given| {
+            let given: Vec<&Task<zmq::Message>> = given.collect();
+            started.fetch_add(given.len() as u64, Ordering::Relaxed);
+            let meta = encode_meta(&given.iter().map(|t| (t.id, t.flags)).collect::<Vec<_>>());
+            let mut frames: Vec<&[u8]> = vec![&head, &meta];
+            frames.extend(given.iter().map(|t| &t.payload[..]));
             if let Some(c) = conns.get_mut(&token) {
                 c.out.push(stream::encode(&frames));
                 touched.push(token);
@@ -728,6 +731,8 @@ mod tests {
     struct FakeWorker {
         stream: UnixStream,
         decoder: Decoder,
+        /// Tasks received and not yet taken by `next_task`, in order.
+        pending: std::collections::VecDeque<(u64, Vec<u8>)>,
     }
 
     impl FakeWorker {
@@ -760,19 +765,41 @@ mod tests {
         let mut w = FakeWorker {
             stream: UnixStream::connect_addr(addr).unwrap(),
             decoder: Decoder::new(1 << 20),
+            pending: std::collections::VecDeque::default(),
         };
         w.send(&[&header(Kind::Register), rank]);
         w
     }
 
     impl FakeWorker {
-        /// The next task message, which must carry exactly one task: its id and payload.
-        fn recv_one(&mut self) -> (u64, Vec<u8>) {
-            let m = self.recv();
-            assert_eq!(decode_header(&m[0]), Ok(Kind::Tasks));
+        /// The next task given to this worker, in order (a message may carry several):
+        /// its id and payload.
+        fn next_task(&mut self) -> (u64, Vec<u8>) {
+            while self.pending.is_empty() {
+                let m = self.recv();
+                assert_eq!(decode_header(&m[0]), Ok(Kind::Tasks));
+                self.take_tasks(m);
+            }
+            self.pending.pop_front().unwrap()
+        }
+
+        fn take_tasks(&mut self, m: Vec<Vec<u8>>) {
             let meta = decode_meta(&m[1], m.len() - 2).unwrap();
-            assert_eq!(meta.len(), 1, "a worker is given one task at a time");
-            (meta[0].0, m[2].clone())
+            assert!(!meta.is_empty(), "a task message carries tasks");
+            let ids = meta.into_iter().map(|(id, _)| id);
+            self.pending.extend(ids.zip(m.into_iter().skip(2)));
+        }
+
+        /// Tasks are taken in until a RECLAIM arrives; the ids of those not yet started.
+        fn until_reclaim(&mut self) -> Vec<u64> {
+            loop {
+                let m = self.recv();
+                match decode_header(&m[0]) {
+                    Ok(Kind::Reclaim) => return self.pending.drain(..).map(|t| t.0).collect(),
+                    Ok(Kind::Tasks) => self.take_tasks(m),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
         }
 
         fn finish(&mut self, id: u64, payload: &[u8]) {
@@ -905,7 +932,7 @@ mod tests {
         assert_eq!(reg[1], b"{}");
         send_tasks(&r, &[1, 2, 3]);
         // A fresh worker gets one task: no look-ahead until its tasks prove quick.
-        assert_eq!(r.worker.recv_one(), (1, 1u64.to_le_bytes().to_vec()));
+        assert_eq!(r.worker.next_task(), (1, 1u64.to_le_bytes().to_vec()));
         r.worker.assert_quiet(100);
         let meta = encode_meta(&[(1, STATUS_EXCEPTION)]);
         r.worker.send(&[&header(Kind::Results), &meta, b"r1"]);
@@ -913,9 +940,9 @@ mod tests {
             results(&r.ix, 1),
             vec![(1, STATUS_EXCEPTION, b"r1".to_vec())]
         );
-        assert_eq!(r.worker.recv_one().0, 2);
+        assert_eq!(r.worker.next_task().0, 2);
         r.worker.finish(2, b"r2");
-        assert_eq!(r.worker.recv_one().0, 3);
+        assert_eq!(r.worker.next_task().0, 3);
         r.worker.finish(3, b"r3");
         assert_eq!(results(&r.ix, 2).len(), 2);
         let c = r.core.counts();
@@ -931,33 +958,41 @@ mod tests {
         wait_workers(&r.core, 2); // both registered before the tasks arrive
                                   // One quick task each first, so both may get a look-ahead.
         send_tasks(&r, &[100, 101]);
-        let w = r.worker.recv_one().0;
+        let w = r.worker.next_task().0;
         r.worker.finish(w, b"ok");
-        let w = second.recv_one().0;
+        let w = second.next_task().0;
         second.finish(w, b"ok");
         assert_eq!(results(&r.ix, 2).len(), 2);
         send_tasks(&r, &[1, 2, 3, 4, 5]);
-        // Each gets a task and a look-ahead; the first worker never finishes its task.
-        let (a1, a2) = (r.worker.recv_one().0, r.worker.recv_one().0);
+        // Each gets a task, then the rest is shared as look-ahead: tasks 3 and 4 for the
+        // first worker, which never finishes its task, 5 for the second.
+        let a1 = r.worker.next_task().0;
         let mut done = vec![];
-        while done.len() < 3 {
-            let (id, _) = second.recv_one();
+        while done.len() < 2 {
+            let (id, _) = second.next_task();
             second.finish(id, b"ok");
             done.push(id);
         }
         // The second worker is idle with nothing queued: the core asks for the look-ahead.
-        let m = r.worker.recv();
-        assert_eq!(decode_header(&m[0]), Ok(Kind::Reclaim));
+        let back = r.worker.until_reclaim();
+        assert_eq!(back.len(), 2, "the first worker's look-ahead");
+        let meta: Vec<(u64, u8)> = back.iter().map(|id| (*id, 0)).collect();
         r.worker
-            .send(&[&header(Kind::Returned), &encode_meta(&[(a2, 0)])]);
-        let (id, _) = second.recv_one();
-        assert_eq!(id, a2, "the returned task runs on the idle worker");
-        second.finish(id, b"ok");
-        done.extend([id, a1]);
+            .send(&[&header(Kind::Returned), &encode_meta(&meta)]);
+        for want in back {
+            let (id, _) = second.next_task();
+            assert_eq!(
+                id, want,
+                "the returned tasks run on the idle worker, in order"
+            );
+            second.finish(id, b"ok");
+            done.push(id);
+        }
+        done.push(a1);
         done.sort_unstable();
         assert_eq!(done, vec![1, 2, 3, 4, 5]);
         assert_eq!(results(&r.ix, 4).len(), 4);
-        assert_eq!(r.core.counts().requeued, 1);
+        assert_eq!(r.core.counts().requeued, 2);
         r.worker.assert_quiet(100);
     }
 
@@ -973,7 +1008,7 @@ mod tests {
         } = r;
         recv_kind(&ix, Kind::Register);
         send_tasks_to(&ix, &[1, 2, 3, 4]);
-        assert_eq!(worker.recv_one().0, 1);
+        assert_eq!(worker.next_task().0, 1);
         drop(worker); // killed while running task 1
 
         // Its replacement registers under the same rank before the death is reported:
@@ -988,7 +1023,7 @@ mod tests {
         assert_eq!(doc["hostname"], "node-a");
         assert_eq!(doc["exit_code"], -9);
         for want in 2..=4 {
-            let (id, _) = next.recv_one();
+            let (id, _) = next.next_task();
             assert_eq!(id, want, "queued tasks keep their order");
             next.finish(id, b"ok");
         }
@@ -1017,7 +1052,7 @@ mod tests {
         let mut junk = UnixStream::connect_addr(&worker_addr).unwrap();
         junk.write_all(&u32::MAX.to_le_bytes()).unwrap();
         send_tasks_to(&ix, &[7]);
-        assert_eq!(worker.recv_one().0, 7);
+        assert_eq!(worker.next_task().0, 7);
         worker.finish(7, b"done");
         drop(worker); // the worker exits right after sending
         died(&core);
