@@ -1,7 +1,8 @@
 //! htex_rs: the Rust core of a Parsl-compatible HighThroughputExecutor.
 //!
 //! `protocol` is the wire format, `interchange` the task router, `manager` a worker
-//! pool's data path, `planner` the CPU-affinity and accelerator planner. None of them
+//! pool's data path, `worker_inbox` a worker process's end of
+//! its stream to the pool, `planner` the CPU-affinity and accelerator planner. None of them
 //! knows Python; the thin PyO3 layer in `python` exists only under the `python` feature.
 
 pub mod interchange;
@@ -10,6 +11,7 @@ pub mod planner;
 pub mod protocol;
 pub mod stream;
 pub mod transport;
+pub mod worker_inbox;
 
 #[cfg(feature = "python")]
 mod python;

@@ -175,3 +175,38 @@ def test_mixed_lengths_run_in_priority_order_on_the_free_worker(make_executor):
     order = [(p, i) for _, p, i in started]
     assert order == sorted(order), f"short tasks did not start in priority order: {order}"
     long.result(timeout=60)
+
+
+def hold_the_gil(seconds: float) -> None:
+    """A C call that keeps the GIL throughout (ctypes.PyDLL does not release it)."""
+    import ctypes
+    ctypes.PyDLL("libc.so.6").usleep(int(seconds * 1e6))
+
+
+def noop() -> None:
+    return None
+
+
+def test_a_look_ahead_behind_a_task_holding_the_gil_still_runs_on_the_free_worker(make_executor):
+    """The worker answers RECLAIM from a thread that needs no GIL: quick tasks given to a
+    worker as look-ahead just before it entered a GIL-holding call go back to the idle
+    worker at once, instead of waiting for the call to end."""
+    ex = make_executor(workers=2, prefetch=8)
+    warm(ex, 2)
+    for f in [ex.submit(noop, {}) for _ in range(20)]:  # both workers' last tasks quick
+        f.result(timeout=60)
+    done_at: dict[str, float] = {}
+
+    def mark(name: str):
+        return lambda _f: done_at.setdefault(name, time.monotonic())
+
+    hog = ex.submit(hold_the_gil, {}, 4.0)
+    hog.add_done_callback(mark("hog"))
+    quick = [ex.submit(noop, {}) for _ in range(9)]
+    for i, f in enumerate(quick):
+        f.add_done_callback(mark(f"quick{i}"))
+    wait([hog, *quick], timeout=60)
+    for f in [hog, *quick]:
+        f.result(timeout=1)
+    last_quick = max(t for name, t in done_at.items() if name != "hog")
+    assert last_quick < done_at["hog"], "a quick task waited for the GIL-holding task to end"

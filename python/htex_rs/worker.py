@@ -1,8 +1,9 @@
 """A long-lived worker process: receives tasks from its pool over a Unix stream socket,
-runs them in order, and sends each result back in protocol form the moment its task
-returns. The pool core gives it the task to run and at most one look-ahead, and may ask
-for the look-ahead back (RECLAIM) when another worker is idle: a reader thread answers
-that at once, even while a long task runs, with the tasks not yet started (RETURNED).
+runs them in order, and sends each result back the moment its task returns. The pool
+core gives it the task to run and, while its tasks are quick, a few to run next; it may
+ask for those back (RECLAIM) when another worker is idle. The stream is read by
+``_core.WorkerInbox``, whose Rust thread answers that at once with the tasks not yet
+started, even while a long task holds the interpreter.
 
 Dies with its pool: PR_SET_PDEATHSIG, and the stream's end (the pool's socket closes
 when its process goes).
@@ -10,7 +11,6 @@ when its process goes).
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
 import importlib
 import logging
@@ -21,6 +21,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Optional
 
 from htex_rs import logs, stream, wire
+from htex_rs._core import WorkerInbox
 
 if TYPE_CHECKING:
     from htex_rs.mpi import NodePool
@@ -56,59 +57,6 @@ class MonitoringChannel:
                 self.pid = os.getpid()
             stream.send(self.sock, [wire.header(wire.RESULTS),
                                     wire.encode_meta([(0, wire.STATUS_MONITORING)]), data])
-
-
-class Inbox:
-    """The worker's end of its stream: a reader thread queues the tasks the pool sends
-    and answers RECLAIM by handing back every task not yet started; the main thread
-    takes tasks in order and sends results. Sends are serialised by a lock."""
-
-    def __init__(self, sock) -> None:
-        self.sock = sock
-        self.reader = sock.makefile("rb", buffering=1 << 16)
-        self.tasks: collections.deque[tuple[int, int, bytes]] = collections.deque()
-        self.cv = threading.Condition()
-        self.send_lock = threading.Lock()
-        self.closed = False
-
-    def send(self, frames: list[bytes]) -> None:
-        with self.send_lock:
-            stream.send(self.sock, frames)
-
-    def read_forever(self) -> None:
-        try:
-            self._read()
-        except (OSError, ValueError):  # a broken stream ends it as surely as its end does
-            logger.warning("The stream to the pool broke", exc_info=True)
-        finally:
-            with self.cv:
-                self.closed = True
-                self.cv.notify()
-
-    def _read(self) -> None:
-        while True:
-            frames = stream.recv(self.reader)
-            if frames is None:
-                return
-            kind = wire.kind_of(frames[0]) if frames else -1
-            if kind == wire.TASKS:
-                with self.cv:
-                    self.tasks.extend((tid, flags, frame)
-                                      for (tid, flags), frame in zip(wire.decode_meta(frames[1]), frames[2:]))
-                    self.cv.notify()
-            elif kind == wire.RECLAIM:
-                with self.cv:
-                    back = [tid for tid, _, _ in self.tasks]
-                    self.tasks.clear()
-                self.send([wire.header(wire.RETURNED), wire.encode_meta([(tid, 0) for tid in back])])
-
-    def next(self) -> Optional[tuple[int, int, bytes]]:
-        """The next task to run; None once the stream has ended. Nothing is started after
-        that: the pool core has put this worker's unstarted tasks back in its queue."""
-        with self.cv:
-            while not self.tasks and not self.closed:
-                self.cv.wait()
-            return None if self.closed else self.tasks.popleft()
 
 
 def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[NodePool] = None):
@@ -166,19 +114,20 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("MPI mode: nodes %s, launcher %s, locks in %s", nodes.nodes, nodes.launcher,
                     nodes.lock_dir)
     execute = task_runner(limit, nodes)
-    inbox = Inbox(stream.connect(args.url))
-    inbox.send([wire.header(wire.REGISTER), str(args.rank).encode()])
-    threading.Thread(target=inbox.read_forever, name="htex-rs-worker-inbox", daemon=True).start()
+    inbox = WorkerInbox(args.url, str(args.rank), limit)
     logger.info("Worker %d ready (pid %d)", args.rank, os.getpid())
-    while True:
-        task = inbox.next()
-        if task is None:
-            logger.warning("Pool closed the stream (pool process gone); exiting")
-            return
-        task_id, flags, frame = task
-        status, payload = execute(task_id, flags, frame)
-        # At once, not with the next task's: the result frees this worker's slot.
-        inbox.send([wire.header(wire.RESULTS), wire.encode_meta([(task_id, status)]), payload])
+    try:
+        while True:
+            task = inbox.next()
+            if task is None:
+                logger.warning("Pool closed the stream (pool process gone); exiting")
+                return
+            task_id, flags, frame = task
+            status, payload = execute(task_id, flags, frame)
+            # At once, not with the next task's: the result frees this worker's slot.
+            inbox.send_result(task_id, status, payload)
+    except OSError:
+        logger.warning("The stream to the pool broke; exiting", exc_info=True)
 
 
 def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, bytes], tuple[int, bytes]]:

@@ -3,7 +3,7 @@
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
@@ -11,6 +11,7 @@ use crate::interchange::{self, Command, CurveConfig, Event, Handle, NewTask, Sel
 use crate::manager;
 use crate::planner;
 use crate::protocol::{self, PROTOCOL_VERSION};
+use crate::worker_inbox;
 
 /// A running interchange thread owned by one executor. Frozen, so calls from
 /// several Python threads (result thread, strategy, user) never conflict on a borrow.
@@ -349,6 +350,49 @@ impl PoolCore {
     }
 }
 
+/// A worker process's end of its stream to the pool (see `worker_inbox`): tasks are
+/// read, and reclaims answered, by a thread that never needs the GIL.
+#[pyclass(module = "htex_rs._core", frozen)]
+struct WorkerInbox {
+    inbox: worker_inbox::Inbox,
+}
+
+#[pymethods]
+impl WorkerInbox {
+    /// Connect to the pool at `url` and register as worker `rank`.
+    #[new]
+    #[pyo3(signature = (url, rank, max_message_bytes=1 << 30))]
+    fn new(py: Python<'_>, url: &str, rank: &str, max_message_bytes: usize) -> PyResult<Self> {
+        let max = max_message_bytes.saturating_add(1 << 20); // framing and meta on top
+        let inbox = py
+            .detach(|| {
+                worker_inbox::connect(url)
+                    .and_then(|s| worker_inbox::Inbox::start(s, rank.as_bytes(), max))
+            })
+            .map_err(|e| PyOSError::new_err(format!("cannot connect to the pool at {url}: {e}")))?;
+        Ok(WorkerInbox { inbox })
+    }
+
+    /// The next task, `(task_id, flags, payload)`, waiting for one; None once the stream
+    /// has ended (nothing more may be started then).
+    fn next<'py>(&self, py: Python<'py>) -> Option<(u64, u8, Bound<'py, PyBytes>)> {
+        let t = py.detach(|| self.inbox.next())?;
+        Some((t.id, t.flags, PyBytes::new(py, &t.payload)))
+    }
+
+    /// Send one task's result (or exception) at once.
+    fn send_result(
+        &self,
+        py: Python<'_>,
+        task_id: u64,
+        status: u8,
+        payload: &[u8],
+    ) -> PyResult<()> {
+        py.detach(|| self.inbox.send_result(task_id, status, payload))
+            .map_err(|e| PyOSError::new_err(format!("cannot send a result to the pool: {e}")))
+    }
+}
+
 fn plan_error(e: planner::PlanError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
@@ -431,6 +475,7 @@ fn plan_pool<'py>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Interchange>()?;
     m.add_class::<PoolCore>()?;
+    m.add_class::<WorkerInbox>()?;
     m.add_function(wrap_pyfunction!(validate_cpu_affinity, m)?)?;
     m.add_function(wrap_pyfunction!(parse_cpu_list, m)?)?;
     m.add_function(wrap_pyfunction!(format_cpu_list, m)?)?;
