@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Install everything htex_rs needs on a fresh Debian machine: libzmq with CURVE (apt),
-# then a virtual environment at .venv with htex_rs built from source and its test tools.
+# Install everything htex_rs's tests need on a fresh Debian machine: the servers the
+# tests start (apt), the wheel users install (scripts/wheel.sh: libzmq and libsodium
+# inside), and virtual environments with that wheel and the test tools: .venv with the
+# newest Parsl htex_rs supports, .venv-parsl-oldest with the oldest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-# libzmq3-dev: libzmq built with libsodium (CURVE). openssh-server + rsync: the rsync
+# openssh-server + rsync: the rsync
 # staging tests run a private sshd on loopback. openssl: the HTTPS test certificate.
 # slurmd slurmctld slurm-client munge: the provider tests run a one-node Slurm cluster
 # on loopback (tests/slurm_cluster.py); nothing is started system-wide.
-APT_PACKAGES="libzmq3-dev openssh-server rsync openssl slurmd slurmctld slurm-client munge"
+APT_PACKAGES="openssh-server rsync openssl slurmd slurmctld slurm-client munge"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
     echo "==> installing" $missing
@@ -23,11 +25,20 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
     if [ -n "$made_policy" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 fi
-if [ ! -x .venv/bin/python ]; then
-    echo "==> creating .venv"
-    python3 -m venv .venv
-fi
-echo "==> building and installing htex_rs (Rust extension via maturin) into .venv"
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".[test]"
-.venv/bin/python -c "import htex_rs._core as c; assert c.HAS_CURVE, 'libzmq without CURVE'; print('htex_rs', c.VERSION, 'protocol v%d' % c.PROTOCOL_VERSION, 'CURVE ok')"
+echo "==> building the wheel (scripts/wheel.sh)"
+bash scripts/wheel.sh
+wheel=$(ls dist/htex_rs-*-cp310-abi3-manylinux_*_x86_64.whl)
+# The oldest Parsl in pyproject.toml's range; the newest is whatever pip picks in it.
+PARSL_OLDEST=$(sed -n 's/.*"parsl>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+for env in .venv .venv-parsl-oldest; do
+    if [ ! -x $env/bin/python ]; then
+        echo "==> creating $env"
+        python3 -m venv $env
+    fi
+    echo "==> installing $wheel and the test tools into $env"
+    $env/bin/pip install -q --upgrade pip
+    pin=""; [ $env = .venv-parsl-oldest ] && pin="parsl[monitoring]==$PARSL_OLDEST"
+    $env/bin/pip install -q "$wheel[test]" $pin
+    $env/bin/pip install -q --force-reinstall --no-deps "$wheel"  # this build, not an older 0.1.0
+    $env/bin/python -c "import htex_rs._core as c, parsl; assert c.HAS_CURVE, 'libzmq without CURVE'; print('htex_rs', c.VERSION, 'protocol v%d' % c.PROTOCOL_VERSION, 'CURVE ok, parsl', parsl.__version__)"
+done

@@ -13,14 +13,21 @@ cargo test --locked --all-targets 2>&1 | tail -n 40 || status=1
 echo "==> the README's demo workflow (what scripts/demo.sh runs after setup)"
 python examples/demo.py || status=1
 
-echo "==> pytest tests/ (real executors, pools, sockets)"
-python -m pytest tests -q --durations 10 || status=1
+# Both ends of the Parsl range in pyproject.toml, each in its own environment with the
+# same wheel: our suite and Parsl's own (config mode, htex_rs as the executor).
+BASE_PATH=$PATH
+for env in .venv .venv-parsl-oldest; do
+    export PATH="$PWD/$env/bin:$BASE_PATH"
+    parsl_version=$(python -c 'import parsl; print(parsl.__version__)')
+    echo "==> [$env: parsl $parsl_version] pytest tests/ (real executors, pools, sockets)"
+    python -m pytest tests -q --durations 10 || status=1
 
-echo "==> Parsl's own test suite, config mode, with htex_rs as the executor"
-PT=$(python -c 'import parsl, os; print(os.path.dirname(parsl.__file__))')/tests
-# The two unix_filesystem_permissions_required tests cannot pass as root (they fail
-# with Parsl's own HTEX too); cleannet tests need the internet.
-( cd "$(mktemp -d)" && python -m pytest "$PT" --config "$OLDPWD/tests/parsl_suite/htex_rs_config.py" \
-    -k "not cleannet and not unix_filesystem_permissions_required" -q --random-order --timeout 300 ) || status=1
+    echo "==> [$env: parsl $parsl_version] Parsl's own test suite, config mode, htex_rs as the executor"
+    PT=$(python -c 'import parsl, os; print(os.path.dirname(parsl.__file__))')/tests
+    # The two unix_filesystem_permissions_required tests cannot pass as root (they fail
+    # with Parsl's own HTEX too); cleannet tests need the internet.
+    ( cd "$(mktemp -d)" && python -m pytest "$PT" --config "$OLDPWD/tests/parsl_suite/htex_rs_config.py" \
+        -k "not cleannet and not unix_filesystem_permissions_required" -q --random-order --timeout 300 ) || status=1
+done
 
 exit $status
