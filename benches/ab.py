@@ -62,7 +62,9 @@ def main() -> None:
                 m = one_round(env, pf, args.tasks, args.latency_tasks)
                 ratios = {"throughput x Parsl": m["htex_rs"]["throughput"] / m["parsl"]["throughput"],
                           "latency fraction of Parsl": m["htex_rs"]["lat_median_ms"] / m["parsl"]["lat_median_ms"],
-                          "throughput": m["htex_rs"]["throughput"], "lat_median_ms": m["htex_rs"]["lat_median_ms"],
+                          "throughput": m["htex_rs"]["throughput"],
+                          "throughput unencrypted": m["htex_rs"]["throughput_unencrypted"],
+                          "lat_median_ms": m["htex_rs"]["lat_median_ms"],
                           "parsl throughput": m["parsl"]["throughput"], "parsl lat_median_ms": m["parsl"]["lat_median_ms"]}
                 for k, v in ratios.items():
                     raw.setdefault(str(pf), {}).setdefault(build, {}).setdefault(k, []).append(v)

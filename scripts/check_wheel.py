@@ -1,5 +1,5 @@
 """Check a built wheel's extension: no libzmq or libsodium needed at run time, no glibc
-symbol version newer than the wheel's manylinux tag allows. Exits non-zero, naming
+symbol version newer than the wheel's manylinux tag allows, CURVE compiled in. Exits non-zero, naming
 what is wrong, otherwise prints what it found.
 
     python scripts/check_wheel.py dist/htex_rs-...whl --glibc 2.28
@@ -7,6 +7,8 @@ what is wrong, otherwise prints what it found.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import re
 import subprocess
 import sys
@@ -25,18 +27,31 @@ def main() -> None:
         dynamic = subprocess.run(["readelf", "-d", path], check=True, capture_output=True, text=True).stdout
         symbols = subprocess.run(["readelf", "-W", "--dyn-syms", path], check=True, capture_output=True,
                                  text=True).stdout
+        curve = has_curve(path)
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
     versions = {tuple(map(int, v.split("."))) for v in re.findall(r"@GLIBC_([0-9.]+)", symbols)}
     newest = max(versions) if versions else (0,)
     limit = tuple(map(int, args.glibc.split(".")))
     problems = [f"needs {n} at run time" for n in needed if re.search(r"zmq|sodium|stdc\+\+", n)]
+    if not curve:
+        problems.append("libzmq was built without CURVE (encrypted=True could not work)")
     if newest > limit:
         problems.append(f"uses glibc {'.'.join(map(str, newest))} symbols, newer than {args.glibc}")
     print(f"{ext}: NEEDED {', '.join(needed)}; newest glibc symbol version "
           f"{'.'.join(map(str, newest))}")
     if problems:
         sys.exit("wheel check failed: " + "; ".join(problems))
-    print("wheel check ok: no libzmq/libsodium/libstdc++ needed, glibc <=", args.glibc)
+    print("wheel check ok: CURVE on, no libzmq/libsodium/libstdc++ needed, glibc <=", args.glibc)
+
+
+def has_curve(path: str) -> bool:
+    """Load the extension on its own (not the package, which imports Parsl)."""
+    loader = importlib.machinery.ExtensionFileLoader("htex_rs._core", path)
+    spec = importlib.util.spec_from_file_location("htex_rs._core", path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return bool(module.HAS_CURVE)
 
 
 if __name__ == "__main__":
