@@ -46,9 +46,9 @@ def pids():
     return os.getpid(), os.getppid()
 
 
-# The Parsl release whose annotations htex_rs's constructor mirrors; older releases in the
-# supported range annotate some parameters differently (max_workers_per_node was
-# Union[int, float, None] in 2026.5.18), so there only names, order and defaults must match.
+# The Parsl release whose annotations htex_rs's constructor mirrors; an older release in the
+# supported range may annotate a parameter differently (max_workers_per_node was
+# Union[int, float, None] before 2026.7), so there only names, order and defaults must match.
 MIRRORED_PARSL = (2026, 10, 26)
 
 

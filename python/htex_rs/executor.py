@@ -288,8 +288,6 @@ class HighThroughputExecutor(ParslHTEX):
         self._result_queue_thread = threading.Thread(target=self._result_queue_worker,
                                                      name="HTEX-Result-Queue-Thread", daemon=True)
         self._result_queue_thread.start()
-        # Older Parsl releases in the range (2026.5.18) do not fill in {logconf}: as newer ones do.
-        self.launch_cmd = self.launch_cmd.replace("{logconf}", str(self.logconf_path))
         self.initialize_scaling()
         self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
 
