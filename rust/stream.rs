@@ -8,6 +8,16 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, Read, Write};
 
+/// The socket address of a pool's worker URL: `@name` is a Linux abstract socket,
+/// anything else a path. The pool binds it, its workers connect to it.
+pub fn unix_addr(url: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    match url.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(url),
+    }
+}
+
 /// At most this many frames in one message (a batch of 64k tasks plus header and meta).
 pub const MAX_FRAMES: usize = 1 << 16;
 
@@ -132,6 +142,26 @@ impl Decoder {
             self.start = 0;
         }
         Ok(Some(frames))
+    }
+}
+
+/// Tests: the next whole message from a blocking stream, waiting up to 5 s; panics if
+/// none comes or the peer closes the stream first.
+#[cfg(test)]
+pub(crate) fn recv_message(
+    s: &std::os::unix::net::UnixStream,
+    decoder: &mut Decoder,
+) -> Vec<Vec<u8>> {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(m) = decoder.next_message().unwrap() {
+            return m;
+        }
+        let n = (&*s).read(&mut buf).expect("no message within 5 s");
+        assert!(n > 0, "the peer closed the stream");
+        decoder.feed(&buf[..n]);
     }
 }
 

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind};
-use crate::stream::{encode, Decoder};
+use crate::stream::{encode, unix_addr, Decoder};
 
 /// A task as the core sent it: its id, the flags of its meta entry, its payload.
 pub struct Task {
@@ -39,7 +39,7 @@ struct Shared {
     /// Blocking, for writes; reads never block (`MSG_DONTWAIT`): both threads wait in
     /// `poll`, and whoever reads holds `reading`.
     stream: UnixStream,
-    reading: Mutex<(Decoder, Vec<u8>)>,
+    reading: Mutex<Decoder>,
     writing: Mutex<()>,
     state: Mutex<State>,
     helper_cv: Condvar,
@@ -52,14 +52,9 @@ pub struct Inbox {
     shared: Arc<Shared>,
 }
 
-/// `@name` is a Linux abstract socket, anything else a path.
+/// The pool's worker socket (`@name`: abstract, else a path).
 pub fn connect(url: &str) -> std::io::Result<UnixStream> {
-    if let Some(name) = url.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        UnixStream::connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name)?)
-    } else {
-        UnixStream::connect(url)
-    }
+    UnixStream::connect_addr(&unix_addr(url)?)
 }
 
 impl Inbox {
@@ -75,7 +70,7 @@ impl Inbox {
         wake_rx.set_nonblocking(true)?;
         let shared = Arc::new(Shared {
             stream,
-            reading: Mutex::new((Decoder::new(max_message_bytes), vec![0; 64 * 1024])),
+            reading: Mutex::new(Decoder::new(max_message_bytes)),
             writing: Mutex::new(()),
             state: Mutex::default(),
             helper_cv: Condvar::new(),
@@ -155,40 +150,21 @@ impl Shared {
 
     /// Read what has arrived, without blocking, and act on every whole message.
     fn pump(&self) {
-        let mut guard = self.reading.lock().unwrap();
-        let (decoder, buf) = &mut *guard;
+        let mut decoder = self.reading.lock().unwrap();
+        let open = matches!(decoder.fill_from(&mut DontWait(&self.stream)), Ok(true));
         loop {
-            // SAFETY: buf is valid for writes of buf.len() bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.stream.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n == 0 {
-                return self.close();
-            }
-            if n < 0 {
-                match std::io::Error::last_os_error().kind() {
-                    std::io::ErrorKind::WouldBlock => return,
-                    std::io::ErrorKind::Interrupted => continue,
-                    _ => return self.close(),
-                }
-            }
-            decoder.feed(&buf[..n as usize]);
-            loop {
-                match decoder.next_message() {
-                    Ok(Some(frames)) => {
-                        if !self.on_message(frames) {
-                            return self.close();
-                        }
+            match decoder.next_message() {
+                Ok(Some(frames)) => {
+                    if !self.on_message(frames) {
+                        return self.close();
                     }
-                    Ok(None) => break,
-                    Err(_) => return self.close(),
                 }
+                Ok(None) => break,
+                Err(_) => return self.close(),
             }
+        }
+        if !open {
+            self.close();
         }
     }
 
@@ -227,6 +203,25 @@ impl Shared {
         self.state.lock().unwrap().closed = true;
         self.helper_cv.notify_all();
         let _ = (&self.wake_tx).write(&[1]);
+    }
+}
+
+/// Reads a stream whose writes block without blocking (`MSG_DONTWAIT`), so that
+/// [`Decoder::fill_from`] stops at "would block".
+struct DontWait<'a>(&'a UnixStream);
+
+impl Read for DontWait<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: buf is valid for writes of buf.len() bytes.
+        let n = unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     }
 }
 
@@ -276,18 +271,7 @@ mod tests {
         }
 
         fn recv(&mut self) -> Vec<Vec<u8>> {
-            self.stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut buf = [0u8; 4096];
-            loop {
-                if let Some(m) = self.decoder.next_message().unwrap() {
-                    return m;
-                }
-                let n = self.stream.read(&mut buf).expect("nothing from the worker");
-                assert!(n > 0, "the worker closed its stream");
-                self.decoder.feed(&buf[..n]);
-            }
+            crate::stream::recv_message(&self.stream, &mut self.decoder)
         }
     }
 

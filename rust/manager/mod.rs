@@ -259,13 +259,7 @@ impl Drop for Handle {
 }
 
 fn bind_workers(url: &str) -> std::io::Result<UnixListener> {
-    let listener = if let Some(name) = url.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-        UnixListener::bind_addr(&addr)?
-    } else {
-        UnixListener::bind(url)?
-    };
+    let listener = UnixListener::bind_addr(&stream::unix_addr(url)?)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
@@ -742,22 +736,7 @@ mod tests {
         }
 
         fn recv(&mut self) -> Vec<Vec<u8>> {
-            use std::io::Read;
-            self.stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut buf = vec![0u8; 65536];
-            loop {
-                if let Some(m) = self.decoder.next_message().unwrap() {
-                    return m;
-                }
-                let n = self
-                    .stream
-                    .read(&mut buf)
-                    .expect("timed out waiting for tasks");
-                assert!(n > 0, "the core closed the stream");
-                self.decoder.feed(&buf[..n]);
-            }
+            stream::recv_message(&self.stream, &mut self.decoder)
         }
     }
 
