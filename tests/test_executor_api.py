@@ -82,8 +82,6 @@ def test_constructor_matches_parsl_exactly():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"address": "login1.cluster"}, "not an IP address literal"),
-    ({"address": "127.0.0.1", "loopback_address": "localhost"}, "loopback_address"),
     ({"address": "127.0.0.1", "worker_port": 70000}, "out of range"),
     ({"address": "127.0.0.1", "worker_port_range": (5000, 4000)}, "port range"),
     ({"address": "127.0.0.1", "interchange_port_range": (0, 10)}, "port range"),
@@ -97,6 +95,45 @@ def test_constructor_matches_parsl_exactly():
 def test_bad_configuration_fails_in_the_constructor(kwargs, match):
     with pytest.raises(HtexRsConfigurationError, match=match):
         HighThroughputExecutor(**kwargs)
+
+
+def test_a_host_name_address_is_resolved_once_and_pools_get_the_number(tmp_path, monkeypatch):
+    """Parsl (and Globus Compute endpoint configs) accept host names for `address`; the
+    attribute keeps what the user wrote, pools are given the resolved address."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
+    ex = HighThroughputExecutor(label="byname", address="localhost", loopback_address="localhost",
+                                max_workers_per_node=1, heartbeat_period=1, heartbeat_threshold=4,
+                                provider=LocalProvider(init_blocks=1, max_blocks=1))
+    assert ex.address == "localhost" and ex.all_addresses == {"127.0.0.1"}
+    ex.run_dir = str(tmp_path)
+    with ex:
+        assert "-a 127.0.0.1 " in ex.launch_cmd
+        assert ex.submit(add, {}, 2, 3).result(timeout=60) == 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace (unshare -m)")
+@pytest.mark.parametrize("kwargs", [{"address": "login1.cluster"},
+                                    {"address": "127.0.0.1", "loopback_address": "login1.cluster"}])
+def test_a_host_name_that_does_not_resolve_fails_in_the_constructor(kwargs):
+    """Run against a resolver with no name server behind it (a private /etc/resolv.conf
+    naming loopback, where nothing listens): the lookup really fails, and no query leaves
+    the machine."""
+    import subprocess
+    import tempfile
+    code = ("import sys; from htex_rs import HighThroughputExecutor as H\n"
+            "from htex_rs.errors import HtexRsConfigurationError as E\n"
+            f"try:\n H(**{kwargs!r})\nexcept E as e:\n print(e); sys.exit(0)\nsys.exit('no error')\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:
+        conf.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        conf.flush()
+        out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f'mount --bind "$0" /etc/resolv.conf && exec "$1" -c "$2"',
+                              conf.name, sys.executable, code],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    name = next(iter(k for k, v in kwargs.items() if v == "login1.cluster"))
+    assert f"{name}='login1.cluster' does not resolve" in out.stdout
+    assert "numeric address" in out.stdout
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Addresses worker pools may use to reach this host, from local interfaces only.
+"""Addresses worker pools may use to reach this host: from local interfaces only, or the
+one the user named (an IP literal, or a host name resolved once, at construction).
 
 Parsl's get_all_addresses() also queries ipify.org and routes towards 8.8.8.8; on a
 cluster without internet access that adds time-outs, so htex_rs reads interfaces only.
@@ -9,6 +10,8 @@ import ipaddress
 import socket
 
 import psutil
+
+from htex_rs.errors import HtexRsConfigurationError
 
 
 def local_addresses() -> set[str]:
@@ -30,3 +33,23 @@ def local_addresses() -> set[str]:
 
 def tcp_url(address: str, port: int) -> str:
     return f"tcp://[{address}]:{port}" if ":" in address else f"tcp://{address}:{port}"
+
+
+def resolve_address(name: str, value: str) -> str:
+    """``value`` as an IP literal: unchanged if it is one, else the first address the
+    resolver gives for the host name (the system's preferred order). Done once, so every
+    pool is given the same numeric address and none depends on its own node's resolver."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(value, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise HtexRsConfigurationError(
+            f"{name}={value!r} does not resolve on this host ({reason}); give a host name "
+            f"it can resolve, or the numeric address workers should use (e.g. '10.0.0.5' or '::1')"
+        ) from None
+    return str(infos[0][4][0])

@@ -48,7 +48,7 @@ from parsl.serialize import deserialize, pack_apply_message
 from parsl.serialize.errors import DeserializationError, SerializationError
 
 from htex_rs import _core, validation, wire
-from htex_rs.addresses import local_addresses
+from htex_rs.addresses import local_addresses, resolve_address
 from htex_rs.errors import HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch, TaskTooLarge
 from htex_rs.planner import validate_cpu_affinity
 from htex_rs.staging import default_staging
@@ -145,8 +145,10 @@ class HighThroughputExecutor(ParslHTEX):
                  block_error_handler: Union[bool, Callable[[BlockProviderExecutor, Dict[str, JobStatus]], None]] = True,
                  encrypted: bool = True,
                  remote_monitoring_radio: Optional[RadioConfig] = None):
-        validation.check_ip_literal("address", address)
-        validation.check_ip_literal("loopback_address", loopback_address)
+        # Host names are resolved here, once: a name that does not resolve fails now, and
+        # every pool is given the same numeric address.
+        self._worker_address = resolve_address("address", address) if address else None
+        resolve_address("loopback_address", loopback_address)
         validation.check_port("worker_port", worker_port)
         validation.check_port_range("worker_port_range", worker_port_range)
         validation.check_port_range("interchange_port_range", interchange_port_range)
@@ -184,7 +186,7 @@ class HighThroughputExecutor(ParslHTEX):
         self.manager_selector = manager_selector
         self.loopback_address = loopback_address
         # Parsl also asks ipify.org and routes to 8.8.8.8; we only read local interfaces.
-        self.all_addresses = {address} if address else local_addresses()
+        self.all_addresses = {self._worker_address} if self._worker_address else local_addresses()
         self.max_workers_per_node = max_workers_per_node or float("inf")
 
         mem_slots = cpu_slots = self.max_workers_per_node
@@ -266,7 +268,7 @@ class HighThroughputExecutor(ParslHTEX):
         os.makedirs(self.logdir, exist_ok=True)
         selector = "block" if isinstance(self.manager_selector, BlockIdManagerSelector) else "random"
         self._ix = _core.Interchange(
-            "*" if self.address is None else self.address,
+            "*" if self._worker_address is None else self._worker_address,
             self.worker_port,
             self.worker_port_range or (54000, 55000),
             float(self.heartbeat_threshold),

@@ -1,7 +1,6 @@
 """Constructor-time checks: bad configuration fails where the user wrote it, with the fix."""
 from __future__ import annotations
 
-import ipaddress
 import math
 import numbers
 from typing import Any, Optional, Tuple
@@ -11,18 +10,6 @@ from parsl.executors.errors import InvalidResourceSpecification
 from htex_rs.errors import HtexRsConfigurationError
 
 ACCEPTED_RESOURCE_KEYS = frozenset({"priority"})
-
-
-def check_ip_literal(name: str, value: Optional[str]) -> None:
-    if value is None:
-        return
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise HtexRsConfigurationError(
-            f"{name}={value!r} is not an IP address literal; give the numeric address "
-            f"workers should use (e.g. '10.0.0.5' or '::1'), not a hostname"
-        ) from None
 
 
 def check_port(name: str, port: Optional[int]) -> None:
