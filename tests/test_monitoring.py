@@ -1,11 +1,13 @@
 """Parsl monitoring through htex_rs (adapted from Parsl's test_monitoring/test_basic.py):
 with the default HTEXRadio, the workers' task and resource messages travel back over
 htex_rs's own result path; the filesystem and UDP radios work as with Parsl's HTEX.
-The interchange reports pools to the `node` table when they register and when they go
-(not on every message, as Parsl's does)."""
+The interchange reports pools to the `node` table when they register, when they go and,
+coalesced, when their task set changes (Parsl's reports on every dispatch and result); a
+task's pool is always reported before its result, as Globus Compute endpoints need."""
 from __future__ import annotations
 
 import os
+import queue
 
 import parsl
 import pytest
@@ -13,6 +15,7 @@ from parsl.config import Config
 from parsl.monitoring import MonitoringHub
 from parsl.monitoring.radios.filesystem import FilesystemRadio
 from parsl.monitoring.radios.htex import HTEXRadio
+from parsl.monitoring.message_type import MessageType
 from parsl.monitoring.radios.udp import UDPRadio
 from parsl.providers import LocalProvider
 
@@ -64,9 +67,54 @@ def test_monitoring_database_rows(tmp_path, monkeypatch, radio):
                      "AND status.task_status_name='exec_done' AND task_try_time_running is NULL") == 0
         assert count("SELECT COUNT(*) FROM workflow WHERE time_began IS NOT NULL AND time_completed IS NOT NULL") == 1
         assert count("SELECT COUNT(*) FROM block") >= 2, "block statuses from a BlockProviderExecutor"
-        # The node table: the pool active on registration, inactive once it has gone.
+        # The node table: the pool active on registration and while its task set changes
+        # (the task sent, the task done), inactive once it has gone.
         rows = connection.execute(text("SELECT active, worker_count, cpu_count, hostname FROM node "
                                        "ORDER BY timestamp")).all()
-        assert [bool(r[0]) for r in rows] == [True, False], rows
+        active = [bool(r[0]) for r in rows]
+        assert len(active) >= 3 and all(active[:-1]) and not active[-1], rows
         assert all(r[1] == 1 and r[2] >= 1 and r[3] for r in rows), rows
         assert count("SELECT COUNT(*) FROM resource") >= 1, "the worker's resource monitor reported nothing"
+
+
+def noop(i):
+    return i
+
+
+def test_every_task_s_pool_is_reported_before_its_result(tmp_path, monkeypatch):
+    """The executor alone with a monitoring queue, as a Globus Compute endpoint runs it
+    (its monitored mode places each task from the NODE_INFO listing it): 300 short tasks
+    on two workers with prefetch, so most are sent and done within one report interval.
+    When a future completes, a record naming the task and its block is already queued."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    ex = HighThroughputExecutor(label="nodes", address="127.0.0.1", max_workers_per_node=2,
+                                prefetch_capacity=8, heartbeat_period=1,
+                                provider=LocalProvider(init_blocks=1, min_blocks=0, max_blocks=1))
+    ex.run_dir = str(tmp_path)
+    ex.monitoring_messages = queue.Queue()
+    placed: dict[int, str] = {}
+    unplaced: list[int] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                kind, record = ex.monitoring_messages.get_nowait()
+            except queue.Empty:
+                return
+            assert kind == MessageType.NODE_INFO
+            for t in record["tasks"]:
+                placed[t] = record["block_id"]
+
+    def on_done(fut) -> None:  # runs on the executor's result thread
+        drain()
+        if fut.parsl_executor_task_id not in placed:
+            unplaced.append(fut.parsl_executor_task_id)
+
+    with ex:
+        futures = [ex.submit(noop, {}, i) for i in range(300)]
+        for f in futures:
+            f.add_done_callback(on_done)
+        assert [f.result(timeout=120) for f in futures] == list(range(300))
+    assert not unplaced, f"results before their pool was reported: {unplaced[:10]}"
+    assert set(placed.values()) == {"0"}

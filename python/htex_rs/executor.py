@@ -392,6 +392,13 @@ class HighThroughputExecutor(ParslHTEX):
         logger.info("Result queue worker finished")
 
     def _handle_events(self, results: list, lost: list, fatal: list, nodes: list) -> None:
+        # Node records first: the interchange reports where a task ran before its result,
+        # and Globus Compute endpoints place tasks from these (a task's block and job).
+        for node in nodes:  # as Parsl's interchange sends them: monitoring's `node` table
+            if self.monitoring_messages is not None:
+                node.update(run_id=self.run_id, timestamp=datetime.datetime.now(),
+                            last_heartbeat=datetime.datetime.fromtimestamp(node["last_heartbeat"]))
+                self.monitoring_messages.put((MessageType.NODE_INFO, node))
         for task_id, status, data in results:
             if status == wire.STATUS_MONITORING:
                 self._monitoring_message(data)
@@ -400,11 +407,6 @@ class HighThroughputExecutor(ParslHTEX):
         for uid, hostname, task_ids in lost:
             for task_id in task_ids:
                 _settle(self.tasks.pop(task_id, None), exception=ManagerLost(uid.encode(), hostname))
-        for node in nodes:  # Parsl's interchange sends these to the monitoring `node` table
-            if self.monitoring_messages is not None:
-                node.update(run_id=self.run_id, timestamp=datetime.datetime.now(),
-                            last_heartbeat=datetime.datetime.fromtimestamp(node["last_heartbeat"]))
-                self.monitoring_messages.put((MessageType.NODE_INFO, node))
         for message in fatal:
             logger.error("Failing all tasks: %s", message)
             self.set_bad_state_and_fail_all(ProtocolVersionMismatch(message))

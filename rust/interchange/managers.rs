@@ -23,6 +23,10 @@ pub struct Manager {
     pub draining: bool,
     pub last_seen: Instant,
     pub idle_since: Option<Instant>,
+    /// Node reporting (monitoring on only): tasks sent since the last report, and when
+    /// that report was made.
+    unreported: HashSet<u64>,
+    last_report: Instant,
 }
 
 impl Manager {
@@ -51,8 +55,11 @@ pub struct ManagerInfo {
     pub hostname: String,
 }
 
-/// A manager's state for Parsl's monitoring `node` table (NODE_INFO), taken when it
-/// registers, and when it is held or removed (`active` false).
+/// A manager's record for monitoring (Parsl's NODE_INFO, which fills the `node` table and
+/// tells Globus Compute endpoints which block each task runs in). Reported when the
+/// manager registers, is held or goes (`active` false), and when its task set changes:
+/// at once after a quiet spell, then at most once per [`NODE_REPORT_INTERVAL`], and
+/// always before the result of a task it has not yet listed.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
     pub uid: String,
@@ -61,21 +68,28 @@ pub struct NodeInfo {
     pub cpu_count: u32,
     pub total_memory: u64,
     pub worker_count: u32,
+    pub max_capacity: u32,
     pub python_version: String,
+    pub parsl_version: String,
     pub active: bool,
+    pub draining: bool,
+    /// The manager's outstanding task ids, ascending.
+    pub tasks: Vec<u64>,
     /// Epoch seconds.
+    pub start_time: f64,
     pub last_heartbeat: f64,
+    pub idle_since: Option<f64>,
 }
 
-impl NodeInfo {
-    /// Record `m`'s state in `changes` when node tracking is on (`Some`).
-    fn note(changes: &mut Option<Vec<NodeInfo>>, m: &Manager, active: bool) {
-        if let Some(v) = changes {
-            v.push(NodeInfo::of(m, active));
-        }
-    }
+/// The shortest gap between two task-set reports of one manager (Parsl's interchange
+/// reports on every dispatch and every result; this keeps monitoring off the hot path).
+pub const NODE_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
+impl NodeInfo {
     fn of(m: &Manager, active: bool) -> NodeInfo {
+        let epoch = |t: Instant| epoch_now() - t.elapsed().as_secs_f64();
+        let mut tasks: Vec<u64> = m.tasks.iter().copied().collect();
+        tasks.sort_unstable();
         NodeInfo {
             uid: m.reg.uid.clone(),
             hostname: m.reg.hostname.clone(),
@@ -83,9 +97,37 @@ impl NodeInfo {
             cpu_count: m.reg.cpu_count,
             total_memory: m.reg.total_memory,
             worker_count: m.reg.worker_count,
+            max_capacity: m.reg.max_capacity,
             python_version: m.reg.python_version.clone(),
+            parsl_version: m.reg.parsl_version.clone(),
             active,
-            last_heartbeat: epoch_now() - m.last_seen.elapsed().as_secs_f64(),
+            draining: m.draining,
+            tasks,
+            start_time: m.reg.start_time,
+            last_heartbeat: epoch(m.last_seen),
+            idle_since: m.idle_since.map(epoch),
+        }
+    }
+}
+
+/// Node reports not yet taken, and the managers whose task set changed since their last.
+#[derive(Default)]
+struct NodeReports {
+    out: Vec<NodeInfo>,
+    pending: HashSet<Vec<u8>>,
+}
+
+impl NodeReports {
+    fn report(&mut self, m: &mut Manager, now: Instant) {
+        self.out.push(NodeInfo::of(m, m.active));
+        m.unreported.clear();
+        m.last_report = now;
+        self.pending.remove(&m.identity);
+    }
+
+    fn mark(&mut self, m: &Manager) {
+        if !self.pending.contains(&m.identity) {
+            self.pending.insert(m.identity.clone());
         }
     }
 }
@@ -104,8 +146,8 @@ pub struct Managers {
     candidates: Candidates,
     /// One block id per registration, duplicates kept (Parsl's `connected_block_history`).
     pub block_history: Vec<String>,
-    /// Node changes not yet taken, when monitoring is on (`None`: not tracked).
-    node_changes: Option<Vec<NodeInfo>>,
+    /// Node reports, when monitoring is on (`None`: not tracked, nothing done).
+    reports: Option<NodeReports>,
 }
 
 #[must_use]
@@ -123,16 +165,41 @@ impl Managers {
             map: HashMap::new(),
             candidates: Candidates::new(selector),
             block_history: Vec::new(),
-            node_changes: track_nodes.then(Vec::new),
+            reports: track_nodes.then(NodeReports::default),
         }
     }
 
-    /// The node changes since the last call (always empty when not tracking).
+    /// The node reports since the last call (always empty when not tracking).
     pub fn take_node_changes(&mut self) -> Vec<NodeInfo> {
-        self.node_changes
+        self.reports
             .as_mut()
-            .map(std::mem::take)
+            .map(|r| std::mem::take(&mut r.out))
             .unwrap_or_default()
+    }
+
+    /// Report the managers whose task set changed and whose last report is at least
+    /// [`NODE_REPORT_INTERVAL`] old (called from the interchange's timer).
+    pub fn report_changed(&mut self) {
+        let Some(r) = self.reports.as_mut().filter(|r| !r.pending.is_empty()) else {
+            return;
+        };
+        let now = Instant::now();
+        let due: Vec<Vec<u8>> = r
+            .pending
+            .iter()
+            .filter(|id| {
+                self.map
+                    .get(*id)
+                    .is_none_or(|m| now.duration_since(m.last_report) >= NODE_REPORT_INTERVAL)
+            })
+            .cloned()
+            .collect();
+        for id in due {
+            r.pending.remove(&id);
+            if let Some(m) = self.map.get_mut(&id) {
+                r.report(m, now);
+            }
+        }
     }
 
     pub fn register(&mut self, identity: Vec<u8>, reg: Registration) {
@@ -141,7 +208,7 @@ impl Managers {
         }
         let now = Instant::now();
         self.candidates.insert(&identity, reg.block_id.as_deref());
-        let m = Manager {
+        let mut m = Manager {
             identity: identity.clone(),
             reg,
             tasks: HashSet::new(),
@@ -149,8 +216,14 @@ impl Managers {
             draining: false,
             last_seen: now,
             idle_since: Some(now),
+            unreported: HashSet::new(),
+            last_report: now,
         };
-        NodeInfo::note(&mut self.node_changes, &m, true);
+        if let Some(r) = &mut self.reports {
+            r.report(&mut m, now);
+            // The first tasks it is sent are reported at once, not an interval later.
+            m.last_report = now.checked_sub(NODE_REPORT_INTERVAL).unwrap_or(now);
+        }
         self.map.insert(identity, m);
     }
 
@@ -183,9 +256,25 @@ impl Managers {
         }
     }
 
-    /// Record finished tasks; the manager becomes a dispatch candidate again.
-    pub fn complete(&mut self, identity: &[u8], task_ids: impl IntoIterator<Item = u64>) {
+    /// Record finished tasks; the manager becomes a dispatch candidate again. With node
+    /// reports on, a finished task the manager was never reported with is reported now,
+    /// before its result is passed on (so monitoring learns where every task ran).
+    pub fn complete<I>(&mut self, identity: &[u8], task_ids: I)
+    where
+        I: IntoIterator<Item = u64> + Clone,
+    {
         if let Some(m) = self.map.get_mut(identity) {
+            if let Some(r) = &mut self.reports {
+                if !m.unreported.is_empty()
+                    && task_ids
+                        .clone()
+                        .into_iter()
+                        .any(|id| m.unreported.contains(&id))
+                {
+                    r.report(m, Instant::now());
+                }
+                r.mark(m);
+            }
             for id in task_ids {
                 m.tasks.remove(&id);
             }
@@ -203,6 +292,15 @@ impl Managers {
             m.idle_since = None;
             if m.free_capacity() == 0 {
                 self.candidates.remove(identity);
+            }
+            if let Some(r) = &mut self.reports {
+                let now = Instant::now();
+                if now.duration_since(m.last_report) >= NODE_REPORT_INTERVAL {
+                    r.report(m, now);
+                } else {
+                    m.unreported.extend(task_ids.iter().copied());
+                    r.mark(m);
+                }
             }
         }
     }
@@ -226,7 +324,9 @@ impl Managers {
             if m.reg.uid == uid {
                 m.active = false;
                 found = true;
-                NodeInfo::note(&mut self.node_changes, m, false);
+                if let Some(r) = &mut self.reports {
+                    r.report(m, Instant::now());
+                }
             }
         }
         found
@@ -277,8 +377,11 @@ impl Managers {
     pub fn remove(&mut self, identity: &[u8]) -> Option<Manager> {
         self.candidates.remove(identity);
         let m = self.map.remove(identity);
-        if let Some(m) = m.as_ref().filter(|m| m.active) {
-            NodeInfo::note(&mut self.node_changes, m, false);
+        if let (Some(r), Some(m)) = (&mut self.reports, &m) {
+            r.pending.remove(identity);
+            if m.active {
+                r.out.push(NodeInfo::of(m, false));
+            }
         }
         m
     }
@@ -400,6 +503,58 @@ mod tests {
         assert_eq!(changes[0].worker_count, 2);
         assert!(changes[0].last_heartbeat > 1.0e9, "epoch seconds");
         assert!(m.take_node_changes().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn task_sets_are_reported_coalesced_and_before_a_task_s_result() {
+        let mut m = Managers::new(Selector::Random, false);
+        m.register(b"a".to_vec(), reg("a", "0", 8));
+        m.assign(b"a", &[1]);
+        m.complete(b"a", [1]);
+        m.report_changed();
+        assert!(m.take_node_changes().is_empty(), "monitoring off: nothing");
+
+        let mut m = Managers::new(Selector::Random, true);
+        m.register(b"a".to_vec(), reg("a", "7", 8));
+        assert_eq!(m.take_node_changes().len(), 1, "registration");
+        m.assign(b"a", &[1, 2]);
+        let first = m.take_node_changes();
+        assert_eq!(first.len(), 1, "the first dispatch is reported at once");
+        assert_eq!(first[0].tasks, [1, 2]);
+        assert_eq!(first[0].block_id.as_deref(), Some("7"));
+        m.assign(b"a", &[3]);
+        m.assign(b"a", &[4]);
+        m.complete(b"a", [2]);
+        m.report_changed();
+        assert!(
+            m.take_node_changes().is_empty(),
+            "within the interval, and task 2 was already reported: nothing yet"
+        );
+        m.complete(b"a", [3]);
+        let before = m.take_node_changes();
+        assert_eq!(
+            before.len(),
+            1,
+            "task 3 was never listed: reported before its result"
+        );
+        assert_eq!(before[0].tasks, [1, 3, 4]);
+        m.complete(b"a", [4]);
+        assert!(
+            m.take_node_changes().is_empty(),
+            "4 went out in that report"
+        );
+        std::thread::sleep(NODE_REPORT_INTERVAL);
+        m.report_changed();
+        let later = m.take_node_changes();
+        assert_eq!(later.len(), 1, "one coalesced report of the changes");
+        assert_eq!(later[0].tasks, [1]);
+        m.report_changed();
+        assert!(m.take_node_changes().is_empty(), "nothing changed since");
+        m.remove(b"a");
+        m.report_changed();
+        let gone = m.take_node_changes();
+        assert_eq!(gone.len(), 1);
+        assert!(!gone[0].active);
     }
 
     #[test]

@@ -110,7 +110,8 @@ pub enum Event {
     },
     /// A pool the executor cannot work with (version mismatch): fail everything.
     Fatal(String),
-    /// A manager registered, was held or went away (only with `Config::node_events`).
+    /// A manager's record for monitoring (only with `Config::node_events`): it
+    /// registered, was held, went away, or its task set changed (see `NodeInfo`).
     Node(managers::NodeInfo),
 }
 
@@ -398,6 +399,7 @@ impl Interchange {
             if last_timers.elapsed() >= timer_period {
                 last_timers = Instant::now();
                 self.expire();
+                self.managers.report_changed();
             }
             self.dispatch();
             // Not through emit() unconditionally: that takes the events lock every round.
@@ -605,14 +607,22 @@ impl Interchange {
             .stats
             .results_forwarded
             .fetch_add(meta.len() as u64, Ordering::Relaxed);
+        // A node report made by `complete` goes first: monitoring hears where a task ran
+        // before its result is passed on.
+        let nodes = self.managers.take_node_changes();
         self.shared.emit(
-            meta.into_iter()
-                .zip(payloads)
-                .map(|((task_id, status), payload)| Event::Result {
-                    task_id,
-                    status,
-                    payload,
-                }),
+            nodes
+                .into_iter()
+                .map(Event::Node)
+                .chain(
+                    meta.into_iter()
+                        .zip(payloads)
+                        .map(|((task_id, status), payload)| Event::Result {
+                            task_id,
+                            status,
+                            payload,
+                        }),
+                ),
         );
     }
 

@@ -177,9 +177,16 @@ impl Interchange {
                     d.set_item("cpu_count", n.cpu_count)?;
                     d.set_item("total_memory", n.total_memory)?;
                     d.set_item("worker_count", n.worker_count)?;
-                    d.set_item("python_v", n.python_version)?;
+                    d.set_item("max_capacity", n.max_capacity)?;
+                    d.set_item("python_v", &n.python_version)?;
+                    d.set_item("python_version", n.python_version)?;
+                    d.set_item("parsl_version", n.parsl_version)?;
                     d.set_item("active", n.active)?;
+                    d.set_item("draining", n.draining)?;
+                    d.set_item("tasks", n.tasks)?;
+                    d.set_item("start_time", n.start_time)?;
                     d.set_item("last_heartbeat", n.last_heartbeat)?;
+                    d.set_item("idle_since", n.idle_since)?;
                     nodes.append(d)?;
                 }
             }
