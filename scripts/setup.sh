@@ -2,7 +2,8 @@
 # Install everything htex_rs's tests need on a fresh Debian machine: the servers the
 # tests start (apt), the wheel users install (scripts/wheel.sh: libzmq and libsodium
 # inside), and virtual environments with that wheel and the test tools: .venv with the
-# newest Parsl htex_rs supports, .venv-parsl-oldest with the oldest.
+# newest Parsl htex_rs supports, .venv-parsl-oldest with the oldest, .venv-gce with a
+# Globus Compute endpoint (its engine tests run on htex_rs: tests/test_globus_compute_engine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -42,3 +43,16 @@ for env in .venv .venv-parsl-oldest; do
     $env/bin/pip install -q --force-reinstall --no-deps "$wheel"  # this build, not an older 0.1.0
     $env/bin/python -c "import htex_rs._core as c, parsl; assert c.HAS_CURVE, 'libzmq without CURVE'; print('htex_rs', c.VERSION, 'protocol v%d' % c.PROTOCOL_VERSION, 'CURVE ok, parsl', parsl.__version__)"
 done
+
+# globus-compute-endpoint pins its own pytest (>= 9.1; Parsl's suite needs 7) and Parsl
+# floor, so it gets an environment of its own; the version whose sdist tests we run.
+GCE_VERSION=4.19.0
+if [ ! -x .venv-gce/bin/python ]; then
+    echo "==> creating .venv-gce"
+    python3 -m venv .venv-gce
+fi
+echo "==> installing $wheel and globus-compute-endpoint $GCE_VERSION into .venv-gce"
+.venv-gce/bin/pip install -q --upgrade pip
+.venv-gce/bin/pip install -q "$wheel" "globus-compute-endpoint[test]==$GCE_VERSION"
+.venv-gce/bin/pip install -q --force-reinstall --no-deps "$wheel"
+.venv-gce/bin/python -c "import htex_rs, globus_compute_endpoint as g, parsl; print('htex_rs under globus-compute-endpoint', g.__version__, 'parsl', parsl.__version__)"
