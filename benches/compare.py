@@ -18,6 +18,15 @@ With ``--mixed`` it measures scheduling instead, on tasks of mixed lengths:
   * 1 worker, prefetch 4: a 1 ms task queued with a 3 s task: when the 1 ms result arrives;
   * 1 worker, prefetch 8: a task that kills its worker, 6 quick tasks behind it: how many
     of the 6 complete.
+
+With ``--monitoring`` it measures what monitoring costs the executor, as a Globus Compute
+endpoint in monitored mode runs it (``executor.monitoring_messages`` a spawn-context
+multiprocessing queue, drained by a thread):
+
+    python benches/compare.py --monitoring --rounds 3 --json docs/benchmarks_monitoring.json
+
+  * no-op throughput with monitoring off and on, prefetch 0 and 64, and the on/off ratio;
+  * NODE_INFO messages per 1,000 tasks with monitoring on.
 """
 from __future__ import annotations
 
@@ -188,6 +197,71 @@ def survivors_of_a_killer(ex: Any) -> float:
     return float(ok)
 
 
+def monitored_throughput(kind: str, args: argparse.Namespace, prefetch: int, monitored: bool) -> tuple[float, float]:
+    """(tasks/s, NODE_INFO messages per 1,000 tasks) for one executor."""
+    import multiprocessing
+    import threading
+    from parsl.monitoring.message_type import MessageType
+    with tempfile.TemporaryDirectory() as d:
+        ex = make(kind, d, args.workers, True, prefetch)
+        nodes = [0]
+        q = multiprocessing.get_context("spawn").Queue() if monitored else None
+        watcher = None
+        if q is not None:
+            ex.monitoring_messages = q
+
+            def watch() -> None:  # as GlobusComputeEngine.monitor_watcher reads it
+                while (msg := q.get()) is not None:
+                    if msg[0] == MessageType.NODE_INFO:
+                        nodes[0] += 1
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+        start(ex)
+        try:
+            throughput(ex, min(2000, args.tasks))  # warm-up
+            before = nodes[0]
+            rate = throughput(ex, args.tasks)
+            time.sleep(0.5)  # reports of the last tasks
+            return rate, (nodes[0] - before) * 1000 / args.tasks
+        finally:
+            stop(ex)
+            if q is not None:
+                q.put(None)
+                assert watcher is not None
+                watcher.join(timeout=30)
+
+
+def monitoring_main(args: argparse.Namespace) -> None:
+    raw: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}
+    for r in range(args.rounds):
+        for pf in (0, 64):
+            for kind in KINDS:
+                for monitored in (False, True):
+                    rate, per_k = monitored_throughput(kind, args, pf, monitored)
+                    key = f"pf{pf} {'on' if monitored else 'off'}"
+                    raw[kind].setdefault(key, []).append(rate)
+                    if monitored:
+                        raw[kind].setdefault(f"pf{pf} NODE_INFO per 1000 tasks", []).append(per_k)
+                    print(f"round {r + 1}/{args.rounds} {kind} {key}: {rate:.0f} tasks/s"
+                          + (f", {per_k:.1f} NODE_INFO per 1000 tasks" if monitored else ""),
+                          file=sys.stderr, flush=True)
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in raw.items()}
+    print(f"\n{args.workers} workers, {args.tasks} no-op tasks, {args.rounds} rounds, medians")
+    print(f"{'':<12}{'parsl off':>11}{'parsl on':>10}{'on/off':>8}{'nodes/1k':>10}"
+          f"{'htex_rs off':>13}{'htex_rs on':>12}{'on/off':>8}{'nodes/1k':>10}")
+    ratios = {}
+    for pf in (0, 64):
+        row = f"prefetch {pf:<3}"
+        for kind in KINDS:
+            off, on = med[kind][f"pf{pf} off"], med[kind][f"pf{pf} on"]
+            ratios[f"{kind} pf{pf} on/off"] = on / off
+            row += f"{off:>11.0f}{on:>10.0f}{on / off:>8.3f}{med[kind][f'pf{pf} NODE_INFO per 1000 tasks']:>10.1f}"
+        print(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "raw": raw, "median": med, "ratios": ratios}, f, indent=2)
+
+
 def mixed_main(args: argparse.Namespace) -> None:
     import random
     rng = random.Random(6)
@@ -234,9 +308,13 @@ def main() -> None:
     p.add_argument("--no-dfk", action="store_true", help="only the executor.submit figures (for benches/ab.py)")
     p.add_argument("--mixed", action="store_true", help="the mixed-length scheduling cases instead")
     p.add_argument("--mixed-tasks", type=int, default=600)
+    p.add_argument("--monitoring", action="store_true", help="throughput with monitoring on and off instead")
     args = p.parse_args()
     if args.mixed:
         mixed_main(args)
+        return
+    if args.monitoring:
+        monitoring_main(args)
         return
 
     raw: dict[str, dict[str, list[float]]] = {k: {} for k in KINDS}

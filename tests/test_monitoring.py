@@ -2,12 +2,14 @@
 with the default HTEXRadio, the workers' task and resource messages travel back over
 htex_rs's own result path; the filesystem and UDP radios work as with Parsl's HTEX.
 The interchange reports pools to the `node` table when they register, when they go and,
-coalesced, when their task set changes (Parsl's reports on every dispatch and result); a
-task's pool is always reported before its result, as Globus Compute endpoints need."""
+coalesced, when their task set changes (Parsl's reports on every dispatch and result),
+listing every task at least once, as Globus Compute endpoints need."""
 from __future__ import annotations
 
 import os
 import queue
+import threading
+import time
 
 import parsl
 import pytest
@@ -81,11 +83,12 @@ def noop(i):
     return i
 
 
-def test_every_task_s_pool_is_reported_before_its_result(tmp_path, monkeypatch):
+def test_every_task_is_listed_with_its_block_and_reports_are_coalesced(tmp_path, monkeypatch):
     """The executor alone with a monitoring queue, as a Globus Compute endpoint runs it
-    (its monitored mode places each task from the NODE_INFO listing it): 300 short tasks
-    on two workers with prefetch, so most are sent and done within one report interval.
-    When a future completes, a record naming the task and its block is already queued."""
+    (its monitored mode places each task from the NODE_INFO records listing it).
+    A task sent after a quiet spell is reported before its result; then 600 short tasks on
+    two workers with prefetch, most sent and done between two reports: every one is
+    listed with its block all the same, in far fewer records than tasks."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
     ex = HighThroughputExecutor(label="nodes", address="127.0.0.1", max_workers_per_node=2,
@@ -94,7 +97,7 @@ def test_every_task_s_pool_is_reported_before_its_result(tmp_path, monkeypatch):
     ex.run_dir = str(tmp_path)
     ex.monitoring_messages = queue.Queue()
     placed: dict[int, str] = {}
-    unplaced: list[int] = []
+    records = [0]
 
     def drain() -> None:
         while True:
@@ -102,19 +105,32 @@ def test_every_task_s_pool_is_reported_before_its_result(tmp_path, monkeypatch):
                 kind, record = ex.monitoring_messages.get_nowait()
             except queue.Empty:
                 return
-            assert kind == MessageType.NODE_INFO
+            if kind != MessageType.NODE_INFO:  # BLOCK_INFO from the scaling code
+                continue
+            records[0] += 1
             for t in record["tasks"]:
                 placed[t] = record["block_id"]
 
-    def on_done(fut) -> None:  # runs on the executor's result thread
-        drain()
-        if fut.parsl_executor_task_id not in placed:
-            unplaced.append(fut.parsl_executor_task_id)
-
     with ex:
-        futures = [ex.submit(noop, {}, i) for i in range(300)]
-        for f in futures:
-            f.add_done_callback(on_done)
-        assert [f.result(timeout=120) for f in futures] == list(range(300))
-    assert not unplaced, f"results before their pool was reported: {unplaced[:10]}"
+        first = ex.submit(noop, {}, -1)
+        seen_first: list[bool] = []
+        called = threading.Event()
+
+        def on_done(f) -> None:  # runs on the result thread, as the engine's callback does
+            drain()
+            seen_first.append(f.parsl_executor_task_id in placed)
+            called.set()
+        first.add_done_callback(on_done)
+        assert first.result(timeout=120) == -1 and called.wait(10)
+        assert seen_first == [True], "a task after a quiet spell: placed before its result"
+        time.sleep(0.3)  # a quiet spell
+        drain()
+        before = records[0]
+        futures = [ex.submit(noop, {}, i) for i in range(600)]
+        assert [f.result(timeout=120) for f in futures] == list(range(600))
+        time.sleep(0.5)  # the last coalesced report
+        drain()
+    ids = {f.parsl_executor_task_id for f in futures}
+    assert ids <= set(placed), f"never listed: {sorted(ids - set(placed))[:10]}"
     assert set(placed.values()) == {"0"}
+    assert records[0] - before < 300, f"{records[0] - before} records for 600 tasks: not coalesced"

@@ -23,9 +23,11 @@ pub struct Manager {
     pub draining: bool,
     pub last_seen: Instant,
     pub idle_since: Option<Instant>,
-    /// Node reporting (monitoring on only): tasks sent since the last report, and when
-    /// that report was made.
+    /// Node reporting (monitoring on only): tasks sent since the last report, those of
+    /// them already done (listed once in the next report all the same), and when the
+    /// last report was made.
     unreported: HashSet<u64>,
+    done_unreported: Vec<u64>,
     last_report: Instant,
 }
 
@@ -58,8 +60,9 @@ pub struct ManagerInfo {
 /// A manager's record for monitoring (Parsl's NODE_INFO, which fills the `node` table and
 /// tells Globus Compute endpoints which block each task runs in). Reported when the
 /// manager registers, is held or goes (`active` false), and when its task set changes:
-/// at once after a quiet spell, then at most once per [`NODE_REPORT_INTERVAL`], and
-/// always before the result of a task it has not yet listed.
+/// at once for tasks sent after a quiet spell, then at most once per
+/// [`NODE_REPORT_INTERVAL`]. Every task is listed in at least one record: one that
+/// started and finished between two reports is listed in the next.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
     pub uid: String,
@@ -73,7 +76,7 @@ pub struct NodeInfo {
     pub parsl_version: String,
     pub active: bool,
     pub draining: bool,
-    /// The manager's outstanding task ids, ascending.
+    /// The manager's outstanding task ids and those done since the last report, ascending.
     pub tasks: Vec<u64>,
     /// Epoch seconds.
     pub start_time: f64,
@@ -88,7 +91,7 @@ pub const NODE_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 impl NodeInfo {
     fn of(m: &Manager, active: bool) -> NodeInfo {
         let epoch = |t: Instant| epoch_now() - t.elapsed().as_secs_f64();
-        let mut tasks: Vec<u64> = m.tasks.iter().copied().collect();
+        let mut tasks: Vec<u64> = m.tasks.iter().chain(&m.done_unreported).copied().collect();
         tasks.sort_unstable();
         NodeInfo {
             uid: m.reg.uid.clone(),
@@ -121,6 +124,7 @@ impl NodeReports {
     fn report(&mut self, m: &mut Manager, now: Instant) {
         self.out.push(NodeInfo::of(m, m.active));
         m.unreported.clear();
+        m.done_unreported.clear();
         m.last_report = now;
         self.pending.remove(&m.identity);
     }
@@ -217,6 +221,7 @@ impl Managers {
             last_seen: now,
             idle_since: Some(now),
             unreported: HashSet::new(),
+            done_unreported: Vec::new(),
             last_report: now,
         };
         if let Some(r) = &mut self.reports {
@@ -256,27 +261,21 @@ impl Managers {
         }
     }
 
-    /// Record finished tasks; the manager becomes a dispatch candidate again. With node
-    /// reports on, a finished task the manager was never reported with is reported now,
-    /// before its result is passed on (so monitoring learns where every task ran).
-    pub fn complete<I>(&mut self, identity: &[u8], task_ids: I)
-    where
-        I: IntoIterator<Item = u64> + Clone,
-    {
+    /// Record finished tasks; the manager becomes a dispatch candidate again.
+    pub fn complete(&mut self, identity: &[u8], task_ids: impl IntoIterator<Item = u64>) {
         if let Some(m) = self.map.get_mut(identity) {
             if let Some(r) = &mut self.reports {
-                if !m.unreported.is_empty()
-                    && task_ids
-                        .clone()
-                        .into_iter()
-                        .any(|id| m.unreported.contains(&id))
-                {
-                    r.report(m, Instant::now());
+                for id in task_ids {
+                    m.tasks.remove(&id);
+                    if m.unreported.remove(&id) {
+                        m.done_unreported.push(id);
+                    }
                 }
                 r.mark(m);
-            }
-            for id in task_ids {
-                m.tasks.remove(&id);
+            } else {
+                for id in task_ids {
+                    m.tasks.remove(&id);
+                }
             }
             if m.tasks.is_empty() {
                 m.idle_since = Some(Instant::now());
@@ -506,7 +505,7 @@ mod tests {
     }
 
     #[test]
-    fn task_sets_are_reported_coalesced_and_before_a_task_s_result() {
+    fn task_sets_are_reported_coalesced_and_every_task_is_listed() {
         let mut m = Managers::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 8));
         m.assign(b"a", &[1]);
@@ -524,32 +523,38 @@ mod tests {
         assert_eq!(first[0].block_id.as_deref(), Some("7"));
         m.assign(b"a", &[3]);
         m.assign(b"a", &[4]);
-        m.complete(b"a", [2]);
+        m.complete(b"a", [2, 3]);
         m.report_changed();
         assert!(
             m.take_node_changes().is_empty(),
-            "within the interval, and task 2 was already reported: nothing yet"
-        );
-        m.complete(b"a", [3]);
-        let before = m.take_node_changes();
-        assert_eq!(
-            before.len(),
-            1,
-            "task 3 was never listed: reported before its result"
-        );
-        assert_eq!(before[0].tasks, [1, 3, 4]);
-        m.complete(b"a", [4]);
-        assert!(
-            m.take_node_changes().is_empty(),
-            "4 went out in that report"
+            "within the interval: nothing yet"
         );
         std::thread::sleep(NODE_REPORT_INTERVAL);
         m.report_changed();
         let later = m.take_node_changes();
         assert_eq!(later.len(), 1, "one coalesced report of the changes");
-        assert_eq!(later[0].tasks, [1]);
+        assert_eq!(
+            later[0].tasks,
+            [1, 3, 4],
+            "outstanding, and 3 (done, never listed); not 2 (listed before)"
+        );
         m.report_changed();
         assert!(m.take_node_changes().is_empty(), "nothing changed since");
+        m.complete(b"a", [1, 4]);
+        std::thread::sleep(NODE_REPORT_INTERVAL);
+        m.report_changed();
+        let idle = m.take_node_changes();
+        assert_eq!(idle.len(), 1);
+        assert!(
+            idle[0].tasks.is_empty(),
+            "1 and 4 were listed: an idle manager"
+        );
+        m.assign(b"a", &[5]);
+        assert!(m.take_node_changes().is_empty(), "just reported: waits");
+        std::thread::sleep(NODE_REPORT_INTERVAL);
+        m.assign(b"a", &[6]);
+        let quiet = m.take_node_changes();
+        assert_eq!(quiet[0].tasks, [5, 6], "after a quiet spell: at once");
         m.remove(b"a");
         m.report_changed();
         let gone = m.take_node_changes();

@@ -607,22 +607,14 @@ impl Interchange {
             .stats
             .results_forwarded
             .fetch_add(meta.len() as u64, Ordering::Relaxed);
-        // A node report made by `complete` goes first: monitoring hears where a task ran
-        // before its result is passed on.
-        let nodes = self.managers.take_node_changes();
         self.shared.emit(
-            nodes
-                .into_iter()
-                .map(Event::Node)
-                .chain(
-                    meta.into_iter()
-                        .zip(payloads)
-                        .map(|((task_id, status), payload)| Event::Result {
-                            task_id,
-                            status,
-                            payload,
-                        }),
-                ),
+            meta.into_iter()
+                .zip(payloads)
+                .map(|((task_id, status), payload)| Event::Result {
+                    task_id,
+                    status,
+                    payload,
+                }),
         );
     }
 
