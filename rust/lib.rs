@@ -9,6 +9,7 @@ pub mod interchange;
 pub mod manager;
 pub mod planner;
 pub mod protocol;
+pub mod resources;
 pub mod stream;
 pub mod transport;
 pub mod worker_inbox;

@@ -1,0 +1,332 @@
+//! Per-task resources: what a task asks for (Parsl's WorkQueue/TaskVine names and units:
+//! `cores` and `gpus` are counts, `memory` is MB), what a pool has, and what a pool grants
+//! a task (which CPUs, which accelerators).
+//!
+//! A task with a request carries [`FLAG_RESOURCES`] in its meta entry, and its payload
+//! starts with the request as JSON behind a u32 LE length; the interchange reads it to
+//! match the task to a pool with room, the pool core to grant it CPUs and accelerators,
+//! and replaces it with the [`Grant`] (same layout) for the worker. Tasks without the flag
+//! are untouched: their payloads stay opaque and nothing here runs for them.
+
+use serde::{Deserialize, Serialize};
+
+/// Meta flag: the payload starts with a length-prefixed JSON request (or grant).
+pub const FLAG_RESOURCES: u8 = 2;
+
+/// Cores, memory (MB) and GPUs: a task's request, or a pool's totals or free share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Resources {
+    pub cores: u32,
+    pub memory: u64,
+    pub gpus: u32,
+}
+
+impl Resources {
+    /// `self` fits in `room`.
+    #[must_use]
+    pub fn fits(&self, room: &Resources) -> bool {
+        self.cores <= room.cores && self.memory <= room.memory && self.gpus <= room.gpus
+    }
+
+    #[must_use]
+    pub fn plus(&self, o: &Resources) -> Resources {
+        Resources {
+            cores: self.cores.saturating_add(o.cores),
+            memory: self.memory.saturating_add(o.memory),
+            gpus: self.gpus.saturating_add(o.gpus),
+        }
+    }
+
+    #[must_use]
+    pub fn minus(&self, o: &Resources) -> Resources {
+        Resources {
+            cores: self.cores.saturating_sub(o.cores),
+            memory: self.memory.saturating_sub(o.memory),
+            gpus: self.gpus.saturating_sub(o.gpus),
+        }
+    }
+}
+
+impl std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} cores, {} MB memory, {} GPUs",
+            self.cores, self.memory, self.gpus
+        )
+    }
+}
+
+/// What a pool core gives one task: the request, and the CPUs and accelerators granted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    #[serde(flatten)]
+    pub request: Resources,
+    pub cpus: Vec<u32>,
+    pub accelerators: Vec<String>,
+    /// The allocator's slot indices (declared slots beyond the real CPUs share ids).
+    #[serde(skip)]
+    slots: Vec<usize>,
+}
+
+/// Split a payload flagged [`FLAG_RESOURCES`] into its JSON head and the rest.
+#[must_use]
+pub fn split(payload: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize;
+    let end = 4usize.checked_add(len)?;
+    Some((payload.get(4..end)?, payload.get(end..)?))
+}
+
+/// The request at the head of a flagged payload (`None`: malformed).
+#[must_use]
+pub fn request_of(payload: &[u8]) -> Option<Resources> {
+    serde_json::from_slice(split(payload)?.0).ok()
+}
+
+/// `head` (JSON) behind its length, then `rest`: the layout [`split`] reads.
+#[must_use]
+pub fn join(head: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + head.len() + rest.len());
+    out.extend_from_slice(&u32::try_from(head.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(head);
+    out.extend_from_slice(rest);
+    out
+}
+
+/// One CPU slot of a pool: the CPU id to pin to and its NUMA node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub cpu: u32,
+    pub numa: u32,
+}
+
+/// A pool's CPUs, memory and accelerators, and which are granted. CPU slots are listed
+/// in the planner's order (cores' hyperthreads next to each other, NUMA node by node),
+/// so a grant of adjacent free slots is whole cores on one node when it can be.
+pub struct Allocator {
+    slots: Vec<Slot>,
+    free_slot: Vec<bool>,
+    accelerators: Vec<String>,
+    free_accel: Vec<bool>,
+    memory: u64,
+    memory_free: u64,
+}
+
+impl Allocator {
+    #[must_use]
+    pub fn new(slots: Vec<Slot>, memory: u64, accelerators: Vec<String>) -> Allocator {
+        Allocator {
+            free_slot: vec![true; slots.len()],
+            free_accel: vec![true; accelerators.len()],
+            slots,
+            accelerators,
+            memory,
+            memory_free: memory,
+        }
+    }
+
+    /// The pool's totals, as it advertises them.
+    #[must_use]
+    pub fn totals(&self) -> Resources {
+        Resources {
+            cores: u32::try_from(self.slots.len()).unwrap_or(u32::MAX),
+            memory: self.memory,
+            gpus: u32::try_from(self.accelerators.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// What is not granted now.
+    #[must_use]
+    pub fn free(&self) -> Resources {
+        let count = |v: &[bool]| u32::try_from(v.iter().filter(|f| **f).count()).unwrap_or(0);
+        Resources {
+            cores: count(&self.free_slot),
+            memory: self.memory_free,
+            gpus: count(&self.free_accel),
+        }
+    }
+
+    /// Grant `req` if it fits now: CPU slots from one NUMA node when one has enough free,
+    /// the first free run of them in the planner's order; the first free accelerators.
+    pub fn grant(&mut self, req: &Resources) -> Option<Grant> {
+        if !req.fits(&self.free()) {
+            return None;
+        }
+        let want = req.cores as usize;
+        let free_on = |numa: Option<u32>| {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| self.free_slot[*i] && numa.is_none_or(|n| s.numa == n))
+                .map(|(i, _)| i)
+                .collect::<Vec<usize>>()
+        };
+        let mut nodes: Vec<u32> = self.slots.iter().map(|s| s.numa).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let picked: Vec<usize> = nodes
+            .into_iter()
+            .map(|n| free_on(Some(n)))
+            .find(|f| f.len() >= want)
+            .unwrap_or_else(|| free_on(None))
+            .into_iter()
+            .take(want)
+            .collect();
+        let accel: Vec<usize> = (0..self.accelerators.len())
+            .filter(|i| self.free_accel[*i])
+            .take(req.gpus as usize)
+            .collect();
+        for i in &picked {
+            self.free_slot[*i] = false;
+        }
+        for i in &accel {
+            self.free_accel[*i] = false;
+        }
+        self.memory_free -= req.memory;
+        let mut cpus: Vec<u32> = picked.iter().map(|i| self.slots[*i].cpu).collect();
+        cpus.sort_unstable();
+        cpus.dedup(); // declared slots beyond the real CPUs map onto the same ids
+        Some(Grant {
+            request: *req,
+            cpus,
+            accelerators: accel
+                .iter()
+                .map(|i| self.accelerators[*i].clone())
+                .collect(),
+            slots: picked,
+        })
+    }
+
+    /// Give a grant's resources back.
+    pub fn release(&mut self, g: &Grant) {
+        for i in &g.slots {
+            self.free_slot[*i] = true;
+        }
+        for a in &g.accelerators {
+            if let Some(i) = self.accelerators.iter().position(|x| x == a) {
+                self.free_accel[i] = true;
+            }
+        }
+        self.memory_free = (self.memory_free + g.request.memory).min(self.memory);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn slots(numa_sizes: &[u32]) -> Vec<Slot> {
+        let mut out = Vec::new();
+        let mut cpu = 0;
+        for (n, size) in numa_sizes.iter().enumerate() {
+            for _ in 0..*size {
+                out.push(Slot {
+                    cpu,
+                    numa: n as u32,
+                });
+                cpu += 1;
+            }
+        }
+        out
+    }
+
+    fn req(cores: u32, memory: u64, gpus: u32) -> Resources {
+        Resources {
+            cores,
+            memory,
+            gpus,
+        }
+    }
+
+    #[test]
+    fn payload_head_round_trips_and_junk_is_none() {
+        let p = join(br#"{"cores":4,"memory":8000}"#, b"rest");
+        assert_eq!(request_of(&p), Some(req(4, 8000, 0)));
+        assert_eq!(split(&p).unwrap().1, b"rest");
+        assert_eq!(request_of(b"\x09\0\0\0{}"), None, "length past the end");
+        assert_eq!(request_of(b"\x02"), None);
+        assert_eq!(request_of(&join(b"not json", b"")), None);
+    }
+
+    #[test]
+    fn grants_prefer_one_numa_node_and_come_back() {
+        let mut a = Allocator::new(slots(&[4, 4]), 1000, vec!["0".into(), "1".into()]);
+        let g1 = a.grant(&req(2, 100, 1)).unwrap();
+        assert_eq!(g1.cpus, [0, 1]);
+        assert_eq!(g1.accelerators, ["0"]);
+        let g2 = a.grant(&req(3, 100, 0)).unwrap();
+        assert_eq!(g2.cpus, [4, 5, 6], "node 0 has only 2 free: node 1");
+        let g3 = a.grant(&req(2, 100, 1)).unwrap();
+        assert_eq!(g3.cpus, [2, 3]);
+        assert!(a.grant(&req(2, 0, 0)).is_none(), "1 free core left");
+        assert!(a.grant(&req(0, 0, 1)).is_none(), "no free GPU");
+        assert!(a.grant(&req(1, 701, 0)).is_none(), "700 MB free");
+        a.release(&g2);
+        a.release(&g1);
+        assert_eq!(a.free(), req(6, 900, 1));
+        a.release(&g3);
+        assert_eq!(a.free(), a.totals());
+    }
+
+    #[test]
+    fn declared_slots_beyond_the_real_cpus_share_ids() {
+        let s: Vec<Slot> = (0..8)
+            .map(|i| Slot {
+                cpu: i % 2,
+                numa: 0,
+            })
+            .collect();
+        let mut a = Allocator::new(s, 0, vec![]);
+        let g = a.grant(&req(4, 0, 0)).unwrap();
+        assert_eq!(g.cpus, [0, 1]);
+        assert_eq!(a.free().cores, 4);
+        a.release(&g);
+        assert_eq!(a.free().cores, 8);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Grants never exceed the totals, never share a CPU or an accelerator, and every
+        /// grant released gives the pool back exactly its totals.
+        #[test]
+        fn grants_never_overlap_or_exceed_and_all_come_back(
+            numa in proptest::collection::vec(1u32..6, 1..4),
+            gpus in 0usize..4,
+            ops in proptest::collection::vec((0u32..7, 0u64..400, 0u32..3, any::<bool>()), 1..60),
+        ) {
+            let mut a = Allocator::new(slots(&numa), 1000, (0..gpus).map(|i| i.to_string()).collect());
+            let totals = a.totals();
+            let mut held: Vec<Grant> = Vec::new();
+            for (cores, memory, g, release) in ops {
+                if release && !held.is_empty() {
+                    let g = held.remove(cores as usize % held.len());
+                    a.release(&g);
+                } else if let Some(grant) = a.grant(&req(cores, memory, g)) {
+                    prop_assert_eq!(grant.cpus.len(), cores as usize);
+                    prop_assert_eq!(grant.accelerators.len(), g as usize);
+                    held.push(grant);
+                }
+                let used = held.iter().fold(Resources::default(), |u, g| u.plus(&g.request));
+                prop_assert!(used.fits(&totals));
+                prop_assert_eq!(a.free(), totals.minus(&used));
+                let mut cpus: Vec<usize> = held.iter().flat_map(|g| g.slots.clone()).collect();
+                let n = cpus.len();
+                cpus.sort_unstable();
+                cpus.dedup();
+                prop_assert_eq!(cpus.len(), n, "a CPU slot granted twice");
+                let mut acc: Vec<String> = held.iter().flat_map(|g| g.accelerators.clone()).collect();
+                let n = acc.len();
+                acc.sort();
+                acc.dedup();
+                prop_assert_eq!(acc.len(), n, "an accelerator granted twice");
+            }
+            for g in held.drain(..) {
+                a.release(&g);
+            }
+            prop_assert_eq!(a.free(), totals);
+        }
+    }
+}
