@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::candidates::Candidates;
 use crate::protocol::Registration;
+use crate::resources::Resources;
 
 /// How managers with free capacity are ordered for dispatch (Parsl's selectors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub struct Manager {
     unreported: HashSet<u64>,
     done_unreported: Vec<u64>,
     last_report: Instant,
+    /// Resources of the tasks it holds that asked for them, and their sum.
+    granted: HashMap<u64, Resources>,
+    used: Resources,
 }
 
 impl Manager {
@@ -40,6 +44,30 @@ impl Manager {
     fn eligible(&self) -> bool {
         self.active && !self.draining && self.free_capacity() > 0
     }
+
+    /// What it can grant in all (nothing if it advertised nothing).
+    #[must_use]
+    pub fn total(&self) -> Resources {
+        self.reg.resources.unwrap_or_default()
+    }
+
+    /// What it has not granted to tasks it holds.
+    #[must_use]
+    pub fn room(&self) -> Resources {
+        self.total().minus(&self.used)
+    }
+}
+
+/// Where a task that asks for resources can go now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// To this manager.
+    Fits(Vec<u8>),
+    /// Nowhere now; this manager (the most room among those that could ever hold it) is
+    /// the one to keep free for it, if any is.
+    Wait(Option<Vec<u8>>),
+    /// No connected manager could ever hold it: the largest one's totals.
+    Never(Resources),
 }
 
 /// A snapshot of one manager for `connected_managers()`.
@@ -148,6 +176,7 @@ pub struct Managers {
     /// Managers that may have free capacity, in the selector's order; dispatch looks at
     /// as few of them as the queued tasks need.
     candidates: Candidates,
+    selector: Selector,
     /// One block id per registration, duplicates kept (Parsl's `connected_block_history`).
     pub block_history: Vec<String>,
     /// Node reports, when monitoring is on (`None`: not tracked, nothing done).
@@ -168,6 +197,7 @@ impl Managers {
         Managers {
             map: HashMap::new(),
             candidates: Candidates::new(selector),
+            selector,
             block_history: Vec::new(),
             reports: track_nodes.then(NodeReports::default),
         }
@@ -223,6 +253,8 @@ impl Managers {
             unreported: HashSet::new(),
             done_unreported: Vec::new(),
             last_report: now,
+            granted: HashMap::new(),
+            used: Resources::default(),
         };
         if let Some(r) = &mut self.reports {
             r.report(&mut m, now);
@@ -264,18 +296,20 @@ impl Managers {
     /// Record finished tasks; the manager becomes a dispatch candidate again.
     pub fn complete(&mut self, identity: &[u8], task_ids: impl IntoIterator<Item = u64>) {
         if let Some(m) = self.map.get_mut(identity) {
-            if let Some(r) = &mut self.reports {
-                for id in task_ids {
-                    m.tasks.remove(&id);
-                    if m.unreported.remove(&id) {
-                        m.done_unreported.push(id);
+            let tracking = self.reports.is_some();
+            for id in task_ids {
+                m.tasks.remove(&id);
+                if !m.granted.is_empty() {
+                    if let Some(r) = m.granted.remove(&id) {
+                        m.used = m.used.minus(&r);
                     }
                 }
-                r.mark(m);
-            } else {
-                for id in task_ids {
-                    m.tasks.remove(&id);
+                if tracking && m.unreported.remove(&id) {
+                    m.done_unreported.push(id);
                 }
+            }
+            if let Some(r) = &mut self.reports {
+                r.mark(m);
             }
             if m.tasks.is_empty() {
                 m.idle_since = Some(Instant::now());
@@ -302,6 +336,51 @@ impl Managers {
                 }
             }
         }
+    }
+
+    /// Record a task that asked for `req` sent to a manager (after [`Managers::assign`]).
+    pub fn grant(&mut self, identity: &[u8], task_id: u64, req: Resources) {
+        if let Some(m) = self.map.get_mut(identity) {
+            m.used = m.used.plus(&req);
+            m.granted.insert(task_id, req);
+        }
+    }
+
+    /// Where a task asking for `req` can go now, among managers not in `kept` (kept free
+    /// for a task ahead of it): the selector's choice among those with a free slot and
+    /// room for it (`BlockId`: the highest block; `Random`: any).
+    #[must_use]
+    pub fn place(&self, req: &Resources, kept: &HashSet<Vec<u8>>) -> Placement {
+        let fitting = self
+            .map
+            .values()
+            .filter(|m| m.eligible() && req.fits(&m.room()) && !kept.contains(&m.identity));
+        let chosen = match self.selector {
+            Selector::BlockId => fitting.max_by(|a, b| a.reg.block_id.cmp(&b.reg.block_id)),
+            Selector::Random => {
+                let all: Vec<&Manager> = fitting.collect();
+                (!all.is_empty()).then(|| all[fastrand::usize(..all.len())])
+            }
+        };
+        if let Some(m) = chosen {
+            return Placement::Fits(m.identity.clone());
+        }
+        let could = self
+            .map
+            .values()
+            .filter(|m| req.fits(&m.total()))
+            .filter(|m| m.active && !m.draining)
+            .max_by_key(|m| (m.room().cores, m.room().gpus, m.room().memory));
+        if could.is_none() && !self.map.values().any(|m| req.fits(&m.total())) {
+            let largest = self
+                .map
+                .values()
+                .map(Manager::total)
+                .max_by_key(|t| (t.cores, t.gpus, t.memory))
+                .unwrap_or_default();
+            return Placement::Never(largest);
+        }
+        Placement::Wait(could.map(|m| m.identity.clone()))
     }
 
     /// Managers to offer `queued` tasks to, in the selector's order: as many as it takes
@@ -560,6 +639,146 @@ mod tests {
         let gone = m.take_node_changes();
         assert_eq!(gone.len(), 1);
         assert!(!gone[0].active);
+    }
+
+    fn sized(uid: &str, block: &str, cap: u32, cores: u32, gpus: u32) -> Registration {
+        Registration {
+            resources: Some(Resources {
+                cores,
+                memory: 16_000,
+                gpus,
+            }),
+            ..reg(uid, block, cap)
+        }
+    }
+
+    fn want(cores: u32, gpus: u32) -> Resources {
+        Resources {
+            cores,
+            memory: 0,
+            gpus,
+        }
+    }
+
+    #[test]
+    fn resource_tasks_go_where_they_fit_wait_or_never_fit() {
+        let mut m = Managers::new(Selector::BlockId, false);
+        let none = HashSet::new();
+        assert_eq!(
+            m.place(&want(1, 0), &none),
+            Placement::Never(Resources::default())
+        );
+        m.register(b"a".to_vec(), sized("a", "1", 8, 8, 0));
+        m.register(b"b".to_vec(), sized("b", "2", 8, 4, 2));
+        assert_eq!(
+            m.place(&want(2, 0), &none),
+            Placement::Fits(b"b".to_vec()),
+            "highest block"
+        );
+        assert_eq!(
+            m.place(&want(6, 0), &none),
+            Placement::Fits(b"a".to_vec()),
+            "only a has 6"
+        );
+        assert_eq!(
+            m.place(&want(1, 1), &none),
+            Placement::Fits(b"b".to_vec()),
+            "only b has GPUs"
+        );
+        let largest = Placement::Never(Resources {
+            cores: 8,
+            memory: 16_000,
+            gpus: 0,
+        });
+        assert_eq!(
+            m.place(&want(9, 0), &none),
+            largest,
+            "bigger than every pool"
+        );
+        m.assign(b"a", &[1]);
+        m.grant(b"a", 1, want(6, 0));
+        assert_eq!(
+            m.place(&want(6, 0), &none),
+            Placement::Wait(Some(b"a".to_vec()))
+        );
+        assert_eq!(m.place(&want(2, 0), &none), Placement::Fits(b"b".to_vec()));
+        let kept: HashSet<Vec<u8>> = [b"b".to_vec()].into();
+        assert_eq!(
+            m.place(&want(2, 0), &kept),
+            Placement::Fits(b"a".to_vec()),
+            "b kept"
+        );
+        m.complete(b"a", [1]);
+        assert_eq!(
+            m.get(b"a").unwrap().room(),
+            m.get(b"a").unwrap().total(),
+            "released"
+        );
+        assert_eq!(m.place(&want(6, 0), &none), Placement::Fits(b"a".to_vec()));
+        assert!(m.hold("a"));
+        assert_eq!(
+            m.place(&want(6, 0), &none),
+            Placement::Wait(None),
+            "only a held pool could"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, failure_persistence: None, ..Default::default() })]
+
+        /// Whatever the order of placements, results and losses, no manager is granted
+        /// more than its totals, its grants are the sum of its outstanding resource
+        /// tasks, and every grant is released when its task ends or its manager goes.
+        #[test]
+        fn grants_never_exceed_totals_and_are_all_released(
+            pools in proptest::collection::vec((1u32..6, 1u32..9, 0u32..3), 1..4),
+            ops in proptest::collection::vec((0u32..10, 0u32..3, 0u8..4), 1..80),
+        ) {
+            let mut m = Managers::new(Selector::Random, false);
+            for (i, (cap, cores, gpus)) in pools.iter().enumerate() {
+                let id = format!("p{i}");
+                m.register(id.clone().into_bytes(), sized(&id, &i.to_string(), *cap, *cores, *gpus));
+            }
+            let mut outstanding: Vec<(Vec<u8>, u64, Resources)> = Vec::new();
+            let mut next = 1u64;
+            for (cores, gpus, op) in ops {
+                match op {
+                    0 | 1 => {
+                        let req = want(cores, gpus);
+                        if let Placement::Fits(id) = m.place(&req, &HashSet::new()) {
+                            m.assign(&id, &[next]);
+                            m.grant(&id, next, req);
+                            outstanding.push((id, next, req));
+                            next += 1;
+                        }
+                    }
+                    2 if !outstanding.is_empty() => {
+                        let (id, t, _) = outstanding.remove(cores as usize % outstanding.len());
+                        m.complete(&id, [t]);
+                    }
+                    3 if !outstanding.is_empty() && cores == 0 => {
+                        let (id, _, _) = outstanding[gpus as usize % outstanding.len()].clone();
+                        m.remove(&id);
+                        outstanding.retain(|(i, _, _)| *i != id);
+                    }
+                    _ => {}
+                }
+                for mgr in m.map.values() {
+                    let sum = outstanding.iter().filter(|(i, _, _)| *i == mgr.identity)
+                        .fold(Resources::default(), |u, (_, _, r)| u.plus(r));
+                    proptest::prop_assert_eq!(mgr.used, sum);
+                    proptest::prop_assert!(mgr.used.fits(&mgr.total()));
+                    proptest::prop_assert!(mgr.tasks.len() <= mgr.reg.max_capacity as usize);
+                }
+            }
+            for (id, t, _) in outstanding.drain(..) {
+                m.complete(&id, [t]);
+            }
+            for mgr in m.map.values() {
+                proptest::prop_assert_eq!(mgr.used, Resources::default());
+                proptest::prop_assert!(mgr.granted.is_empty());
+            }
+        }
     }
 
     #[test]

@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, STATUS_UNPLACEABLE,
 };
+use crate::resources::{self, FLAG_RESOURCES};
 use crate::transport::{recv_frames, send_frames, Mailbox};
 use logfile::LogFile;
-use managers::Managers;
 pub use managers::{ManagerInfo, Selector};
+use managers::{Managers, Placement};
 use queue::{PendingTask, TaskQueue};
 
 pub const HTEX_RS_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -263,6 +264,7 @@ impl Handle {
             allowed,
             shared: shared.clone(),
             queue: TaskQueue::new(),
+            typed: TaskQueue::new(),
             managers,
             log,
             warned_peers: HashSet::new(),
@@ -347,12 +349,19 @@ struct Interchange {
     allowed: HashSet<[u8; 32]>,
     shared: Arc<Shared>,
     queue: TaskQueue,
+    /// Tasks that ask for resources: matched to pools with room, before `queue`.
+    typed: TaskQueue,
     managers: Managers,
     log: LogFile,
     warned_peers: HashSet<Vec<u8>>,
     refused_peers: HashSet<Vec<u8>>,
     stop: bool,
 }
+
+/// How long a task that asks for resources lets later ones take the room it waits for.
+pub const BACKFILL_WINDOW: Duration = Duration::from_millis(200);
+/// Most tasks asking for resources looked at per dispatch pass.
+const TYPED_SCAN: usize = 1024;
 
 /// Most messages handled per socket per loop turn, so one busy peer cannot starve timers.
 const BATCH: usize = 4096;
@@ -429,12 +438,25 @@ impl Interchange {
                             &format!("Put task {} onto pending_task_queue", t.task_id),
                         );
                     }
-                    self.queue.push(PendingTask {
+                    let request =
+                        (t.flags & FLAG_RESOURCES != 0).then(|| resources::request_of(&t.payload));
+                    if request == Some(None) {
+                        self.unplaceable(t.task_id, "its resource request is malformed".into());
+                        continue;
+                    }
+                    let task = PendingTask {
                         task_id: t.task_id,
                         priority: t.priority,
                         flags: t.flags,
                         payload: zmq::Message::from(t.payload),
-                    });
+                        request: request.flatten(),
+                        blocked_since: None,
+                    };
+                    if task.request.is_some() {
+                        self.typed.push(task);
+                    } else {
+                        self.queue.push(task);
+                    }
                 }
                 Input::Command(c) => self.on_command(c),
             }
@@ -644,7 +666,75 @@ impl Interchange {
         }
     }
 
+    /// Fail a task at once, with `message` for its exception.
+    fn unplaceable(&mut self, task_id: u64, message: String) {
+        self.log.warn(&format!("Task {task_id} failed: {message}"));
+        self.shared.emit([Event::Result {
+            task_id,
+            status: STATUS_UNPLACEABLE,
+            payload: zmq::Message::from(message.into_bytes()),
+        }]);
+    }
+
+    /// Match tasks that ask for resources to managers with room, in priority order. One
+    /// that fits nowhere now waits; tasks behind it may take the room it waits for
+    /// (backfill) until it has waited `BACKFILL_WINDOW`, then that manager is kept for it
+    /// (so a large task's wait is bounded by the tasks already running there). One that
+    /// no connected manager could ever hold fails at once.
+    fn dispatch_typed(&mut self) {
+        if self.typed.is_empty() || self.managers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut kept: HashSet<Vec<u8>> = HashSet::new();
+        let mut waiting: Vec<PendingTask> = Vec::new();
+        let mut batches: Vec<(Vec<u8>, Vec<PendingTask>)> = Vec::new();
+        for _ in 0..TYPED_SCAN {
+            let Some(mut t) = self.typed.pop() else { break };
+            let req = t.request.unwrap_or_default();
+            match self.managers.place(&req, &kept) {
+                Placement::Fits(id) => {
+                    self.managers.assign(&id, &[t.task_id]);
+                    self.managers.grant(&id, t.task_id, req);
+                    t.blocked_since = None;
+                    match batches.iter_mut().find(|(b, _)| *b == id) {
+                        Some((_, v)) => v.push(t),
+                        None => batches.push((id, vec![t])),
+                    }
+                }
+                Placement::Wait(keep) => {
+                    let since = *t.blocked_since.get_or_insert(now);
+                    if let Some(k) = keep.filter(|_| now.duration_since(since) >= BACKFILL_WINDOW) {
+                        kept.insert(k);
+                    }
+                    waiting.push(t);
+                }
+                Placement::Never(largest) => self.unplaceable(
+                    t.task_id,
+                    format!(
+                        "it asks for {req}, more than any connected pool has (the largest: \
+                         {largest}); ask for less, or give the pools more (workers per node, \
+                         a larger node, available_accelerators)"
+                    ),
+                ),
+            }
+        }
+        for t in waiting {
+            self.typed.push(t);
+        }
+        for (id, batch) in batches {
+            let meta: Vec<(u64, u8)> = batch.iter().map(|t| (t.task_id, t.flags)).collect();
+            if let Err(returned) = self.send_tasks(&id, &meta, batch) {
+                for t in returned {
+                    self.typed.push(t);
+                }
+                self.forget_unreachable(&id);
+            }
+        }
+    }
+
     fn dispatch(&mut self) {
+        self.dispatch_typed();
         if self.queue.is_empty() {
             return;
         }
@@ -663,24 +753,28 @@ impl Interchange {
             match self.send_tasks(&id, &meta, batch) {
                 Ok(()) => self.managers.assign(&id, &ids),
                 Err(returned) => {
-                    // The peer is gone (ROUTER_MANDATORY): requeue and forget it; its
-                    // outstanding tasks are lost with it.
                     for t in returned {
                         self.queue.push(t);
                     }
-                    if let Some(m) = self.managers.remove(&id) {
-                        let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
-                        tasks.sort_unstable();
-                        self.log
-                            .warn(&format!("Manager {} is unreachable; removed", m.reg.uid));
-                        self.shared.emit([Event::ManagerLost {
-                            uid: m.reg.uid,
-                            hostname: m.reg.hostname,
-                            tasks,
-                        }]);
-                    }
+                    self.forget_unreachable(&id);
                 }
             }
+        }
+    }
+
+    /// The peer is gone (ROUTER_MANDATORY refused a send; its batch was requeued):
+    /// forget it; its outstanding tasks are lost with it.
+    fn forget_unreachable(&mut self, id: &[u8]) {
+        if let Some(m) = self.managers.remove(id) {
+            let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
+            tasks.sort_unstable();
+            self.log
+                .warn(&format!("Manager {} is unreachable; removed", m.reg.uid));
+            self.shared.emit([Event::ManagerLost {
+                uid: m.reg.uid,
+                hostname: m.reg.hostname,
+                tasks,
+            }]);
         }
     }
 
@@ -829,6 +923,94 @@ mod tests {
         };
         assert_eq!(infos.len(), 1);
         assert_eq!(infos[0].tasks, 3);
+    }
+
+    fn typed(id: u64, cores: u32) -> NewTask {
+        let head = format!("{{\"cores\":{cores}}}");
+        NewTask {
+            task_id: id,
+            priority: f64::INFINITY,
+            flags: FLAG_RESOURCES,
+            payload: resources::join(head.as_bytes(), &id.to_le_bytes()),
+        }
+    }
+
+    fn sent_ids(p: &zmq::Socket) -> Vec<u64> {
+        let frames = recv(p);
+        assert_eq!(frames[0], header(Kind::Tasks));
+        decode_meta(&frames[1], frames.len() - 2)
+            .unwrap()
+            .iter()
+            .map(|m| m.0)
+            .collect()
+    }
+
+    #[test]
+    fn resource_tasks_wait_for_room_and_one_too_big_for_every_pool_fails_at_once() {
+        let h = start(Duration::from_secs(60), None);
+        let ctx = zmq::Context::new();
+        let p = ctx.socket(zmq::DEALER).unwrap();
+        p.set_linger(0).unwrap();
+        p.set_identity(b"p4").unwrap();
+        p.connect(&format!("tcp://127.0.0.1:{}", h.port)).unwrap();
+        let reg = Registration {
+            protocol_version: PROTOCOL_VERSION,
+            uid: "p4".into(),
+            block_id: Some("0".into()),
+            worker_count: 4,
+            max_capacity: 8,
+            resources: Some(resources::Resources {
+                cores: 4,
+                memory: 1000,
+                gpus: 0,
+            }),
+            ..Registration::default()
+        };
+        p.send_multipart(
+            [
+                &header(Kind::Register)[..],
+                &serde_json::to_vec(&reg).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(recv(&p)[0], header(Kind::Registered));
+        h.submit([typed(1, 4), typed(2, 2), typed(3, 8)]);
+        let (id, message) = wait_for(&h, |e| match e {
+            Event::Result {
+                task_id,
+                status: STATUS_UNPLACEABLE,
+                payload,
+            } => Some((task_id, String::from_utf8_lossy(&payload).into_owned())),
+            _ => None,
+        });
+        assert_eq!(id, 3);
+        assert!(
+            message.contains("8 cores") && message.contains("the largest: 4 cores"),
+            "{message}"
+        );
+        assert_eq!(sent_ids(&p), [1], "task 2 waits: task 1 holds all 4 cores");
+        h.submit([task(9, 0.0)]);
+        assert_eq!(
+            sent_ids(&p),
+            [9],
+            "plain tasks are not held back by resources"
+        );
+        assert_eq!(
+            p.poll(zmq::POLLIN, 300).unwrap(),
+            0,
+            "still no room for task 2"
+        );
+        p.send_multipart(
+            [
+                &header(Kind::Results)[..],
+                &encode_meta(&[(1, STATUS_RESULT)]),
+                b"ok",
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(sent_ids(&p), [2], "task 1's cores came back");
     }
 
     #[test]

@@ -3,6 +3,9 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use crate::resources::Resources;
 
 /// A task waiting for a manager. The payload is opaque to the interchange.
 pub struct PendingTask {
@@ -10,6 +13,10 @@ pub struct PendingTask {
     pub priority: f64,
     pub flags: u8,
     pub payload: zmq::Message,
+    /// What it asks for (`FLAG_RESOURCES`); `None` for a plain task.
+    pub request: Option<Resources>,
+    /// Since when it has found no pool with room (while others were placed).
+    pub blocked_since: Option<Instant>,
 }
 
 impl PartialEq for PendingTask {
@@ -78,6 +85,8 @@ mod tests {
             priority: prio,
             flags: 0,
             payload: zmq::Message::new(),
+            request: None,
+            blocked_since: None,
         }
     }
 

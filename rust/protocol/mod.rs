@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a frame layout or a message meaning changes.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 pub const MAGIC: [u8; 2] = *b"HX";
 /// Bytes per entry of a task or result meta frame: task id (u64 LE) + flags/status (u8).
 pub const META_ENTRY: usize = 9;
@@ -144,6 +144,9 @@ pub const STATUS_MONITORING: u8 = 2;
 /// The task's worker died while running it. The payload is JSON made by the pool core:
 /// `{"worker_id", "hostname", "pid", "exit_code"}`; the executor raises Parsl's WorkerLost.
 pub const STATUS_WORKER_LOST: u8 = 3;
+/// The interchange's own answer to a task that asks for more resources than any
+/// connected pool has (payload: the message, UTF-8); never sent by a pool.
+pub const STATUS_UNPLACEABLE: u8 = 4;
 
 /// Registration document sent by a worker pool (JSON, second frame of `Register`).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -167,6 +170,9 @@ pub struct Registration {
     pub cpu_count: u32,
     pub total_memory: u64,
     pub packages: serde_json::Map<String, serde_json::Value>,
+    /// What the pool can grant tasks that ask for resources (its CPU slots, memory in
+    /// MB, accelerators); `None` from a pool that grants nothing.
+    pub resources: Option<crate::resources::Resources>,
 }
 
 impl Registration {

@@ -493,6 +493,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STATUS_EXCEPTION", protocol::STATUS_EXCEPTION)?;
     m.add("STATUS_MONITORING", protocol::STATUS_MONITORING)?;
     m.add("STATUS_WORKER_LOST", protocol::STATUS_WORKER_LOST)?;
+    m.add("STATUS_UNPLACEABLE", protocol::STATUS_UNPLACEABLE)?;
+    m.add("FLAG_RESOURCES", crate::resources::FLAG_RESOURCES)?;
     m.add("VERSION", interchange::HTEX_RS_VERSION)?;
     m.add("HAS_CURVE", zmq::has("curve") == Some(true))?;
     Ok(())
