@@ -128,9 +128,11 @@ def test_every_task_is_listed_with_its_block_and_reports_are_coalesced(tmp_path,
         before = records[0]
         futures = [ex.submit(noop, {}, i) for i in range(600)]
         assert [f.result(timeout=120) for f in futures] == list(range(600))
-        time.sleep(0.5)  # the last coalesced report
-        drain()
-    ids = {f.parsl_executor_task_id for f in futures}
+        ids = {f.parsl_executor_task_id for f in futures}
+        deadline = time.monotonic() + 10  # the last coalesced report follows the results
+        while not ids <= set(placed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            drain()
     assert ids <= set(placed), f"never listed: {sorted(ids - set(placed))[:10]}"
     assert set(placed.values()) == {"0"}
     assert records[0] - before < 300, f"{records[0] - before} records for 600 tasks: not coalesced"

@@ -829,10 +829,6 @@ mod tests {
 
     /// A fake pool: a DEALER that registers with the given capacity and drain time.
     fn pool(ctx: &zmq::Context, port: u16, uid: &str, cap: u32, drain: Option<f64>) -> zmq::Socket {
-        let s = ctx.socket(zmq::DEALER).unwrap();
-        s.set_linger(0).unwrap();
-        s.set_identity(uid.as_bytes()).unwrap();
-        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
         let reg = Registration {
             protocol_version: PROTOCOL_VERSION,
             uid: uid.into(),
@@ -843,10 +839,19 @@ mod tests {
             drain_time: drain,
             ..Registration::default()
         };
+        pool_with(ctx, port, &reg)
+    }
+
+    /// A fake pool that registers with `reg`.
+    fn pool_with(ctx: &zmq::Context, port: u16, reg: &Registration) -> zmq::Socket {
+        let s = ctx.socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_identity(reg.uid.as_bytes()).unwrap();
+        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
         s.send_multipart(
             [
                 &header(Kind::Register)[..],
-                &serde_json::to_vec(&reg).unwrap(),
+                &serde_json::to_vec(reg).unwrap(),
             ],
             0,
         )
@@ -949,32 +954,23 @@ mod tests {
     fn resource_tasks_wait_for_room_and_one_too_big_for_every_pool_fails_at_once() {
         let h = start(Duration::from_secs(60), None);
         let ctx = zmq::Context::new();
-        let p = ctx.socket(zmq::DEALER).unwrap();
-        p.set_linger(0).unwrap();
-        p.set_identity(b"p4").unwrap();
-        p.connect(&format!("tcp://127.0.0.1:{}", h.port)).unwrap();
-        let reg = Registration {
-            protocol_version: PROTOCOL_VERSION,
-            uid: "p4".into(),
-            block_id: Some("0".into()),
-            worker_count: 4,
-            max_capacity: 8,
-            resources: Some(resources::Resources {
-                cores: 4,
-                memory: 1000,
-                gpus: 0,
-            }),
-            ..Registration::default()
-        };
-        p.send_multipart(
-            [
-                &header(Kind::Register)[..],
-                &serde_json::to_vec(&reg).unwrap(),
-            ],
-            0,
-        )
-        .unwrap();
-        assert_eq!(recv(&p)[0], header(Kind::Registered));
+        let p = pool_with(
+            &ctx,
+            h.port,
+            &Registration {
+                protocol_version: PROTOCOL_VERSION,
+                uid: "p4".into(),
+                block_id: Some("0".into()),
+                worker_count: 4,
+                max_capacity: 8,
+                resources: Some(resources::Resources {
+                    cores: 4,
+                    memory: 1000,
+                    gpus: 0,
+                }),
+                ..Registration::default()
+            },
+        );
         h.submit([typed(1, 4), typed(2, 2), typed(3, 8)]);
         let (id, message) = wait_for(&h, |e| match e {
             Event::Result {
