@@ -68,6 +68,74 @@ pub struct Grant {
     /// The allocator's slot indices (declared slots beyond the real CPUs share ids).
     #[serde(skip)]
     slots: Vec<usize>,
+    /// The allocator's accelerator indices (an oversubscribed GPU is listed twice).
+    #[serde(skip)]
+    accel: Vec<usize>,
+}
+
+impl Grant {
+    /// The head the worker reads (see `htex_rs.worker`): the grant, and the environment
+    /// the task runs with: the OpenMP affinity variables for its CPUs, its accelerators
+    /// in the CUDA/ROCm/oneAPI variables (none visible when it asked for none), and
+    /// `PARSL_CORES`, `PARSL_MEMORY`, `PARSL_GPUS`.
+    #[must_use]
+    pub fn head(&self) -> Vec<u8> {
+        let mut env: serde_json::Map<String, serde_json::Value> =
+            crate::planner::affinity_env(&self.cpus)
+                .into_iter()
+                .map(|(k, v)| (k, v.into()))
+                .collect();
+        let devices = self.accelerators.join(",");
+        for var in [
+            "CUDA_VISIBLE_DEVICES",
+            "ROCR_VISIBLE_DEVICES",
+            "ZE_AFFINITY_MASK",
+        ] {
+            env.insert(var.into(), devices.clone().into());
+        }
+        env.insert("PARSL_CORES".into(), self.request.cores.to_string().into());
+        env.insert(
+            "PARSL_MEMORY".into(),
+            self.request.memory.to_string().into(),
+        );
+        env.insert("PARSL_GPUS".into(), self.request.gpus.to_string().into());
+        let mut doc = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("env".into(), env.into());
+        }
+        doc.to_string().into_bytes()
+    }
+}
+
+/// A pool's CPU slots: the `allowed` CPUs in the order grants take them (NUMA node by
+/// node, a core's hyperthreads side by side, so a grant of adjacent free slots is whole
+/// cores on one node). `declared` slots instead of one per CPU (a pool that
+/// oversubscribes on purpose, or keeps CPUs back) repeat or cut that order.
+#[must_use]
+pub fn cpu_slots(
+    topo: &crate::planner::Topology,
+    allowed: &[u32],
+    declared: Option<usize>,
+) -> Vec<Slot> {
+    let mut cpus: Vec<(u32, (u32, u32, u32), u32)> = allowed
+        .iter()
+        .map(|id| match topo.get(*id) {
+            Some(c) => (c.numa, c.core_key(), c.id),
+            None => (0, (0, 0, *id), *id),
+        })
+        .collect();
+    cpus.sort_unstable();
+    cpus.dedup();
+    if cpus.is_empty() {
+        return Vec::new();
+    }
+    let n = declared.unwrap_or(cpus.len());
+    (0..n)
+        .map(|i| {
+            let (numa, _, cpu) = cpus[i % cpus.len()];
+            Slot { cpu, numa }
+        })
+        .collect()
 }
 
 /// Split a payload flagged [`FLAG_RESOURCES`] into its JSON head and the rest.
@@ -195,6 +263,7 @@ impl Allocator {
                 .map(|i| self.accelerators[*i].clone())
                 .collect(),
             slots: picked,
+            accel,
         })
     }
 
@@ -203,10 +272,8 @@ impl Allocator {
         for i in &g.slots {
             self.free_slot[*i] = true;
         }
-        for a in &g.accelerators {
-            if let Some(i) = self.accelerators.iter().position(|x| x == a) {
-                self.free_accel[i] = true;
-            }
+        for i in &g.accel {
+            self.free_accel[*i] = true;
         }
         self.memory_free = (self.memory_free + g.request.memory).min(self.memory);
     }
@@ -284,6 +351,57 @@ mod tests {
         assert_eq!(a.free().cores, 4);
         a.release(&g);
         assert_eq!(a.free().cores, 8);
+    }
+
+    #[test]
+    fn slots_go_numa_node_by_node_with_hyperthreads_side_by_side() {
+        // 1 package, 4 cores x 2 threads, 2 NUMA nodes; ids 0-3 are the cores' first
+        // threads, 4-7 their second (Linux's usual numbering).
+        let topo = crate::planner::Topology::synthetic(1, 4, 2, 2);
+        let all: Vec<u32> = topo.cpus.keys().copied().collect();
+        let s = cpu_slots(&topo, &all, None);
+        assert_eq!(s.len(), 8);
+        for pair in s.chunks(2) {
+            let (a, b) = (
+                topo.get(pair[0].cpu).unwrap(),
+                topo.get(pair[1].cpu).unwrap(),
+            );
+            assert_eq!(
+                a.core_key(),
+                b.core_key(),
+                "a core's threads side by side: {s:?}"
+            );
+        }
+        assert!(s.windows(2).all(|w| w[0].numa <= w[1].numa));
+        let declared = cpu_slots(&topo, &[3, 1], Some(5));
+        assert_eq!(declared.len(), 5);
+        assert_eq!(
+            declared[0].cpu, declared[2].cpu,
+            "declared slots repeat the CPUs"
+        );
+        assert!(cpu_slots(&topo, &[], Some(4)).is_empty());
+    }
+
+    #[test]
+    fn an_oversubscribed_gpu_is_two_accelerators_and_the_head_names_the_environment() {
+        let mut a = Allocator::new(slots(&[4]), 0, vec!["0".into(), "0".into(), "1".into()]);
+        let g1 = a.grant(&req(1, 0, 2)).unwrap();
+        assert_eq!(g1.accelerators, ["0", "0"]);
+        let g2 = a.grant(&req(2, 0, 1)).unwrap();
+        a.release(&g1);
+        assert_eq!(a.free().gpus, 2, "released by index, not by name");
+        let head: serde_json::Value = serde_json::from_slice(&g2.head()).unwrap();
+        assert_eq!(head["cores"], 2);
+        assert_eq!(head["cpus"], serde_json::json!([1, 2]));
+        assert_eq!(head["env"]["CUDA_VISIBLE_DEVICES"], "1");
+        assert_eq!(head["env"]["OMP_NUM_THREADS"], "2");
+        assert_eq!(head["env"]["PARSL_GPUS"], "1");
+        let none = a.grant(&req(1, 0, 0)).unwrap();
+        let head: serde_json::Value = serde_json::from_slice(&none.head()).unwrap();
+        assert_eq!(
+            head["env"]["CUDA_VISIBLE_DEVICES"], "",
+            "no GPU asked, none visible"
+        );
     }
 
     proptest! {

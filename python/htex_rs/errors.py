@@ -38,3 +38,15 @@ class TaskTooLarge(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.what, self.size, self.limit))
+
+
+class ResourceRequestTooLarge(ValueError):
+    """A task asks for more cores, memory or GPUs than any connected pool has; the
+    message (the interchange's) names the request and the largest pool."""
+
+    def __init__(self, task_id: int, why: str) -> None:
+        super().__init__(f"task {task_id} cannot run: {why}")
+        self.task_id, self.why = task_id, why
+
+    def __reduce__(self):
+        return (type(self), (self.task_id, self.why))

@@ -49,7 +49,8 @@ from parsl.serialize.errors import DeserializationError, SerializationError
 
 from htex_rs import _core, validation, wire
 from htex_rs.addresses import local_addresses, resolve_address
-from htex_rs.errors import HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch, TaskTooLarge
+from htex_rs.errors import (HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch,
+                            ResourceRequestTooLarge, TaskTooLarge)
 from htex_rs.planner import validate_cpu_affinity
 from htex_rs.staging import default_staging
 
@@ -345,8 +346,12 @@ class HighThroughputExecutor(ParslHTEX):
         if self._ix is None:
             raise RuntimeError("the executor has not been started; call start() or use it as a context manager")
         # MPI mode's keys (num_nodes, ...) were checked by submit; they carry no priority.
-        priority = math.inf if self.enable_mpi_mode else validation.check_resource_spec(context.get("resource_spec"))
+        priority, request = ((math.inf, None) if self.enable_mpi_mode
+                             else validation.parse_resource_spec(context.get("resource_spec")))
         flags, payload = wire.encode_task(context, buffer)
+        if request is not None:  # packed onto a pool with room (see rust/resources.rs)
+            flags |= wire.FLAG_RESOURCES
+            payload = wire.join_head(request, payload)
         if len(payload) > self.max_message_bytes:
             raise TaskTooLarge("this task", len(payload), self.max_message_bytes)
         with self._submit_lock:
@@ -426,6 +431,11 @@ class HighThroughputExecutor(ParslHTEX):
         fut = self.tasks.pop(task_id, None)
         if fut is None:
             logger.warning("Result for unknown or already failed task %s ignored", task_id)
+            return
+        if status == wire.STATUS_UNPLACEABLE:
+            why = bytes(data).decode(errors="replace")
+            logger.warning("Task %s failed: %s", task_id, why)
+            _settle(fut, exception=ResourceRequestTooLarge(task_id, why))
             return
         if status == wire.STATUS_WORKER_LOST:
             try:

@@ -9,7 +9,13 @@ from parsl.executors.errors import InvalidResourceSpecification
 
 from htex_rs.errors import HtexRsConfigurationError
 
-ACCEPTED_RESOURCE_KEYS = frozenset({"priority"})
+#: Per-task resources (Parsl's WorkQueue/TaskVine names and units): counts of cores and
+#: GPUs, memory in MB. A task that names any of them is packed onto a pool with room.
+RESOURCE_KEYS = ("cores", "memory", "gpus")
+ACCEPTED_RESOURCE_KEYS = frozenset({"priority", *RESOURCE_KEYS})
+_MINIMUM = {"cores": 1, "memory": 0, "gpus": 0}
+_UNIT = {"cores": "a whole number of cores, at least 1", "memory": "whole megabytes (MB), 0 or more",
+         "gpus": "a whole number of GPUs, 0 or more"}
 
 
 def check_port(name: str, port: Optional[int]) -> None:
@@ -42,15 +48,23 @@ def check_launch_cmd(launch_cmd: Optional[str]) -> None:
 
 def check_resource_spec(spec: Optional[dict[str, Any]]) -> float:
     """Validate a task's resource specification; return its priority (inf if none)."""
+    return parse_resource_spec(spec)[0]
+
+
+def parse_resource_spec(spec: Optional[dict[str, Any]]) -> Tuple[float, Optional[dict[str, int]]]:
+    """Validate a task's resource specification: (priority, inf if none; the cores/memory/
+    gpus request, None if it names none of them)."""
     if not spec:
-        return math.inf
+        return math.inf, None
     invalid = set(spec) - ACCEPTED_RESOURCE_KEYS
     if invalid:
         raise InvalidResourceSpecification(
             invalid,
-            "Task resource specification only accepts these types of resources: priority "
-            f"(got {', '.join(sorted(map(str, invalid)))})",
+            "Task resource specification only accepts these types of resources: "
+            f"{', '.join(sorted(ACCEPTED_RESOURCE_KEYS))} (got {', '.join(sorted(map(str, invalid)))}; "
+            "cores and gpus are counts, memory is in MB)",
         )
+    priority = math.inf
     if "priority" in spec:
         prio = spec["priority"]
         if isinstance(prio, bool) or not isinstance(prio, numbers.Real) or math.isnan(prio):
@@ -58,5 +72,18 @@ def check_resource_spec(spec: Optional[dict[str, Any]]) -> float:
                 {"priority"},
                 f"priority must be a number (lower runs first), got {prio!r} of type {type(prio).__name__}",
             )
-        return float(prio)
-    return math.inf
+        priority = float(prio)
+    request = {key: _count(key, spec[key]) for key in RESOURCE_KEYS if key in spec}
+    return priority, request or None
+
+
+def _count(key: str, value: Any) -> int:
+    """A whole, non-negative count (cores at least 1); 4.0 is 4, 4.5 and "4" fail."""
+    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
+        and math.isfinite(value) and float(value).is_integer())
+    if not whole or int(value) < _MINIMUM[key] or int(value) >= 2**32 and key != "memory":
+        raise InvalidResourceSpecification(
+            {key}, f"{key}={value!r} is not valid: write {_UNIT[key]}, e.g. "
+                   f"parsl_resource_specification={{'{key}': {max(1, _MINIMUM[key])}}}")
+    return int(value)

@@ -27,6 +27,13 @@ STATUS_MONITORING = _core.STATUS_MONITORING
 #: ``{"worker_id", "hostname", "pid", "exit_code"}`` (see :func:`worker_lost`).
 STATUS_WORKER_LOST = _core.STATUS_WORKER_LOST
 FLAG_CONTEXT = 1  # the payload is pickle((context, buffer)) instead of the bare buffer
+#: The payload starts with a JSON head behind a u32 LE length: the task's request
+#: (cores, memory MB, gpus) from the executor, the pool core's grant (plus cpus and
+#: accelerators) for the worker. See rust/resources.rs.
+FLAG_RESOURCES = _core.FLAG_RESOURCES
+#: The interchange's answer to a task bigger than every connected pool (payload: why).
+STATUS_UNPLACEABLE = _core.STATUS_UNPLACEABLE
+_HEAD = struct.Struct("<I")
 
 
 def header(kind: int, version: int = PROTOCOL_VERSION) -> bytes:
@@ -53,6 +60,21 @@ def encode_task(context: dict[str, Any], buffer: bytes) -> tuple[int, bytes]:
     if context:
         return FLAG_CONTEXT, pickle.dumps((context, buffer), protocol=pickle.HIGHEST_PROTOCOL)
     return 0, buffer
+
+
+def join_head(head: dict[str, Any], payload: bytes) -> bytes:
+    """A FLAG_RESOURCES payload: ``head`` as JSON behind its length, then ``payload``."""
+    doc = json.dumps(head, separators=(",", ":")).encode()
+    return b"".join((_HEAD.pack(len(doc)), doc, payload))
+
+
+def split_head(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """The inverse of :func:`join_head`."""
+    (n,) = _HEAD.unpack_from(payload)
+    end = _HEAD.size + n
+    if end > len(payload):
+        raise ValueError("a resource head longer than its payload")
+    return json.loads(payload[_HEAD.size:end]), payload[end:]
 
 
 def decode_task(flags: int, payload: bytes) -> tuple[dict[str, Any], bytes]:

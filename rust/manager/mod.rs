@@ -25,6 +25,7 @@ use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, Kind, META_ENTRY, STATUS_MONITORING,
     STATUS_WORKER_LOST,
 };
+use crate::resources::{self, FLAG_RESOURCES};
 use crate::stream::{self, Decoder, Outbox};
 use crate::transport::{recv_frames, send_frames, Mailbox};
 use tasks::{Task, Tasks};
@@ -51,6 +52,11 @@ pub struct Config {
     /// This node's name, for the WorkerLost of a task whose worker died.
     pub hostname: String,
     pub curve: Option<ClientKeys>,
+    /// What the pool grants tasks that ask for resources: CPU slots, memory (MB),
+    /// accelerators (see `crate::resources`).
+    pub slots: Vec<crate::resources::Slot>,
+    pub memory: u64,
+    pub accelerators: Vec<String>,
 }
 
 /// Why the core stopped.
@@ -183,6 +189,11 @@ impl Handle {
             counters: Counters::default(),
         });
         let guard = StopGuard(shared.clone());
+        let alloc = crate::resources::Allocator::new(
+            config.slots.clone(),
+            config.memory,
+            config.accelerators.clone(),
+        );
         let mut core = Core {
             config,
             _ctx: ctx,
@@ -194,7 +205,7 @@ impl Handle {
             own_uid: unsafe { libc::geteuid() },
             monitor,
             shared: shared.clone(),
-            tasks: Tasks::default(),
+            tasks: Tasks::new(alloc),
             results: ResultBatch::default(),
             stop: None,
         };
@@ -533,7 +544,10 @@ impl Core {
                     .received
                     .fetch_add(payloads.len() as u64, Ordering::Relaxed);
                 for ((id, flags), payload) in meta.into_iter().zip(payloads) {
-                    self.tasks.push(Task { id, flags, payload });
+                    let request = (flags & FLAG_RESOURCES != 0)
+                        .then(|| resources::request_of(&payload))
+                        .flatten();
+                    self.tasks.push(Task::new(id, flags, payload, request));
                 }
             }
             Ok(Kind::Shutdown) => self.stop = Some(Stopped::Shutdown),
@@ -685,8 +699,22 @@ impl Core {
             let given: Vec<&Task<zmq::Message>> = given.collect();
             started.fetch_add(given.len() as u64, Ordering::Relaxed);
             let meta = encode_meta(&given.iter().map(|t| (t.id, t.flags)).collect::<Vec<_>>());
+            // A task with a grant goes with the grant in place of its request.
+            let granted: Vec<Option<Vec<u8>>> = given
+                .iter()
+                .map(|t| {
+                    let g = t.grant.as_ref()?;
+                    let (_, rest) = resources::split(&t.payload)?;
+                    Some(resources::join(&g.head(), rest))
+                })
+                .collect();
             let mut frames: Vec<&[u8]> = vec![&head, &meta];
-            frames.extend(given.iter().map(|t| &t.payload[..]));
+            frames.extend(
+                given
+                    .iter()
+                    .zip(&granted)
+                    .map(|(t, g)| g.as_deref().unwrap_or(&t.payload[..])),
+            );
             if let Some(c) = conns.get_mut(&token) {
                 c.out.push(stream::encode(&frames));
                 touched.push(token);
@@ -836,6 +864,9 @@ mod tests {
             heartbeat_threshold: threshold,
             hostname: "node-a".into(),
             curve: None,
+            slots: Vec::new(),
+            memory: 0,
+            accelerators: Vec::new(),
         })
         .unwrap();
         let addr = {

@@ -12,11 +12,21 @@
 //! tasks run elsewhere (priority order). A dead worker's running task is lost; its
 //! unstarted ones go back to the front of the queue.
 //!
+//! A task that asks for resources (cores, memory, GPUs; [`crate::resources`]) is given
+//! only to an idle worker and only with a grant from the pool's [`Allocator`] (its CPUs
+//! and accelerators, released when its result arrives or its worker dies); one that
+//! does not fit now lets the tasks behind it go first. It is never a look-ahead, and its
+//! worker gets no look-ahead while it runs: a task waiting behind it would wait for all
+//! of it. The interchange sends such a task only when its grants here leave room, so
+//! the wait is for a worker, not for resources.
+//!
 //! Workers are keys (the core's stream tokens), not identities: a restarted worker that
 //! registers under its predecessor's rank before that death is reported is a new key.
 
 use std::collections::{vec_deque, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
+
+use crate::resources::{Allocator, Grant, Resources};
 
 /// Tasks a worker may hold beyond the one it runs.
 pub const LOOKAHEAD: usize = 8;
@@ -25,11 +35,27 @@ pub const QUICK: Duration = Duration::from_millis(2);
 /// A look-ahead is taken back once the task ahead of it has run this long.
 pub const STALE: Duration = Duration::from_millis(10);
 
-/// A task: its id, the flags of its meta entry, its opaque payload.
+/// A task: its id, the flags of its meta entry, its opaque payload, and what it asks
+/// for and was granted (tasks that ask for nothing: `None`, `None`).
 pub struct Task<P> {
     pub id: u64,
     pub flags: u8,
     pub payload: P,
+    pub request: Option<Resources>,
+    pub grant: Option<Grant>,
+}
+
+impl<P> Task<P> {
+    #[must_use]
+    pub fn new(id: u64, flags: u8, payload: P, request: Option<Resources>) -> Task<P> {
+        Task {
+            id,
+            flags,
+            payload,
+            request,
+            grant: None,
+        }
+    }
 }
 
 struct Held<P> {
@@ -55,10 +81,19 @@ pub struct Tasks<P> {
     usable: HashSet<u64>,
     /// Tasks that went back to the queue unstarted, so far.
     requeued: u64,
+    /// The pool's CPUs, memory and accelerators, for tasks that ask for them.
+    alloc: Allocator,
 }
 
 impl<P> Default for Tasks<P> {
     fn default() -> Self {
+        Tasks::new(Allocator::new(Vec::new(), 0, Vec::new()))
+    }
+}
+
+impl<P> Tasks<P> {
+    #[must_use]
+    pub fn new(alloc: Allocator) -> Self {
         Tasks {
             queue: VecDeque::new(),
             held: HashMap::new(),
@@ -66,11 +101,10 @@ impl<P> Default for Tasks<P> {
             idle_set: HashSet::new(),
             usable: HashSet::new(),
             requeued: 0,
+            alloc,
         }
     }
-}
 
-impl<P> Tasks<P> {
     /// A task from the interchange: behind everything queued.
     pub fn push(&mut self, task: Task<P>) {
         self.queue.push_back(task);
@@ -105,9 +139,39 @@ impl<P> Tasks<P> {
     /// Unstarted tasks back at the front of the queue, in their order.
     fn requeue_front(&mut self, back: Vec<Task<P>>) {
         self.requeued += back.len() as u64;
-        for t in back.into_iter().rev() {
+        for mut t in back.into_iter().rev() {
+            self.release(&mut t);
             self.queue.push_front(t);
         }
+    }
+
+    fn release(&mut self, t: &mut Task<P>) {
+        if let Some(g) = t.grant.take() {
+            self.alloc.release(&g);
+        }
+    }
+
+    /// Bring the first task an idle worker can take now to the front of the queue (with
+    /// its grant, if it asks for resources): the front one unless it asks for more than
+    /// is free. False if none can go.
+    fn next_for_idle(&mut self) -> bool {
+        if self.queue.front().is_some_and(|t| t.request.is_none()) {
+            return true;
+        }
+        let free = self.alloc.free();
+        let Some(at) = self
+            .queue
+            .iter()
+            .position(|t| t.request.is_none_or(|r| r.fits(&free)))
+        else {
+            return false;
+        };
+        let mut t = self.queue.remove(at).expect("found above");
+        if let Some(r) = t.request {
+            t.grant = self.alloc.grant(&r);
+        }
+        self.queue.push_front(t);
+        true
     }
 
     /// Give out queued tasks: first one to each idle worker (the longest idle first),
@@ -122,15 +186,22 @@ impl<P> Tasks<P> {
         mut send: impl FnMut(u64, vec_deque::Iter<'_, Task<P>>),
     ) {
         while !self.queue.is_empty() {
-            let Some(w) = self.idle.pop_front() else {
+            let Some(&w) = self.idle.front() else {
                 break;
             };
-            if self.idle_set.remove(&w) {
-                if let Some(h) = self.held.get_mut(&w) {
-                    h.since = now;
-                }
-                self.give(w, 1, &mut send);
+            if !self.idle_set.contains(&w) {
+                self.idle.pop_front(); // stale
+                continue;
             }
+            if !self.next_for_idle() {
+                break; // all queued tasks wait for resources held by running ones
+            }
+            self.idle.pop_front();
+            self.idle_set.remove(&w);
+            if let Some(h) = self.held.get_mut(&w) {
+                h.since = now;
+            }
+            self.give(w, 1, &mut send);
         }
         if self.queue.is_empty() || !self.idle_set.is_empty() {
             return;
@@ -142,7 +213,7 @@ impl<P> Tasks<P> {
                 self.usable.contains(w)
                     && h.quick
                     && !h.reclaiming
-                    && !h.tasks.is_empty()
+                    && h.tasks.front().is_some_and(|t| t.grant.is_none())
                     && h.tasks.len() <= 1 + LOOKAHEAD / 2
             })
             .map(|(w, _)| *w)
@@ -151,7 +222,17 @@ impl<P> Tasks<P> {
             return;
         }
         busy.sort_unstable();
-        let share = self.queue.len().div_ceil(busy.len()).min(LOOKAHEAD);
+        // Look-aheads stop at the first task that asks for resources: it waits for an
+        // idle worker and a grant.
+        let plain = self
+            .queue
+            .iter()
+            .take_while(|t| t.request.is_none())
+            .count();
+        if plain == 0 {
+            return;
+        }
+        let share = plain.div_ceil(busy.len()).min(LOOKAHEAD);
         for w in busy {
             let room = (1 + share).saturating_sub(self.held[&w].tasks.len());
             self.give(w, room, &mut send);
@@ -169,7 +250,16 @@ impl<P> Tasks<P> {
             return;
         };
         let first = h.tasks.len();
-        let n = n.min(self.queue.len());
+        let n = if first == 0 {
+            n.min(self.queue.len())
+        } else {
+            n.min(
+                self.queue
+                    .iter()
+                    .take_while(|t| t.request.is_none())
+                    .count(),
+            )
+        };
         if n == 0 {
             return;
         }
@@ -228,13 +318,16 @@ impl<P> Tasks<P> {
         let Some(at) = h.tasks.iter().position(|t| t.id == task_id) else {
             return false;
         };
-        h.tasks.remove(at);
+        let grant = h.tasks.remove(at).and_then(|t| t.grant);
         if at == 0 {
             h.quick = now.saturating_duration_since(h.since) < QUICK;
             h.since = now;
         }
         if h.tasks.is_empty() && self.usable.contains(&worker) {
             self.make_idle(worker);
+        }
+        if let Some(g) = grant {
+            self.alloc.release(&g);
         }
         true
     }
@@ -243,10 +336,15 @@ impl<P> Tasks<P> {
     /// Returns the id of the task it was running, which is lost.
     pub fn remove_worker(&mut self, worker: u64) -> Option<u64> {
         self.retire(worker);
-        self.held
-            .remove(&worker)
-            .and_then(|h| h.tasks.into_iter().next())
-            .map(|t| t.id)
+        let mut lost = self.held.remove(&worker)?.tasks.into_iter().next()?;
+        self.release(&mut lost);
+        Some(lost.id)
+    }
+
+    /// What is not granted now (the pool's totals when no task holds a grant).
+    #[cfg(test)]
+    pub fn free_resources(&self) -> Resources {
+        self.alloc.free()
     }
 
     pub fn queued(&self) -> usize {
@@ -293,11 +391,7 @@ mod tests {
     use super::*;
 
     fn task(id: u64) -> Task<()> {
-        Task {
-            id,
-            flags: 0,
-            payload: (),
-        }
+        Task::new(id, 0, (), None)
     }
 
     /// The tests' clock stands still (every task is quick, no look-ahead goes stale)
@@ -536,5 +630,87 @@ mod tests {
         assert!(!t.finished(1, 6, now()));
         assert!(!t.finished(9, 5, now()));
         assert_eq!((t.held(), t.idle_workers()), (1, 0));
+    }
+
+    fn typed(id: u64, cores: u32, gpus: u32) -> Task<()> {
+        let r = Resources {
+            cores,
+            memory: 0,
+            gpus,
+        };
+        Task::new(id, crate::resources::FLAG_RESOURCES, (), Some(r))
+    }
+
+    /// A pool of 4 CPU slots (one NUMA node) and GPUs "a", "b".
+    fn pool() -> Tasks<()> {
+        let slots = (0..4)
+            .map(|cpu| crate::resources::Slot { cpu, numa: 0 })
+            .collect();
+        Tasks::new(Allocator::new(slots, 0, vec!["a".into(), "b".into()]))
+    }
+
+    fn assign_grants(t: &mut Tasks<()>) -> Vec<(u64, u64, Vec<u32>, Vec<String>)> {
+        let mut out = Vec::new();
+        t.assign(now(), |w, tasks| {
+            out.extend(tasks.map(|task| {
+                let g = task.grant.clone().unwrap_or_default();
+                (w, task.id, g.cpus, g.accelerators)
+            }));
+        });
+        out
+    }
+
+    #[test]
+    fn resource_tasks_get_disjoint_grants_and_the_ones_that_do_not_fit_let_others_by() {
+        let mut t = pool();
+        for w in 1..=4 {
+            add(&mut t, w);
+        }
+        t.push(typed(1, 2, 1));
+        t.push(typed(2, 3, 0)); // only 2 slots left: waits
+        t.push(typed(3, 1, 1));
+        t.push(task(4));
+        let got = assign_grants(&mut t);
+        assert_eq!(
+            got,
+            [
+                (1, 1, vec![0, 1], vec!["a".to_string()]),
+                (2, 3, vec![2], vec!["b".to_string()]),
+                (3, 4, vec![], vec![]),
+            ]
+        );
+        assert_eq!(t.queued(), 1, "task 2 waits for 3 slots");
+        assert_eq!(t.free_resources().cores, 1);
+        assert!(t.finished(1, 1, now()));
+        assert_eq!(t.free_resources().cores, 3, "task 1's grant is back");
+        let got = assign_grants(&mut t);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].1, got[0].2.len()), (2, 3));
+        // A dead worker's grant comes back with its lost task.
+        assert_eq!(t.remove_worker(got[0].0), Some(2));
+        assert_eq!(t.remove_worker(2), Some(3));
+        assert_eq!(t.free_resources().cores, 4);
+        assert_eq!(t.free_resources().gpus, 2);
+    }
+
+    #[test]
+    fn resource_tasks_are_never_a_look_ahead_and_their_workers_get_none() {
+        let mut t = pool();
+        add(&mut t, 1);
+        add(&mut t, 2);
+        t.push(typed(1, 1, 0));
+        t.push(task(2));
+        t.push(task(3));
+        t.push(typed(4, 1, 0));
+        t.push(task(5));
+        let got = assign(&mut t);
+        // Worker 1 runs typed task 1 and gets nothing more; worker 2 runs 2 with 3 as its
+        // look-ahead, which stops at typed task 4 (it waits for an idle worker).
+        assert_eq!(got, [(1, 1), (2, 2), (2, 3)]);
+        assert_eq!(t.queued(), 2);
+        assert!(t.finished(2, 2, now()));
+        assert!(t.finished(2, 3, now()));
+        let got = assign(&mut t);
+        assert_eq!(got[0], (2, 4), "the idle worker takes the typed task first");
     }
 }

@@ -270,7 +270,8 @@ impl PoolCore {
     #[new]
     #[pyo3(signature = (interchange_url, identity, worker_url, registration, heartbeat_period,
                         heartbeat_threshold, hostname, curve_keys=None,
-                        max_message_bytes=1 << 30))]
+                        max_message_bytes=1 << 30, cpu_slots=Vec::new(), memory_mb=0,
+                        accelerators=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -283,6 +284,9 @@ impl PoolCore {
         hostname: String,
         curve_keys: Option<(Vec<u8>, Vec<u8>, Vec<u8>)>,
         max_message_bytes: usize,
+        cpu_slots: Vec<(u32, u32)>,
+        memory_mb: u64,
+        accelerators: Vec<String>,
     ) -> PyResult<Self> {
         let config = manager::Config {
             interchange_url,
@@ -299,6 +303,12 @@ impl PoolCore {
                 secret,
                 server_public,
             }),
+            slots: cpu_slots
+                .into_iter()
+                .map(|(cpu, numa)| crate::resources::Slot { cpu, numa })
+                .collect(),
+            memory: memory_mb,
+            accelerators,
         };
         let h = py
             .detach(|| manager::Handle::start(config))
@@ -429,6 +439,35 @@ fn allowed_cpus() -> PyResult<Vec<u32>> {
     planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// A pool's CPU slots for tasks that ask for cores, as `(cpu, numa_node)` in the order
+/// grants take them (see `resources::cpu_slots`): one per CPU in `allowed` (default:
+/// this process's mask), or `declared` of them.
+#[pyfunction]
+#[pyo3(signature = (declared=None, allowed=None, sysfs_root="/".to_string(), synthetic=None))]
+#[allow(clippy::needless_pass_by_value)]
+fn cpu_slots(
+    declared: Option<usize>,
+    allowed: Option<Vec<u32>>,
+    sysfs_root: String,
+    synthetic: Option<(u32, u32, u32, u32)>,
+) -> PyResult<Vec<(u32, u32)>> {
+    let topo = match synthetic {
+        Some((p, c, t, n)) => planner::Topology::synthetic(p, c, t, n),
+        None => planner::Topology::read(std::path::Path::new(&sysfs_root)).unwrap_or_default(),
+    };
+    let allowed = match allowed {
+        Some(a) => a,
+        None if synthetic.is_some() => topo.cpus.keys().copied().collect(),
+        None => {
+            planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))?
+        }
+    };
+    Ok(crate::resources::cpu_slots(&topo, &allowed, declared)
+        .into_iter()
+        .map(|s| (s.cpu, s.numa))
+        .collect())
+}
+
 /// Plan a pool. Topology comes from `synthetic=(packages, cores, threads, numa_per_package)`
 /// or else from sysfs under `sysfs_root`; `allowed` defaults to this process's mask.
 #[pyfunction]
@@ -488,6 +527,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(format_cpu_list, m)?)?;
     m.add_function(wrap_pyfunction!(allowed_cpus, m)?)?;
     m.add_function(wrap_pyfunction!(plan_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_slots, m)?)?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add("STATUS_RESULT", protocol::STATUS_RESULT)?;
     m.add("STATUS_EXCEPTION", protocol::STATUS_EXCEPTION)?;
