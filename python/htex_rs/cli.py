@@ -1,5 +1,6 @@
 """``htex-rs``: command-line tools. ``htex-rs plan`` shows, before any job is submitted,
-which CPUs, physical cores, NUMA nodes, accelerator and environment each worker gets."""
+which CPUs, physical cores, NUMA nodes, accelerator and environment each worker gets,
+and the resources (CPU slots, memory, GPUs) the pool offers tasks that ask for them."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import math
 import sys
 from typing import Optional
 
-from htex_rs import _core, planner
+from htex_rs import _core, planner, pool_resources
 
 
 def _workers(args: argparse.Namespace, allowed: list[int]) -> int:
@@ -35,16 +36,23 @@ def plan_command(args: argparse.Namespace) -> int:
     try:
         plan = planner.plan_pool(args.cpu_affinity, workers, args.accelerators, allowed=allowed,
                                  sysfs_root=args.sysfs_root, num_gpus=args.num_gpus)
+        res = pool_resources.pool_resources(args.mem_per_worker, workers, args.accelerators,
+                                            allowed=allowed, sysfs_root=args.sysfs_root)
     except ValueError as e:
         print(f"htex-rs plan: {e}", file=sys.stderr)
         return 2
+    resources = {"totals": res.totals(), "cpu_slots": res.slots, "accelerators": res.accelerators}
     if args.json:
-        json.dump({"cpu_affinity": args.cpu_affinity, "allowed_cpus": allowed, "workers": plan},
-                  sys.stdout, indent=2)
+        json.dump({"cpu_affinity": args.cpu_affinity, "allowed_cpus": allowed, "workers": plan,
+                   "resources": resources}, sys.stdout, indent=2)
         print()
         return 0
     print(f"cpu_affinity={args.cpu_affinity!r}  workers={workers}  "
           f"allowed CPUs={_core.format_cpu_list(allowed)}")
+    slot_cpus = _core.format_cpu_list(sorted({c for c, _ in res.slots}))
+    print(f"resources for tasks that ask (cores, memory, gpus): {len(res.slots)} CPU slots "
+          f"(CPUs {slot_cpus}), {res.memory_mb} MB memory, {len(res.accelerators)} GPUs "
+          f"({','.join(res.accelerators) or '-'})")
     rows = [("worker", "CPUs", "physical cores (pkg:core)", "NUMA", "accelerator", "environment")]
     for w in plan:
         cpus = "-" if w["cpus"] is None else _core.format_cpu_list(w["cpus"])
@@ -67,6 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     pl.add_argument("--workers", type=int, default=None, help="worker count (default: as the pool computes it)")
     pl.add_argument("--max-workers-per-node", type=int, default=None)
     pl.add_argument("--cores-per-worker", type=float, default=1.0)
+    pl.add_argument("--mem-per-worker", type=float, default=None, help="GB per worker, as the executor's")
     pl.add_argument("--cpus", default=None, help="allowed CPUs, e.g. 0-15 (default: this process's mask)")
     pl.add_argument("--accelerators", nargs="*", default=[],
                     help="accelerator names, or one integer N for 0..N-1 (as available_accelerators)")

@@ -74,6 +74,8 @@ def parse_resource_spec(spec: Optional[dict[str, Any]]) -> Tuple[float, Optional
             )
         priority = float(prio)
     request = {key: _count(key, spec[key]) for key in RESOURCE_KEYS if key in spec}
+    if request:
+        request.setdefault("cores", 1)  # a task runs on at least one core
     return priority, request or None
 
 

@@ -11,6 +11,7 @@ when its process goes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib
 import logging
@@ -18,7 +19,7 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from htex_rs import logs, stream, wire
 from htex_rs._core import WorkerInbox
@@ -59,10 +60,39 @@ class MonitoringChannel:
                                     wire.encode_meta([(0, wire.STATUS_MONITORING)]), data])
 
 
-def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[NodePool] = None):
+@contextlib.contextmanager
+def granted(grant: Optional[dict[str, Any]]) -> Iterator[None]:
+    """Run with a pool core's grant (rust/resources.rs ``Grant::head``): pinned to its CPUs,
+    with its environment (OpenMP affinity, accelerator variables, PARSL_CORES/MEMORY/GPUS);
+    the worker's own mask and environment come back afterwards."""
+    if not grant or "cpus" not in grant:
+        yield
+        return
+    mask = os.sched_getaffinity(0)
+    env: dict[str, str] = grant.get("env", {})
+    saved = {k: os.environ.get(k) for k in env}
+    if grant["cpus"]:
+        os.sched_setaffinity(0, grant["cpus"])
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.sched_setaffinity(0, mask)
+
+
+def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[NodePool] = None,
+             grant: Optional[dict[str, Any]] = None):
     spec = context.get("resource_spec") or {}
+    fixed = grant.get("env", {}) if grant else {}  # the grant's PARSL_CORES (4, not 4.0) wins
     for key, value in spec.items():
-        os.environ["PARSL_" + str(key).upper()] = str(value)
+        name = "PARSL_" + str(key).upper()
+        if name not in fixed:
+            os.environ[name] = str(value)
     if nodes is not None and spec.get("num_nodes"):  # MPI mode: the task's own nodes
         held = nodes.acquire(int(spec["num_nodes"]))
         try:
@@ -140,9 +170,13 @@ def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, by
 
     def execute(task_id: int, flags: int, frame: bytes) -> tuple[int, bytes]:
         try:
+            grant = None
+            if flags & wire.FLAG_RESOURCES:
+                grant, frame = wire.split_head(frame)
             context, buffer = wire.decode_task(flags, frame)
-            result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes),
-                               buffer_threshold=1_000_000)
+            with granted(grant):
+                value = run_task(context, buffer, unpack_apply_message, serialize, nodes, grant)
+            result = serialize(value, buffer_threshold=1_000_000)
             if len(result) > limit:  # the interchange would drop the connection instead
                 raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)
             return wire.STATUS_RESULT, result

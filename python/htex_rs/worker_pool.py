@@ -31,7 +31,7 @@ _SCRIPT_LOAD_TIME = time.time()
 import psutil  # noqa: E402
 import zmq  # noqa: E402
 
-from htex_rs import _core, logs, planner, wire  # noqa: E402
+from htex_rs import _core, logs, planner, pool_resources, wire  # noqa: E402
 from htex_rs.addresses import tcp_url  # noqa: E402
 
 logger = logging.getLogger("htex_rs.worker_pool")
@@ -150,6 +150,9 @@ class Pool:
         # Planned once for the pool; a bad plan fails the pool here, clearly, instead of
         # every worker crashing at start-up and being restarted forever.
         self.plan = planner.plan_pool(args.cpu_affinity, self.count, args.available_accelerators)
+        # What tasks that ask for cores, memory or GPUs are granted from (htex_rs.pool_resources).
+        self.resources = pool_resources.pool_resources(args.mem_per_worker, self.count,
+                                                       args.available_accelerators)
 
     # ----------------------------------------------------------------- connect
     def probe(self) -> str:
@@ -214,6 +217,7 @@ class Pool:
             "cpu_count": psutil.cpu_count(logical=False) or 1,
             "total_memory": vm.total,
             "packages": packages,
+            "resources": self.resources.totals(),
         }).encode()
 
     # ----------------------------------------------------------------- workers
@@ -296,9 +300,11 @@ class Pool:
         self.worker_url = f"@htex-rs-{self.uid}-{os.getpid()}"
         self.core = _core.PoolCore(url, self.uid.encode(), self.worker_url, self.registration(),
                                    float(self.args.hb_period), float(self.args.hb_threshold),
-                                   socket.gethostname(), self.curve_keys(), self.args.max_message_bytes)
-        logger.info("Registered pool %s: block %s, %d workers, capacity %d",
-                    self.uid, self.block_id, self.count, self.capacity)
+                                   socket.gethostname(), self.curve_keys(), self.args.max_message_bytes,
+                                   cpu_slots=self.resources.slots, memory_mb=self.resources.memory_mb,
+                                   accelerators=self.resources.accelerators)
+        logger.info("Registered pool %s: block %s, %d workers, capacity %d, resources %s",
+                    self.uid, self.block_id, self.count, self.capacity, self.resources.totals())
         self.poller = select.poll()
         for rank in range(self.count):
             self.poller.register(self.start_worker(rank).pidfd, select.POLLIN)

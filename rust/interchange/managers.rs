@@ -338,6 +338,12 @@ impl Managers {
         }
     }
 
+    /// Whether any manager could be sent a task now (active, not draining, a free slot).
+    #[must_use]
+    pub fn any_eligible(&self) -> bool {
+        self.map.values().any(Manager::eligible)
+    }
+
     /// Record a task that asked for `req` sent to a manager (after [`Managers::assign`]).
     pub fn grant(&mut self, identity: &[u8], task_id: u64, req: Resources) {
         if let Some(m) = self.map.get_mut(identity) {

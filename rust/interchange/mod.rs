@@ -265,6 +265,7 @@ impl Handle {
             shared: shared.clone(),
             queue: TaskQueue::new(),
             typed: TaskQueue::new(),
+            typed_new: false,
             managers,
             log,
             warned_peers: HashSet::new(),
@@ -351,6 +352,8 @@ struct Interchange {
     queue: TaskQueue,
     /// Tasks that ask for resources: matched to pools with room, before `queue`.
     typed: TaskQueue,
+    /// A task joined `typed` since its last pass (it may be bigger than every pool).
+    typed_new: bool,
     managers: Managers,
     log: LogFile,
     warned_peers: HashSet<Vec<u8>>,
@@ -453,6 +456,7 @@ impl Interchange {
                         blocked_since: None,
                     };
                     if task.request.is_some() {
+                        self.typed_new = true;
                         self.typed.push(task);
                     } else {
                         self.queue.push(task);
@@ -683,6 +687,10 @@ impl Interchange {
     /// no connected manager could ever hold fails at once.
     fn dispatch_typed(&mut self) {
         if self.typed.is_empty() || self.managers.is_empty() {
+            return;
+        }
+        // Every pool busy and every waiting task seen before: nothing can change.
+        if !std::mem::take(&mut self.typed_new) && !self.managers.any_eligible() {
             return;
         }
         let now = Instant::now();
