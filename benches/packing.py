@@ -2,7 +2,7 @@
 
 One pool declaring 8 CPU slots (HTEX_RS_CPU_SLOTS=8; this machine may have fewer CPUs:
 the tasks sleep), 20 tasks of 4 cores x 1 s and 80 of 1 core x 0.25 s, the large ones
-submitted first. Makespan: first submit to last task end. The ideal is the work's
+submitted first (``--order`` interleaved or small-first for the others). Makespan: first submit to last task end. The ideal is the work's
 core-seconds over the slots: (20*4*1 + 80*1*0.25) / 8 = 12.5 s.
 
 HyperQueue (PyPI ``hyperqueue``, 0.27) runs the same tasks as ``sleep`` programs with
@@ -40,8 +40,15 @@ def nap(seconds: float) -> tuple[float, float]:
     return start, time.time()
 
 
+ORDER = "large-first"
+
+
 def workload() -> list[tuple[int, float]]:
-    return [(LARGE[1], LARGE[2])] * LARGE[0] + [(SMALL[1], SMALL[2])] * SMALL[0]
+    large, small = [(LARGE[1], LARGE[2])] * LARGE[0], [(SMALL[1], SMALL[2])] * SMALL[0]
+    if ORDER == "interleaved":  # one large, then four small, ...
+        per = SMALL[0] // LARGE[0]
+        return [t for i in range(LARGE[0]) for t in [large[i]] + small[i * per:(i + 1) * per]]
+    return large + small if ORDER == "large-first" else small + large
 
 
 def run_htex_rs(run_dir: str) -> float:
@@ -71,7 +78,10 @@ def run_parsl_split(run_dir: str) -> float:
                                     cores_per_worker=0.01,
                                     provider=LocalProvider(init_blocks=1, min_blocks=0, max_blocks=1))
         ex.run_dir = run_dir
+        ex.provider.script_dir = os.path.join(run_dir, "scripts")
+        os.makedirs(ex.provider.script_dir, exist_ok=True)
         ex.start()
+        ex.scale_out_facade(1)  # outside a DataFlowKernel nothing else starts the block
         exs.append(ex)
     try:
         for ex in exs:
@@ -113,8 +123,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--order", default="large-first", choices=["large-first", "interleaved", "small-first"],
+                   help="submission order of the two task sizes")
     p.add_argument("--skip", nargs="*", default=[], choices=["htex_rs", "hyperqueue", "parsl_split"])
     args = p.parse_args()
+    global ORDER
+    ORDER = args.order
     runners = {"htex_rs": run_htex_rs, "hyperqueue": run_hyperqueue, "parsl_split": run_parsl_split}
     runs: dict[str, list[float]] = {k: [] for k in runners if k not in args.skip}
     for r in range(args.rounds):
@@ -129,7 +143,7 @@ def main() -> None:
         print(f"{name:11s} median makespan {s['median_s']:.2f} s = {s['ratio_to_ideal']:.3f} x ideal")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"ideal_s": IDEAL, "slots": SLOTS, "large": LARGE, "small": SMALL,
+            json.dump({"order": ORDER, "ideal_s": IDEAL, "slots": SLOTS, "large": LARGE, "small": SMALL,
                        "cpus_on_machine": len(os.sched_getaffinity(0)), "results": summary}, f, indent=2)
 
 
