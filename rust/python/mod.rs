@@ -439,6 +439,28 @@ fn allowed_cpus() -> PyResult<Vec<u32>> {
     planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// The node's topology (from sysfs under `sysfs_root`, or `synthetic`) and the CPUs
+/// allowed (`allowed`; default: all of a synthetic topology, else this process's mask).
+fn topology(
+    sysfs_root: &str,
+    synthetic: Option<(u32, u32, u32, u32)>,
+    allowed: Option<Vec<u32>>,
+) -> PyResult<(planner::Topology, Vec<u32>)> {
+    let topo = match synthetic {
+        Some((p, c, t, n)) => planner::Topology::synthetic(p, c, t, n),
+        None => planner::Topology::read(std::path::Path::new(sysfs_root))
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+    };
+    let allowed = match allowed {
+        Some(a) => a,
+        None if synthetic.is_some() => topo.cpus.keys().copied().collect(),
+        None => {
+            planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))?
+        }
+    };
+    Ok((topo, allowed))
+}
+
 /// A pool's CPU slots for tasks that ask for cores, as `(cpu, numa_node)` in the order
 /// grants take them (see `resources::cpu_slots`): one per CPU in `allowed` (default:
 /// this process's mask), or `declared` of them.
@@ -451,17 +473,7 @@ fn cpu_slots(
     sysfs_root: String,
     synthetic: Option<(u32, u32, u32, u32)>,
 ) -> PyResult<Vec<(u32, u32)>> {
-    let topo = match synthetic {
-        Some((p, c, t, n)) => planner::Topology::synthetic(p, c, t, n),
-        None => planner::Topology::read(std::path::Path::new(&sysfs_root)).unwrap_or_default(),
-    };
-    let allowed = match allowed {
-        Some(a) => a,
-        None if synthetic.is_some() => topo.cpus.keys().copied().collect(),
-        None => {
-            planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))?
-        }
-    };
+    let (topo, allowed) = topology(&sysfs_root, synthetic, allowed)?;
     Ok(crate::resources::cpu_slots(&topo, &allowed, declared)
         .into_iter()
         .map(|s| (s.cpu, s.numa))
@@ -485,18 +497,7 @@ fn plan_pool<'py>(
     synthetic: Option<(u32, u32, u32, u32)>,
 ) -> PyResult<Bound<'py, PyList>> {
     let strategy = planner::Strategy::parse(strategy).map_err(plan_error)?;
-    let topo = match synthetic {
-        Some((p, c, t, n)) => planner::Topology::synthetic(p, c, t, n),
-        None => planner::Topology::read(std::path::Path::new(&sysfs_root))
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
-    };
-    let allowed = match allowed {
-        Some(a) => a,
-        None if synthetic.is_some() => topo.cpus.keys().copied().collect(),
-        None => {
-            planner::topology::allowed_cpus().map_err(|e| PyRuntimeError::new_err(e.to_string()))?
-        }
-    };
+    let (topo, allowed) = topology(&sysfs_root, synthetic, allowed)?;
     let plan = planner::plan(&strategy, &allowed, &topo, workers, &accelerators, num_gpus)
         .map_err(plan_error)?;
     let out = PyList::empty(py);
