@@ -82,9 +82,12 @@ def pool_memory_mb(mem_per_worker: Optional[float], workers: int) -> int:
     if mem_per_worker and mem_per_worker > 0:
         return int(mem_per_worker * 1024 * workers)
     total = psutil.virtual_memory().total
-    for cap in (cgroup_memory_limit(), os.environ.get("PARSL_MEMORY_GB")):
-        if cap:
-            total = min(total, int(float(cap) * (2**30 if isinstance(cap, str) else 1)))
+    limit = cgroup_memory_limit()
+    if limit:
+        total = min(total, limit)
+    gb = os.environ.get("PARSL_MEMORY_GB")
+    if gb:
+        total = min(total, int(float(gb) * 2**30))
     return total // _MB
 
 

@@ -88,19 +88,17 @@ def granted(grant: Optional[dict[str, Any]]) -> Iterator[None]:
 def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[NodePool] = None,
              grant: Optional[dict[str, Any]] = None):
     spec = context.get("resource_spec") or {}
-    fixed = grant.get("env", {}) if grant else {}  # the grant's PARSL_CORES (4, not 4.0) wins
     for key, value in spec.items():
-        name = "PARSL_" + str(key).upper()
-        if name not in fixed:
-            os.environ[name] = str(value)
-    if nodes is not None and spec.get("num_nodes"):  # MPI mode: the task's own nodes
-        held = nodes.acquire(int(spec["num_nodes"]))
-        try:
-            nodes.set_task_env(dict(spec), held.nodes)
-            return _call(context, buffer, unpack)
-        finally:
-            held.release()
-    return _call(context, buffer, unpack)
+        os.environ["PARSL_" + str(key).upper()] = str(value)
+    with granted(grant):  # after the spec's: the grant's PARSL_CORES (4, not 4.0) wins
+        if nodes is not None and spec.get("num_nodes"):  # MPI mode: the task's own nodes
+            held = nodes.acquire(int(spec["num_nodes"]))
+            try:
+                nodes.set_task_env(dict(spec), held.nodes)
+                return _call(context, buffer, unpack)
+            finally:
+                held.release()
+        return _call(context, buffer, unpack)
 
 
 def _call(context: dict, buffer: bytes, unpack):
@@ -174,9 +172,8 @@ def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, by
             if flags & wire.FLAG_RESOURCES:
                 grant, frame = wire.split_head(frame)
             context, buffer = wire.decode_task(flags, frame)
-            with granted(grant):
-                value = run_task(context, buffer, unpack_apply_message, serialize, nodes, grant)
-            result = serialize(value, buffer_threshold=1_000_000)
+            result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes, grant),
+                               buffer_threshold=1_000_000)
             if len(result) > limit:  # the interchange would drop the connection instead
                 raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)
             return wire.STATUS_RESULT, result

@@ -151,7 +151,7 @@ pub struct Handle {
 
 impl Handle {
     /// Connect to the interchange, bind the worker socket, register, start the thread.
-    pub fn start(config: Config) -> Result<Handle, String> {
+    pub fn start(mut config: Config) -> Result<Handle, String> {
         let ctx = zmq::Context::new();
         let ix = ctx.socket(zmq::DEALER).map_err(|e| e.to_string())?;
         let setup = || -> zmq::Result<()> {
@@ -189,10 +189,11 @@ impl Handle {
             counters: Counters::default(),
         });
         let guard = StopGuard(shared.clone());
+        // The allocator owns the pool's resources; the config keeps none of them.
         let alloc = crate::resources::Allocator::new(
-            config.slots.clone(),
+            std::mem::take(&mut config.slots),
             config.memory,
-            config.accelerators.clone(),
+            std::mem::take(&mut config.accelerators),
         );
         let mut core = Core {
             config,

@@ -151,6 +151,16 @@ impl<P> Tasks<P> {
         }
     }
 
+    /// How many of the first `at_most` queued tasks ask for no resources before the
+    /// first that does (what may go as a look-ahead).
+    fn plain_prefix(&self, at_most: usize) -> usize {
+        self.queue
+            .iter()
+            .take(at_most)
+            .take_while(|t| t.request.is_none())
+            .count()
+    }
+
     /// Bring the first task an idle worker can take now to the front of the queue (with
     /// its grant, if it asks for resources): the front one unless it asks for more than
     /// is free. False if none can go.
@@ -224,11 +234,7 @@ impl<P> Tasks<P> {
         busy.sort_unstable();
         // Look-aheads stop at the first task that asks for resources: it waits for an
         // idle worker and a grant.
-        let plain = self
-            .queue
-            .iter()
-            .take_while(|t| t.request.is_none())
-            .count();
+        let plain = self.plain_prefix(LOOKAHEAD * busy.len());
         if plain == 0 {
             return;
         }
@@ -246,23 +252,18 @@ impl<P> Tasks<P> {
         n: usize,
         send: &mut impl FnMut(u64, vec_deque::Iter<'_, Task<P>>),
     ) {
-        let Some(h) = self.held.get_mut(&worker) else {
+        let Some(first) = self.held.get(&worker).map(|h| h.tasks.len()) else {
             return;
         };
-        let first = h.tasks.len();
         let n = if first == 0 {
             n.min(self.queue.len())
         } else {
-            n.min(
-                self.queue
-                    .iter()
-                    .take_while(|t| t.request.is_none())
-                    .count(),
-            )
+            self.plain_prefix(n)
         };
         if n == 0 {
             return;
         }
+        let h = self.held.get_mut(&worker).expect("looked up above");
         h.tasks.extend(self.queue.drain(..n));
         send(worker, h.tasks.range(first..));
     }
