@@ -6,10 +6,12 @@
 //! knows Python; the thin PyO3 layer in `python` exists only under the `python` feature.
 
 pub mod interchange;
+pub mod logging;
 pub mod manager;
 pub mod planner;
 pub mod protocol;
 pub mod resources;
+pub mod socket_thread;
 pub mod stream;
 pub mod transport;
 pub mod worker_inbox;

@@ -21,30 +21,40 @@ pub fn unix_addr(url: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
 /// At most this many frames in one message (a batch of 64k tasks plus header and meta).
 pub const MAX_FRAMES: usize = 1 << 16;
 
-/// Encode one message.
-#[must_use]
-pub fn encode<B: AsRef<[u8]>>(frames: &[B]) -> Vec<u8> {
+/// Encode one message; a frame the 32-bit lengths cannot carry, or more frames than a
+/// decoder accepts, is an error (the sender's limits keep both from happening).
+pub fn encode<B: AsRef<[u8]>>(frames: &[B]) -> Result<Vec<u8>, DecodeError> {
+    let head = head_of(frames.iter().map(|f| f.as_ref().len()))?;
     let body: usize = frames.iter().map(|f| f.as_ref().len()).sum();
-    let mut out = Vec::with_capacity(4 + 4 * frames.len() + body);
-    out.extend_from_slice(
-        &u32::try_from(frames.len())
-            .expect("frame count")
-            .to_le_bytes(),
-    );
-    for f in frames {
-        let len = u32::try_from(f.as_ref().len()).expect("frame over 4 GiB");
-        out.extend_from_slice(&len.to_le_bytes());
-    }
+    let mut out = Vec::with_capacity(head.len() + body);
+    out.extend_from_slice(&head);
     for f in frames {
         out.extend_from_slice(f.as_ref());
     }
-    out
+    Ok(out)
+}
+
+/// The frame count and lengths that start a message with frames of these lengths.
+fn head_of(lens: impl ExactSizeIterator<Item = usize>) -> Result<Vec<u8>, DecodeError> {
+    let n = lens.len();
+    if n > MAX_FRAMES {
+        return Err(DecodeError::TooManyFrames(n));
+    }
+    let mut head = Vec::with_capacity(4 + 4 * n);
+    head.extend_from_slice(&(n as u32).to_le_bytes());
+    for len in lens {
+        let len = u32::try_from(len).map_err(|_| DecodeError::FrameTooLarge(len))?;
+        head.extend_from_slice(&len.to_le_bytes());
+    }
+    Ok(head)
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
     TooManyFrames(usize),
     TooLarge(usize),
+    /// One frame longer than a u32 length can say (4 GiB).
+    FrameTooLarge(usize),
 }
 
 impl std::fmt::Display for DecodeError {
@@ -54,6 +64,7 @@ impl std::fmt::Display for DecodeError {
                 write!(f, "{n} frames in one message (max {MAX_FRAMES})")
             }
             DecodeError::TooLarge(n) => write!(f, "a {n}-byte message is over the limit"),
+            DecodeError::FrameTooLarge(n) => write!(f, "a {n}-byte frame is over 4 GiB"),
         }
     }
 }
@@ -82,12 +93,19 @@ impl Decoder {
         self.buf.extend_from_slice(bytes); // consumed bytes are dropped by next_message
     }
 
-    /// Read from `r` until it would block; `Ok(false)` at end of stream.
+    /// Read from `r` until it would block, or until more is buffered than one message
+    /// may hold (`next_message` then yields what is whole, or the size error, and the
+    /// next call reads on); `Ok(false)` at end of stream. A peer cannot make the buffer
+    /// grow past the limit however fast it writes.
     pub fn fill_from(&mut self, r: &mut impl Read) -> std::io::Result<bool> {
         if self.scratch.is_empty() {
             self.scratch = vec![0; 64 * 1024];
         }
+        let bound = self.max_bytes.saturating_add(4 + 4 * MAX_FRAMES);
         loop {
+            if self.buf.len() - self.start >= bound {
+                return Ok(true);
+            }
             match r.read(&mut self.scratch) {
                 Ok(0) => return Ok(false),
                 Ok(n) => self.buf.extend_from_slice(&self.scratch[..n]),
@@ -227,7 +245,7 @@ mod tests {
             vec![],
             vec![vec![7; 100_000]],
         ];
-        let bytes: Vec<u8> = msgs.iter().flat_map(|m| encode(m)).collect();
+        let bytes: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap()).collect();
         for cut in [1, 3, 4, 5, 17, 4096, bytes.len()] {
             let mut d = Decoder::new(1 << 20);
             let mut got = Vec::new();
@@ -242,9 +260,40 @@ mod tests {
     }
 
     #[test]
+    fn an_endless_writer_fills_the_buffer_only_to_the_limit() {
+        // io::repeat never blocks nor ends: an unbounded read would never return.
+        let mut d = Decoder::new(1 << 20);
+        let mut endless = std::io::repeat(0x41);
+        assert!(d.fill_from(&mut endless).unwrap());
+        assert!(d.buf.len() <= (1 << 20) + 4 + 4 * MAX_FRAMES + 64 * 1024);
+        // 0x41414141 frames: refused by its header.
+        assert!(matches!(
+            d.next_message(),
+            Err(DecodeError::TooManyFrames(_))
+        ));
+    }
+
+    #[test]
+    fn frames_over_4_gib_and_too_many_frames_are_encode_errors() {
+        assert_eq!(
+            head_of([1usize << 32].into_iter()),
+            Err(DecodeError::FrameTooLarge(1 << 32))
+        );
+        let many = vec![&b""[..]; MAX_FRAMES + 1];
+        assert_eq!(
+            encode(&many),
+            Err(DecodeError::TooManyFrames(MAX_FRAMES + 1))
+        );
+        assert_eq!(
+            encode(&[b"ab"]).unwrap(),
+            [1, 0, 0, 0, 2, 0, 0, 0, b'a', b'b']
+        );
+    }
+
+    #[test]
     fn refuses_oversized_and_absurd_headers() {
         let mut d = Decoder::new(1000);
-        d.feed(&encode(&[vec![0u8; 2000]])[..12]);
+        d.feed(&encode(&[vec![0u8; 2000]]).unwrap()[..12]);
         assert_eq!(d.next_message(), Err(DecodeError::TooLarge(2008)));
         let mut d = Decoder::new(1000);
         d.feed(&u32::MAX.to_le_bytes());
@@ -260,8 +309,8 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         let mut out = Outbox::default();
         let big = vec![9u8; 3 << 20]; // more than the socket buffer: needs several flushes
-        out.push(encode(&[&big[..], b"x"]));
-        out.push(encode(&[b"tail"]));
+        out.push(encode(&[&big[..], b"x"]).unwrap());
+        out.push(encode(&[b"tail"]).unwrap());
         let reader = std::thread::spawn(move || {
             let mut d = Decoder::new(8 << 20);
             let mut got = Vec::new();

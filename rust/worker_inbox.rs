@@ -124,7 +124,9 @@ impl Inbox {
 impl Shared {
     fn send(&self, frames: &[&[u8]]) -> std::io::Result<()> {
         let _w = self.writing.lock().unwrap();
-        (&self.stream).write_all(&encode(frames))
+        let bytes = encode(frames)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        (&self.stream).write_all(&bytes)
     }
 
     /// The helper: reads the stream while the main thread runs a task, until it ends.
@@ -258,7 +260,7 @@ mod tests {
 
     impl Core {
         fn send(&mut self, frames: &[&[u8]]) {
-            self.stream.write_all(&encode(frames)).unwrap();
+            self.stream.write_all(&encode(frames).unwrap()).unwrap();
         }
 
         fn tasks(&mut self, ids: &[u64]) {

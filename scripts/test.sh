@@ -8,8 +8,14 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 status=0
 
-echo "==> cargo test (unit tests; benches run once)"
-cargo test --locked --all-targets 2>&1 | tail -n 40 || status=1
+echo "==> lints: cargo fmt, cargo clippy (pedantic, warnings are errors), ruff, mypy --strict"
+cargo fmt --check || status=1
+cargo clippy --locked --all-targets -- -D warnings 2>&1 | tail -n 40 || status=1
+ruff check python tests benches examples || status=1
+( cd python && mypy ) || status=1
+
+echo "==> cargo test (unit tests, the full fuzzing run once; benches run once)"
+HTEX_RS_FUZZ_FULL=1 cargo test --locked --all-targets 2>&1 | tail -n 40 || status=1
 
 echo "==> the README's demo workflow (what scripts/demo.sh runs after setup)"
 python examples/demo.py || status=1

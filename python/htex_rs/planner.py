@@ -11,9 +11,6 @@ from typing import Any, Optional, Sequence
 from htex_rs import _core
 from htex_rs.errors import HtexRsConfigurationError
 
-STRATEGIES = ("none", "block", "block-reverse", "alternating", "topology")
-
-
 def validate_cpu_affinity(value: str, max_workers: Optional[int], accelerators: Sequence[str]) -> None:
     """Reject an unknown or malformed ``cpu_affinity`` where the user wrote it."""
     workers = max_workers if max_workers is not None else (len(accelerators) or None)

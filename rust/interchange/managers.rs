@@ -269,10 +269,6 @@ impl Managers {
         self.map.get(identity)
     }
 
-    pub fn get_mut(&mut self, identity: &[u8]) -> Option<&mut Manager> {
-        self.map.get_mut(identity)
-    }
-
     #[must_use]
     pub fn len(&self) -> usize {
         self.map.len()

@@ -5,7 +5,6 @@
 //! [`Event`]s with [`Handle::wait_events`].
 
 pub mod candidates;
-pub mod logfile;
 pub mod managers;
 pub mod queue;
 pub mod zap;
@@ -15,16 +14,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::logging::{self, Sink};
 use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
     PROTOCOL_VERSION, STATUS_UNPLACEABLE,
 };
 use crate::resources::{self, FLAG_RESOURCES};
+use crate::socket_thread::{self, SocketThread};
 use crate::transport::{recv_frames, send_frames, Mailbox};
-use logfile::LogFile;
 pub use managers::{ManagerInfo, Selector};
 use managers::{Managers, Placement};
 use queue::{PendingTask, TaskQueue};
@@ -130,7 +129,7 @@ enum Input {
 }
 
 struct Shared {
-    inbox: Mailbox<Input>,
+    inbox: Arc<Mailbox<Input>>,
     events: Mutex<VecDeque<Event>>,
     events_cv: Condvar,
     alive: AtomicBool,
@@ -148,23 +147,11 @@ impl Shared {
     }
 }
 
-/// Marks the interchange dead when its thread ends for any reason, panics included,
-/// so the submit side fails outstanding tasks instead of waiting forever.
-struct AliveGuard(Arc<Shared>);
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.inbox.close(); // queries after the end disconnect instead of timing out
-        self.0.alive.store(false, Ordering::Release);
-        let _q = self.0.events.lock();
-        self.0.events_cv.notify_all();
-    }
-}
-
 /// The submit side's handle on a running interchange thread.
 pub struct Handle {
     pub port: u16,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: SocketThread<Input>,
 }
 
 fn tcp_url(address: &str, port: u16) -> String {
@@ -235,20 +222,21 @@ impl Handle {
         setup().map_err(|e| format!("cannot configure the worker socket: {e}"))?;
         let port = bind_router(&router, &config)?;
 
+        let inbox = Arc::new(Mailbox::new().map_err(|e| e.to_string())?);
         let shared = Arc::new(Shared {
-            inbox: Mailbox::new().map_err(|e| e.to_string())?,
+            inbox: inbox.clone(),
             events: Mutex::new(VecDeque::new()),
             events_cv: Condvar::new(),
             alive: AtomicBool::new(true),
             stats: Stats::default(),
         });
-        let mut log = LogFile::open(config.log_path.as_deref(), config.debug)
-            .map_err(|e| format!("cannot open the interchange log: {e}"))?;
-        log.info(&format!(
-            "htex_rs {HTEX_RS_VERSION} interchange (protocol v{PROTOCOL_VERSION}) bound worker port {port} on {}, encrypted={}",
-            config.bind_address,
-            config.curve.is_some()
-        ));
+        let log = match &config.log_path {
+            Some(p) => Some(
+                Sink::open(p, config.debug)
+                    .map_err(|e| format!("cannot open the interchange log {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
         let allowed: HashSet<[u8; 32]> = config
             .curve
             .as_ref()
@@ -267,32 +255,46 @@ impl Handle {
             typed: TaskQueue::new(),
             typed_new: false,
             managers,
-            log,
             warned_peers: HashSet::new(),
             refused_peers: HashSet::new(),
             stop: false,
         };
-        let guard = AliveGuard(shared.clone());
-        let thread = std::thread::Builder::new()
-            .name("htex-rs-interchange".into())
-            .spawn(move || {
-                let _guard = guard;
+        let bound = format!(
+            "htex_rs {HTEX_RS_VERSION} interchange (protocol v{PROTOCOL_VERSION}) bound worker port {port} on {}, encrypted={}",
+            ix.config.bind_address,
+            ix.config.curve.is_some()
+        );
+        let on_exit = shared.clone();
+        let thread = SocketThread::spawn(
+            "htex-rs-interchange",
+            inbox,
+            || Input::Command(Command::Stop),
+            move || {
+                logging::attach(log);
+                log::info!("{bound}");
                 ix.run();
-            })
-            .map_err(|e| e.to_string())?;
+            },
+            // However the thread ends, panics included, the submit side learns it is
+            // dead and fails outstanding tasks instead of waiting forever.
+            move || {
+                on_exit.alive.store(false, Ordering::Release);
+                let _q = on_exit.events.lock();
+                on_exit.events_cv.notify_all();
+            },
+        )?;
         Ok(Handle {
             port,
             shared,
-            thread: Mutex::new(Some(thread)),
+            thread,
         })
     }
 
     pub fn submit(&self, tasks: impl IntoIterator<Item = NewTask>) {
-        self.shared.inbox.push(tasks.into_iter().map(Input::Task));
+        self.thread.push(tasks.into_iter().map(Input::Task));
     }
 
     pub fn command(&self, command: Command) {
-        self.shared.inbox.push([Input::Command(command)]);
+        self.thread.push([Input::Command(command)]);
     }
 
     #[must_use]
@@ -327,17 +329,7 @@ impl Handle {
 
     /// Stop the thread and wait for it (idempotent, callable from any thread).
     pub fn stop(&self) {
-        let thread = self.thread.lock().unwrap().take();
-        if let Some(t) = thread {
-            self.command(Command::Stop);
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.stop();
+        self.thread.stop();
     }
 }
 
@@ -355,7 +347,6 @@ struct Interchange {
     /// A task joined `typed` since its last pass (it may be bigger than every pool).
     typed_new: bool,
     managers: Managers,
-    log: LogFile,
     warned_peers: HashSet<Vec<u8>>,
     refused_peers: HashSet<Vec<u8>>,
     stop: bool,
@@ -385,8 +376,11 @@ impl Interchange {
                 if let Some(z) = &self.zap {
                     items.push(z.as_poll_item(zmq::POLLIN));
                 }
-                if zmq::poll(&mut items, poll_ms).is_err() {
-                    continue;
+                if let Err(e) = socket_thread::poll(&mut items, poll_ms) {
+                    let msg = format!("the interchange cannot poll its sockets: {e}");
+                    log::error!("{msg}");
+                    self.shared.emit([Event::Fatal(msg)]);
+                    break;
                 }
                 (
                     items[0].is_readable(),
@@ -424,7 +418,7 @@ impl Interchange {
         for id in self.managers.identities() {
             let _ = self.send(&[&id, &header(Kind::Shutdown)]);
         }
-        self.log.info("interchange stopped");
+        log::info!("interchange stopped");
     }
 
     fn take_inbox(&mut self) {
@@ -435,12 +429,7 @@ impl Interchange {
                         .stats
                         .tasks_received
                         .fetch_add(1, Ordering::Relaxed);
-                    if self.log.debug {
-                        self.log.write(
-                            "DEBUG",
-                            &format!("Put task {} onto pending_task_queue", t.task_id),
-                        );
-                    }
+                    log::debug!("Put task {} onto pending_task_queue", t.task_id);
                     let request =
                         (t.flags & FLAG_RESOURCES != 0).then(|| resources::request_of(&t.payload));
                     if request == Some(None) {
@@ -480,8 +469,7 @@ impl Interchange {
             }
             Command::Hold(uid, tx) => {
                 let found = self.managers.hold(&uid);
-                self.log
-                    .info(&format!("Holding manager {uid} (found: {found})"));
+                log::info!("Holding manager {uid} (found: {found})");
                 let _ = tx.send(found);
             }
             Command::Stop => self.stop = true,
@@ -494,11 +482,11 @@ impl Interchange {
             let reply = zap::decide(&req, &self.allowed);
             if reply[2] != b"200" {
                 self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                self.log.warn(&format!(
+                log::warn!(
                     "refused a CURVE client from {}: {}",
                     String::from_utf8_lossy(req.get(3).map_or(&[][..], |v| v)),
                     String::from_utf8_lossy(&reply[3])
-                ));
+                );
             }
             let _ = z.send_multipart(reply, 0);
         }
@@ -508,10 +496,10 @@ impl Interchange {
         self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
         if self.warned_peers.len() < MAX_WARNED_PEERS && self.warned_peers.insert(identity.to_vec())
         {
-            self.log.warn(&format!(
+            log::warn!(
                 "dropping message from peer {:?}: {why} (further drops from this peer are counted, not logged)",
                 String::from_utf8_lossy(identity)
-            ));
+            );
         }
     }
 
@@ -579,7 +567,7 @@ impl Interchange {
     }
 
     fn refuse(&mut self, identity: &[u8], msg: String) {
-        self.log.warn(&msg);
+        log::warn!("{msg}");
         let _ = self.send(&[identity, &header(Kind::Refused), msg.as_bytes()]);
         self.shared.emit([Event::Fatal(msg)]);
     }
@@ -606,10 +594,14 @@ impl Interchange {
         if self.managers.get(&identity).is_some() {
             return self.drop_junk(&identity, "duplicate registration");
         }
-        self.log.info(&format!(
+        log::info!(
             "Registered manager {} (block {:?}, host {}, {} workers, capacity {})",
-            reg.uid, reg.block_id, reg.hostname, reg.worker_count, reg.max_capacity
-        ));
+            reg.uid,
+            reg.block_id,
+            reg.hostname,
+            reg.worker_count,
+            reg.max_capacity
+        );
         let _ = self.send(&[&identity, &header(Kind::Registered)]);
         self.managers.register(identity, reg);
     }
@@ -647,13 +639,13 @@ impl Interchange {
     fn expire(&mut self) {
         let lost = self.managers.expire_silent(self.config.heartbeat_threshold);
         for l in &lost {
-            self.log.warn(&format!(
+            log::warn!(
                 "Manager {} on {} missed heartbeats for {:?}; failing its {} tasks with ManagerLost",
                 l.uid,
                 l.hostname,
                 self.config.heartbeat_threshold,
                 l.tasks.len()
-            ));
+            );
         }
         self.shared
             .emit(lost.into_iter().map(|l| Event::ManagerLost {
@@ -662,17 +654,17 @@ impl Interchange {
                 tasks: l.tasks,
             }));
         for id in self.managers.drained() {
-            self.log.info(&format!(
+            log::info!(
                 "Manager {:?} drained and idle; telling it to exit",
                 String::from_utf8_lossy(&id)
-            ));
+            );
             let _ = self.send(&[&id, &header(Kind::Shutdown)]);
         }
     }
 
     /// Fail a task at once, with `message` for its exception.
     fn unplaceable(&mut self, task_id: u64, message: String) {
-        self.log.warn(&format!("Task {task_id} failed: {message}"));
+        log::warn!("Task {task_id} failed: {message}");
         self.shared.emit([Event::Result {
             task_id,
             status: STATUS_UNPLACEABLE,
@@ -776,8 +768,7 @@ impl Interchange {
         if let Some(m) = self.managers.remove(id) {
             let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
             tasks.sort_unstable();
-            self.log
-                .warn(&format!("Manager {} is unreachable; removed", m.reg.uid));
+            log::warn!("Manager {} is unreachable; removed", m.reg.uid);
             self.shared.emit([Event::ManagerLost {
                 uid: m.reg.uid,
                 hostname: m.reg.hostname,

@@ -68,11 +68,6 @@ impl TaskQueue {
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
-
-    /// Take every pending task (used when the executor fails them all).
-    pub fn drain_ids(&mut self) -> Vec<u64> {
-        self.heap.drain().map(|t| t.task_id).collect()
-    }
 }
 
 #[cfg(test)]

@@ -13,19 +13,20 @@
 
 mod tasks;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::logging::{self, Sink};
 use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, Kind, META_ENTRY, STATUS_MONITORING,
     STATUS_WORKER_LOST,
 };
 use crate::resources::{self, FLAG_RESOURCES};
+use crate::socket_thread::{self, SocketThread};
 use crate::stream::{self, Decoder, Outbox};
 use crate::transport::{recv_frames, send_frames, Mailbox};
 use tasks::{Task, Tasks};
@@ -57,6 +58,9 @@ pub struct Config {
     pub slots: Vec<crate::resources::Slot>,
     pub memory: u64,
     pub accelerators: Vec<String>,
+    /// The pool's log file (its `manager.log`), and whether DEBUG records go in.
+    pub log_path: Option<std::path::PathBuf>,
+    pub debug: bool,
 }
 
 /// Why the core stopped.
@@ -108,6 +112,8 @@ pub struct Counts {
     pub held: u64,
     /// Registered workers now (until their death is reported).
     pub workers: u64,
+    /// Malformed or unexpected messages dropped (from the interchange or a worker stream).
+    pub dropped: u64,
 }
 
 #[derive(Default)]
@@ -121,32 +127,37 @@ struct Counters {
     queued: AtomicU64,
     held: AtomicU64,
     workers: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> Counts {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            received: get(&self.received),
+            started: get(&self.started),
+            results: get(&self.results),
+            lost: get(&self.lost),
+            deaths: get(&self.deaths),
+            requeued: get(&self.requeued),
+            queued: get(&self.queued),
+            held: get(&self.held),
+            workers: get(&self.workers),
+            dropped: get(&self.dropped),
+        }
+    }
 }
 
 struct Shared {
-    inbox: Mailbox<Command>,
+    inbox: Arc<Mailbox<Command>>,
     stopped: Mutex<Option<Stopped>>,
     stopped_cv: Condvar,
     counters: Counters,
 }
 
-struct StopGuard(Arc<Shared>);
-impl Drop for StopGuard {
-    fn drop(&mut self) {
-        // Commands sent from now on (a worker's death noticed late) get no answer:
-        // disconnect their reply channels instead of letting callers wait them out.
-        self.0.inbox.close();
-        let mut s = self.0.stopped.lock().unwrap();
-        if s.is_none() {
-            *s = Some(Stopped::Crashed);
-        }
-        self.0.stopped_cv.notify_all();
-    }
-}
-
 pub struct Handle {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: SocketThread<Command>,
 }
 
 impl Handle {
@@ -182,13 +193,20 @@ impl Handle {
         ix.send_multipart([&header(Kind::Register)[..], &config.registration], 0)
             .map_err(|e| format!("cannot send the registration: {e}"))?;
 
+        let log = match &config.log_path {
+            Some(p) => Some(
+                Sink::open(p, config.debug)
+                    .map_err(|e| format!("cannot open the pool log {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        let inbox = Arc::new(Mailbox::new().map_err(|e| e.to_string())?);
         let shared = Arc::new(Shared {
-            inbox: Mailbox::new().map_err(|e| e.to_string())?,
+            inbox: inbox.clone(),
             stopped: Mutex::new(None),
             stopped_cv: Condvar::new(),
             counters: Counters::default(),
         });
-        let guard = StopGuard(shared.clone());
         // The allocator owns the pool's resources; the config keeps none of them.
         let alloc = crate::resources::Allocator::new(
             std::mem::take(&mut config.slots),
@@ -208,23 +226,32 @@ impl Handle {
             shared: shared.clone(),
             tasks: Tasks::new(alloc),
             results: ResultBatch::default(),
+            warned_peers: HashSet::new(),
             stop: None,
         };
-        let thread = std::thread::Builder::new()
-            .name("htex-rs-pool-core".into())
-            .spawn(move || {
-                let _guard = guard;
+        let on_exit = shared.clone();
+        let thread = SocketThread::spawn(
+            "htex-rs-pool-core",
+            inbox,
+            || Command::Stop,
+            move || {
+                logging::attach(log);
                 core.run();
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(Handle {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        })
+            },
+            // A thread that ended without saying why panicked: tell the supervisor.
+            move || {
+                let mut s = on_exit.stopped.lock().unwrap();
+                if s.is_none() {
+                    *s = Some(Stopped::Crashed);
+                }
+                on_exit.stopped_cv.notify_all();
+            },
+        )?;
+        Ok(Handle { shared, thread })
     }
 
     pub fn command(&self, c: Command) {
-        self.shared.inbox.push([c]);
+        self.thread.push([c]);
     }
 
     /// Wait up to `timeout` for the core to stop; `None` while it runs.
@@ -240,33 +267,12 @@ impl Handle {
 
     #[must_use]
     pub fn counts(&self) -> Counts {
-        let c = &self.shared.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Counts {
-            received: get(&c.received),
-            started: get(&c.started),
-            results: get(&c.results),
-            lost: get(&c.lost),
-            deaths: get(&c.deaths),
-            requeued: get(&c.requeued),
-            queued: get(&c.queued),
-            held: get(&c.held),
-            workers: get(&c.workers),
-        }
+        self.shared.counters.snapshot()
     }
 
+    /// Stop the thread and wait for it (idempotent, callable from any thread).
     pub fn stop(&self) {
-        let thread = self.thread.lock().unwrap().take();
-        if let Some(t) = thread {
-            self.command(Command::Stop);
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.stop();
+        self.thread.stop();
     }
 }
 
@@ -357,6 +363,9 @@ impl ResultBatch {
     }
 }
 
+/// Most peers whose dropped messages are logged (each once).
+const MAX_WARNED_PEERS: usize = 10_000;
+
 struct Core {
     config: Config,
     _ctx: zmq::Context,
@@ -370,6 +379,9 @@ struct Core {
     /// Every task the pool holds: queued, or held by a worker (keyed by stream token).
     tasks: Tasks<zmq::Message>,
     results: ResultBatch,
+    /// Peers (`None`: the interchange; else a worker stream's token) whose dropped
+    /// messages were logged once; later drops are only counted.
+    warned_peers: HashSet<Option<u64>>,
     stop: Option<Stopped>,
 }
 
@@ -418,8 +430,10 @@ impl Core {
                     }
                     items.push(zmq::PollItem::from_fd(c.stream.as_raw_fd(), ev));
                 }
-                if zmq::poll(&mut items, timeout).is_err() {
-                    continue;
+                if let Err(e) = socket_thread::poll(&mut items, timeout) {
+                    log::error!("the pool core cannot poll its sockets: {e}; stopping");
+                    self.stop = Some(Stopped::Crashed);
+                    break;
                 }
                 let conn_events: Vec<(u64, bool, bool)> = tokens
                     .iter()
@@ -466,6 +480,11 @@ impl Core {
             self.publish_counts();
             self.results.send(&self.ix);
         }
+        log::info!(
+            "pool core stopped: {:?}; counts {:?}",
+            self.stop,
+            self.shared.counters.snapshot()
+        );
         let mut s = self.shared.stopped.lock().unwrap();
         *s = self.stop.take();
         self.shared.stopped_cv.notify_all();
@@ -485,6 +504,7 @@ impl Core {
     /// forwarded, so only a task that really did not finish is lost.
     fn worker_died(&mut self, pid: u32, exit_code: i32) {
         self.shared.counters.deaths.fetch_add(1, Ordering::Relaxed);
+        log::info!("worker pid {pid} ended (exit code {exit_code})");
         // A worker that connected and died at once may still sit in the listen backlog.
         self.accept();
         let mut tokens: Vec<(bool, u64)> = self
@@ -537,8 +557,9 @@ impl Core {
         match decode_header(&frames[0]) {
             Ok(Kind::Tasks) if frames.len() >= 2 => {
                 let payloads = frames.split_off(2);
-                let Ok(meta) = decode_meta(&frames[1], payloads.len()) else {
-                    return; // malformed; the interchange never sends this
+                let meta = match decode_meta(&frames[1], payloads.len()) {
+                    Ok(m) => m,
+                    Err(e) => return self.drop_junk(None, &e.to_string()),
                 };
                 self.shared
                     .counters
@@ -548,6 +569,7 @@ impl Core {
                     let request = (flags & FLAG_RESOURCES != 0)
                         .then(|| resources::request_of(&payload))
                         .flatten();
+                    log::debug!("Received task {id} from the interchange");
                     self.tasks.push(Task::new(id, flags, payload, request));
                 }
             }
@@ -559,7 +581,32 @@ impl Core {
                     .unwrap_or_default();
                 self.stop = Some(Stopped::Refused(why));
             }
-            _ => {}
+            // Answers the pool does not act on (beyond counting as contact).
+            Ok(Kind::Registered | Kind::HeartbeatReply | Kind::ProbeAck) => {}
+            Ok(k) => self.drop_junk(None, &format!("unexpected message kind {k:?}")),
+            Err(e) => self.drop_junk(None, &e.to_string()),
+        }
+    }
+
+    /// Count a message dropped from `peer` (`None`: the interchange, else a worker
+    /// stream) and log the first from each peer, as the interchange does.
+    fn drop_junk(&mut self, peer: Option<u64>, why: &str) {
+        self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.warned_peers.len() < MAX_WARNED_PEERS && self.warned_peers.insert(peer) {
+            let from = match peer.and_then(|t| self.conns.get(&t)) {
+                None if peer.is_none() => "the interchange".to_string(),
+                None => "a closed worker stream".to_string(),
+                Some(c) => format!(
+                    "worker {} (pid {})",
+                    c.rank
+                        .as_deref()
+                        .map_or_else(|| "?".into(), String::from_utf8_lossy),
+                    c.pid
+                ),
+            };
+            log::warn!(
+                "dropping a message from {from}: {why} (further drops from it are counted, not logged)"
+            );
         }
     }
 
@@ -605,9 +652,10 @@ impl Core {
             match c.decoder.next_message() {
                 Ok(Some(m)) => messages.push(m),
                 Ok(None) => break,
-                Err(_) => {
+                Err(e) => {
                     // A broken or hostile stream: its worker is restarted and its tasks
                     // end as WorkerLost rather than hang.
+                    log::warn!("closing the stream of pid {}: {e}", c.pid);
                     c.close();
                     break;
                 }
@@ -638,8 +686,10 @@ impl Core {
     }
 
     fn on_worker(&mut self, token: u64, frames: Vec<Vec<u8>>) {
-        let Some(kind) = frames.first().and_then(|h| decode_header(h).ok()) else {
-            return;
+        let kind = match frames.first().map(|h| decode_header(h)) {
+            Some(Ok(k)) => k,
+            Some(Err(e)) => return self.drop_junk(Some(token), &e.to_string()),
+            None => return self.drop_junk(Some(token), "an empty message"),
         };
         match kind {
             Kind::Register if frames.len() == 2 => {
@@ -647,15 +697,20 @@ impl Core {
                     return;
                 };
                 if c.rank.is_some() || !c.open {
-                    return; // registers once
+                    return self.drop_junk(Some(token), "a second registration");
                 }
+                log::debug!(
+                    "Worker {} (pid {}) registered",
+                    String::from_utf8_lossy(&frames[1]),
+                    c.pid
+                );
                 c.rank = Some(frames[1].clone());
                 self.tasks.add_worker(token);
             }
             Kind::Returned if frames.len() == 2 => {
                 // A meta frame of the returned task ids, with no payload frames.
                 let Ok(meta) = decode_meta(&frames[1], frames[1].len() / META_ENTRY) else {
-                    return;
+                    return self.drop_junk(Some(token), "a malformed list of returned tasks");
                 };
                 let ids: Vec<u64> = meta.into_iter().map(|(id, _)| id).collect();
                 self.tasks.returned(token, &ids);
@@ -666,14 +721,17 @@ impl Core {
                     return;
                 };
                 let payloads: Vec<Vec<u8>> = frames.collect();
-                let Ok(meta) = decode_meta(&meta, payloads.len()) else {
-                    return;
+                let meta = match decode_meta(&meta, payloads.len()) {
+                    Ok(m) => m,
+                    Err(e) => return self.drop_junk(Some(token), &e.to_string()),
                 };
                 let registered = self.conns.get(&token).is_some_and(|c| c.rank.is_some());
                 for ((task_id, status), payload) in meta.into_iter().zip(payloads) {
                     if status != STATUS_MONITORING {
                         if !registered {
-                            continue; // only a worker sends results, and only its own
+                            // Only a worker sends results, and only its own.
+                            self.drop_junk(Some(token), "a result from an unregistered stream");
+                            continue;
                         }
                         self.tasks.finished(token, task_id, Instant::now());
                         self.shared.counters.results.fetch_add(1, Ordering::Relaxed);
@@ -684,7 +742,10 @@ impl Core {
                     self.results.push(task_id, status, payload);
                 }
             }
-            _ => {}
+            k => self.drop_junk(
+                Some(token),
+                &format!("unexpected message kind {k:?} or frame count"),
+            ),
         }
     }
 
@@ -717,14 +778,23 @@ impl Core {
                     .map(|(t, g)| g.as_deref().unwrap_or(&t.payload[..])),
             );
             if let Some(c) = conns.get_mut(&token) {
-                c.out.push(stream::encode(&frames));
+                match stream::encode(&frames) {
+                    Ok(bytes) => c.out.push(bytes),
+                    // Unreachable under max_message_bytes (< 4 GiB); should it happen, the
+                    // worker is ended, so its tasks fail as WorkerLost instead of hanging.
+                    Err(e) => {
+                        log::error!("cannot send tasks to pid {}: {e}; ending its stream", c.pid);
+                        c.close();
+                    }
+                }
                 touched.push(token);
             }
         });
         let reclaim = header(Kind::Reclaim);
         for token in self.tasks.reclaims(now) {
             if let Some(c) = self.conns.get_mut(&token) {
-                c.out.push(stream::encode(&[&reclaim[..]]));
+                c.out
+                    .push(stream::encode(&[&reclaim[..]]).expect("one 4-byte frame"));
                 touched.push(token);
             }
         }
@@ -749,6 +819,7 @@ mod tests {
         worker: FakeWorker,
         core: Handle,
         worker_addr: std::os::unix::net::SocketAddr,
+        log: std::path::PathBuf,
     }
 
     struct FakeWorker {
@@ -761,7 +832,9 @@ mod tests {
     impl FakeWorker {
         fn send(&mut self, frames: &[&[u8]]) {
             use std::io::Write;
-            self.stream.write_all(&stream::encode(frames)).unwrap();
+            self.stream
+                .write_all(&stream::encode(frames).unwrap())
+                .unwrap();
         }
 
         fn recv(&mut self) -> Vec<Vec<u8>> {
@@ -855,6 +928,7 @@ mod tests {
             std::process::id(),
             fastrand::u64(..)
         );
+        let log = std::env::temp_dir().join(format!("{name}.log"));
         let core = Handle::start(Config {
             interchange_url: url,
             identity: b"pool-1".to_vec(),
@@ -868,6 +942,8 @@ mod tests {
             slots: Vec::new(),
             memory: 0,
             accelerators: Vec::new(),
+            log_path: Some(log.clone()),
+            debug: false,
         })
         .unwrap();
         let addr = {
@@ -881,6 +957,7 @@ mod tests {
             worker,
             core,
             worker_addr: addr,
+            log,
         }
     }
 
@@ -1073,6 +1150,43 @@ mod tests {
         let c = wait_counts(&core, "the death handled", |c| c.deaths == 1);
         assert_eq!((c.lost, c.deaths, c.results), (0, 1, 1));
         assert_eq!(core.wait_stopped(Duration::from_millis(10)), None);
+    }
+
+    #[test]
+    fn junk_is_dropped_counted_and_logged_once_per_peer() {
+        let Rig {
+            ix,
+            mut worker,
+            core,
+            log,
+            ..
+        } = rig(Duration::from_secs(30));
+        recv_kind(&ix, Kind::Register);
+        for _ in 0..3 {
+            ix.send_multipart([&b"pool-1"[..], b"not a header"], 0)
+                .unwrap();
+        }
+        worker.send(&[b"junk"]);
+        worker.send(&[&header(Kind::Results)[..], b"\x01"]); // a truncated meta frame
+        let c = wait_counts(&core, "the junk counted", |c| c.dropped == 5);
+        assert_eq!(c.dropped, 5);
+        send_tasks_to(&ix, &[9]);
+        assert_eq!(worker.next_task().0, 9, "the pool goes on");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            text.matches("dropping a message from the interchange")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("dropping a message from worker 0").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("[WARNING]"), "{text}");
+        core.stop();
+        let _ = std::fs::remove_file(log);
     }
 
     #[test]

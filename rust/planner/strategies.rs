@@ -9,15 +9,6 @@ use std::fmt;
 use super::cpulist::{self, CpuListError};
 use super::topology::Topology;
 
-pub const STRATEGY_NAMES: [&str; 6] = [
-    "none",
-    "block",
-    "block-reverse",
-    "alternating",
-    "topology",
-    "list:...",
-];
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Strategy {
     None,
@@ -167,12 +158,6 @@ impl Strategy {
             }
         }
         Ok(s)
-    }
-
-    /// Whether workers' CPU sets are disjoint by construction.
-    #[must_use]
-    pub fn disjoint(&self) -> bool {
-        !matches!(self, Strategy::None)
     }
 
     /// CPUs of each worker rank; `None` entries mean "not pinned" (strategy `none`).

@@ -160,23 +160,43 @@ impl Topology {
     }
 }
 
-/// The CPUs this process may run on (its affinity mask), sorted.
+/// The CPUs this process may run on (its affinity mask), sorted. The mask may be
+/// larger than glibc's fixed 1024-CPU `cpu_set_t` (the kernel's `nr_cpu_ids`).
 pub fn allowed_cpus() -> Result<Vec<u32>, TopologyError> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills at most its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) };
-    if rc != 0 {
-        return Err(TopologyError(format!(
-            "sched_getaffinity failed: {}",
-            std::io::Error::last_os_error()
-        )));
+    allowed_cpus_from(128)
+}
+
+/// [`allowed_cpus`] starting with a mask of `bytes`, doubled while the kernel's is larger.
+fn allowed_cpus_from(mut bytes: usize) -> Result<Vec<u32>, TopologyError> {
+    loop {
+        let mut mask = vec![0u64; bytes.div_ceil(8)];
+        let size = mask.len() * 8;
+        // SAFETY: the kernel writes at most `size` bytes into `mask`, which has them.
+        let rc = unsafe { libc::sched_getaffinity(0, size, mask.as_mut_ptr().cast()) };
+        if rc == 0 {
+            return Ok(mask_cpus(&mask));
+        }
+        let err = std::io::Error::last_os_error();
+        // EINVAL: the kernel's mask is larger than ours.
+        if err.raw_os_error() == Some(libc::EINVAL) && size < (1 << 20) {
+            bytes = size * 2;
+            continue;
+        }
+        return Err(TopologyError(format!("sched_getaffinity failed: {err}")));
     }
-    let max = libc::CPU_SETSIZE as usize;
-    Ok((0..max)
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .map(|i| i as u32)
-        .collect())
+}
+
+/// The CPU numbers set in a kernel CPU mask (64-bit words, CPU 0 the lowest bit).
+fn mask_cpus(mask: &[u64]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for (w, word) in mask.iter().enumerate() {
+        for b in 0..64 {
+            if word & (1 << b) != 0 {
+                out.push((w * 64 + b) as u32);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -246,6 +266,20 @@ pub mod fake {
 mod tests {
     use super::fake::{tree, FakeCpu};
     use super::*;
+
+    #[test]
+    fn a_mask_of_any_size_is_read_and_decoded() {
+        // Starting with one byte forces the EINVAL-and-grow path wherever the kernel's
+        // mask is wider than 8 CPUs; the answer must not depend on the starting size.
+        assert_eq!(allowed_cpus_from(1).unwrap(), allowed_cpus().unwrap());
+        assert!(!allowed_cpus().unwrap().is_empty());
+        // CPUs past glibc's 1024-CPU cpu_set_t decode too.
+        let mut mask = vec![0u64; 40];
+        mask[0] = 0b101;
+        mask[16] = 1 << 3; // CPU 1027
+        mask[39] = 1 << 63; // CPU 2559
+        assert_eq!(mask_cpus(&mask), vec![0, 2, 1027, 2559]);
+    }
 
     #[test]
     fn reads_smt_siblings_two_packages_and_numa_nodes() {

@@ -239,8 +239,18 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
+    /// `fast` cases by default; `full` with `HTEX_RS_FUZZ_FULL=1` (CI sets it for one run).
+    fn cases(fast: u32, full: u32) -> ProptestConfig {
+        let full_run = std::env::var_os("HTEX_RS_FUZZ_FULL").is_some_and(|v| v == "1");
+        ProptestConfig {
+            cases: if full_run { full } else { fast },
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 1_000_000, failure_persistence: None, ..ProptestConfig::default() })]
+        #![proptest_config(cases(20_000, 1_000_000))]
 
         #[test]
         fn header_and_meta_decoders_never_panic(frame in proptest::collection::vec(any::<u8>(), 0..48), n in 0usize..8) {
@@ -255,7 +265,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 100_000, failure_persistence: None, ..ProptestConfig::default() })]
+        #![proptest_config(cases(5_000, 100_000))]
 
         #[test]
         fn registration_decoder_never_panics(doc in proptest::collection::vec(any::<u8>(), 0..256)) {

@@ -271,7 +271,7 @@ impl PoolCore {
     #[pyo3(signature = (interchange_url, identity, worker_url, registration, heartbeat_period,
                         heartbeat_threshold, hostname, curve_keys=None,
                         max_message_bytes=1 << 30, cpu_slots=Vec::new(), memory_mb=0,
-                        accelerators=Vec::new()))]
+                        accelerators=Vec::new(), log_path=None, debug=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -287,6 +287,8 @@ impl PoolCore {
         cpu_slots: Vec<(u32, u32)>,
         memory_mb: u64,
         accelerators: Vec<String>,
+        log_path: Option<String>,
+        debug: bool,
     ) -> PyResult<Self> {
         let config = manager::Config {
             interchange_url,
@@ -309,6 +311,8 @@ impl PoolCore {
                 .collect(),
             memory: memory_mb,
             accelerators,
+            log_path: log_path.map(Into::into),
+            debug,
         };
         let h = py
             .detach(|| manager::Handle::start(config))
