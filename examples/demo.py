@@ -8,13 +8,14 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from concurrent.futures import as_completed
 
 import parsl
+from htex_rs import HighThroughputExecutor
 from parsl import python_app
 from parsl.config import Config
 from parsl.providers import LocalProvider
-
-from htex_rs import HighThroughputExecutor
+from tqdm import tqdm
 
 
 @python_app
@@ -44,15 +45,15 @@ def main(tasks: int = 2_000) -> None:
     with parsl.load(config):
         t0 = time.perf_counter()
         futures = [sample(i) for i in range(tasks)]
-        for done, fut in enumerate(futures, 1):
-            fut.result()
-            if done % 100 == 0 or done == tasks:
-                bar = "#" * (30 * done // tasks)
-                sys.stdout.write(f"\r  [{bar:<30}] {done}/{tasks} tasks")
-                sys.stdout.flush()
+        # A live bar on a terminal; in a CI log (not a tty) disable=None turns it off, so
+        # the log holds the summary line below rather than a run of carriage returns.
+        with tqdm(total=tasks, unit="task", desc="  sampling", file=sys.stdout, disable=None) as bar:
+            for fut in as_completed(futures):
+                fut.result()
+                bar.update()
         pi = combine(*futures).result()
         dt = time.perf_counter() - t0
-    print(f"\npi ~= {pi:.4f} from {tasks} tasks in {dt:.2f} s ({tasks / dt:.0f} tasks/s); logs in {run_dir}")
+    print(f"pi ~= {pi:.4f} from {tasks} tasks in {dt:.2f} s ({tasks / dt:.0f} tasks/s); logs in {run_dir}")
 
 
 if __name__ == "__main__":

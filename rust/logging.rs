@@ -1,10 +1,14 @@
-//! Log records of htex_rs's threads, through the `log` crate, into the files a Parsl user
-//! already reads: the interchange thread into `{run_dir}/{label}/interchange.log`, a pool
-//! core into its pool's `manager.log`, in Parsl's line format. One process can run several
-//! executors (and tests run many threads), so the process-wide logger routes each record
-//! to the file of the thread that wrote it: a socket thread [`attach`]es its sink first.
+//! Log records of htex_rs's threads, through the `log` crate, to where a Parsl user
+//! already looks: the interchange thread into `{run_dir}/{label}/interchange.log` in
+//! Parsl's line format (as Parsl's interchange process writes it); a pool core into a
+//! queue that its pool's Python supervisor drains into Python `logging`, so the pool's
+//! `manager.log` (or the user's LogConfig) gets them without the core taking the GIL.
+//! One process can run several executors (and tests run many threads), so the
+//! process-wide logger routes each record to the sink of the thread that wrote it: a
+//! socket thread [`attach`]es its sink first.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -12,10 +16,43 @@ use std::sync::{Arc, Mutex, Once};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-/// One log file and the most verbose level it takes.
+/// A record kept for another thread to emit (see [`Sink::queue`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub level: Level,
+    /// The `log` target with `.` for `::` (a Python logger name).
+    pub target: String,
+    pub message: String,
+}
+
+enum Out {
+    File(Mutex<File>),
+    Queue(Mutex<Queue>),
+}
+
+#[derive(Default)]
+struct Queue {
+    records: VecDeque<Queued>,
+    /// Records dropped because nobody drained the queue in time.
+    lost: u64,
+}
+
+/// Most records a queue sink holds; past it new records are counted, not kept, so a
+/// supervisor that stops draining cannot make the core grow without bound.
+pub const QUEUE_LIMIT: usize = 10_000;
+
+/// Where one thread's records go, and the most verbose level taken.
 pub struct Sink {
-    file: Mutex<File>,
+    out: Out,
     level: LevelFilter,
+}
+
+fn level_for(debug: bool) -> LevelFilter {
+    if debug {
+        LevelFilter::Debug
+    } else {
+        LevelFilter::Info
+    }
 }
 
 impl Sink {
@@ -26,13 +63,52 @@ impl Sink {
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Arc::new(Sink {
-            file: Mutex::new(file),
-            level: if debug {
-                LevelFilter::Debug
-            } else {
-                LevelFilter::Info
-            },
+            out: Out::File(Mutex::new(file)),
+            level: level_for(debug),
         }))
+    }
+
+    /// Keep records for [`Sink::take`] (at most [`QUEUE_LIMIT`]).
+    #[must_use]
+    pub fn queue(debug: bool) -> Arc<Sink> {
+        Arc::new(Sink {
+            out: Out::Queue(Mutex::default()),
+            level: level_for(debug),
+        })
+    }
+
+    /// The queued records, oldest first, and how many were dropped since the last take.
+    pub fn take(&self) -> (Vec<Queued>, u64) {
+        match &self.out {
+            Out::Queue(q) => {
+                let mut q = q.lock().unwrap();
+                let lost = std::mem::take(&mut q.lost);
+                (q.records.drain(..).collect(), lost)
+            }
+            Out::File(_) => (Vec::new(), 0),
+        }
+    }
+
+    fn write(&self, record: &Record<'_>) {
+        match &self.out {
+            // One write per line on an O_APPEND file, unbuffered: the log is complete if
+            // the process is killed, and lines of two writers never interleave.
+            Out::File(f) => {
+                let _ = f.lock().unwrap().write_all(format_line(record).as_bytes());
+            }
+            Out::Queue(q) => {
+                let mut q = q.lock().unwrap();
+                if q.records.len() >= QUEUE_LIMIT {
+                    q.lost += 1;
+                    return;
+                }
+                q.records.push_back(Queued {
+                    level: record.level(),
+                    target: record.target().replace("::", "."),
+                    message: record.args().to_string(),
+                });
+            }
+        }
     }
 }
 
@@ -131,13 +207,9 @@ impl Log for Router {
         SINK.with(|cell| {
             let sink = cell.borrow();
             let Some(s) = sink.as_ref() else { return };
-            if record.level() > s.level {
-                return;
+            if record.level() <= s.level {
+                s.write(record);
             }
-            let line = format_line(record);
-            // One write per line on an O_APPEND file, unbuffered: the log is complete if
-            // the process is killed, and lines of two writers never interleave.
-            let _ = s.file.lock().unwrap().write_all(line.as_bytes());
         });
     }
 
@@ -188,5 +260,33 @@ mod tests {
         );
         assert!(!b.contains("hello"), "{b}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_queue_sink_keeps_records_for_another_thread_up_to_its_limit() {
+        let sink = Sink::queue(false);
+        let s = sink.clone();
+        std::thread::spawn(move || {
+            attach(Some(s));
+            log::warn!("first");
+            log::debug!("not at INFO");
+            for i in 0..QUEUE_LIMIT + 5 {
+                log::info!("record {i}");
+            }
+        })
+        .join()
+        .unwrap();
+        let (records, lost) = sink.take();
+        assert_eq!(records.len(), QUEUE_LIMIT);
+        assert_eq!(lost, 6);
+        assert_eq!(
+            records[0],
+            Queued {
+                level: Level::Warn,
+                target: "htex_rs.logging.tests".into(),
+                message: "first".into()
+            }
+        );
+        assert_eq!(sink.take(), (Vec::new(), 0), "taken once");
     }
 }

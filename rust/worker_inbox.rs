@@ -15,7 +15,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind};
+use crate::protocol::{decode_header, decode_meta, encode_meta, header, message_limit, Kind};
 use crate::stream::{encode, unix_addr, Decoder};
 
 /// A task as the core sent it: its id, the flags of its meta entry, its payload.
@@ -58,8 +58,8 @@ pub fn connect(url: &str) -> std::io::Result<UnixStream> {
 }
 
 impl Inbox {
-    /// Register as worker `rank` on `stream` and start the helper. Messages over
-    /// `max_message_bytes` end the stream (the core never sends one).
+    /// Register as worker `rank` on `stream` and start the helper. Messages with more
+    /// than `max_message_bytes` of payload end the stream (the core never sends one).
     pub fn start(
         stream: UnixStream,
         rank: &[u8],
@@ -70,7 +70,7 @@ impl Inbox {
         wake_rx.set_nonblocking(true)?;
         let shared = Arc::new(Shared {
             stream,
-            reading: Mutex::new(Decoder::new(max_message_bytes)),
+            reading: Mutex::new(Decoder::new(message_limit(max_message_bytes))),
             writing: Mutex::new(()),
             state: Mutex::default(),
             helper_cv: Condvar::new(),

@@ -11,8 +11,9 @@ status=0
 echo "==> lints: cargo fmt, cargo clippy (pedantic, warnings are errors), ruff, mypy --strict"
 cargo fmt --check || status=1
 cargo clippy --locked --all-targets -- -D warnings 2>&1 | tail -n 40 || status=1
+cargo clippy --locked --lib --features python -- -D warnings 2>&1 | tail -n 40 || status=1  # the PyO3 layer
 ruff check python tests benches examples || status=1
-( cd python && mypy ) || status=1
+mypy || status=1
 
 echo "==> cargo test (unit tests, the full fuzzing run once; benches run once)"
 HTEX_RS_FUZZ_FULL=1 cargo test --locked --all-targets 2>&1 | tail -n 40 || status=1

@@ -17,6 +17,7 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     flaky_left: dict[str, int] = {}
+    hits: dict[str, int] = {}  # requests seen, by path: what a retry test counts
     big_size = 0
 
     def log_message(self, *args) -> None:  # keep pytest output clean
@@ -28,9 +29,41 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.end_headers()
 
+    def _cut(self) -> None:  # promises 1 MiB, sends 64 KiB, hangs up
+        self._head(200, len(PAYLOAD))
+        self.wfile.write(PAYLOAD[:65536])
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+    def _script(self, path: str, seen: int) -> None:
+        """``/script/<step>,<step>,.../<name>``: request n gets step n (the last repeats):
+        ``500``, ``503ra`` (503 with Retry-After: 1), ``cut`` or ``ok``."""
+        steps = path.split("/")[2].split(",")
+        step = steps[min(seen, len(steps) - 1)]
+        if step == "ok":
+            self._head(200, len(PAYLOAD))
+            self.wfile.write(PAYLOAD)
+        elif step == "cut":
+            self._cut()
+        elif step in ("500", "503ra"):
+            body = b"try again"
+            self.send_response(int(step[:3]))
+            if step == "503ra":
+                self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            raise ValueError(f"unknown step {step!r} in {path}")
+
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
-        if path in ("/data.bin", "/dir/data.bin"):
+        seen = Handler.hits.get(path, 0)
+        Handler.hits[path] = seen + 1
+        if path.startswith("/script/"):
+            self._script(path, seen)
+        elif path in ("/data.bin", "/dir/data.bin"):
             self._head(200, len(PAYLOAD))
             self.wfile.write(PAYLOAD)
         elif path == "/missing.bin":
@@ -47,12 +80,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._head(200, len(PAYLOAD))
                 self.wfile.write(PAYLOAD)
-        elif path == "/cut.bin":  # promises 1 MiB, sends 64 KiB, hangs up
-            self._head(200, len(PAYLOAD))
-            self.wfile.write(PAYLOAD[:65536])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-            self.close_connection = True
+        elif path == "/cut.bin":
+            self._cut()
         elif path == "/slow.bin":  # headers, then nothing for 30 s
             self._head(200, len(PAYLOAD))
             self.wfile.flush()

@@ -12,13 +12,12 @@ import traceback
 import parsl
 import psutil
 import pytest
-from parsl.executors import HighThroughputExecutor as ParslHTEX
-from parsl.executors.errors import InvalidResourceSpecification
-from parsl.executors.high_throughput.errors import WorkerLost
-from parsl.providers import LocalProvider
-
 from htex_rs import HighThroughputExecutor
 from htex_rs.errors import HtexRsConfigurationError, InterchangeDied
+from parsl.executors import HighThroughputExecutor as ParslHTEX
+from parsl.executors.errors import BadStateException, InvalidResourceSpecification
+from parsl.executors.high_throughput.errors import WorkerLost
+from parsl.providers import LocalProvider
 
 pytestmark = pytest.mark.timeout(120)
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -72,7 +71,8 @@ def test_constructor_matches_parsl_exactly():
             assert hasattr(ex, name), name
     assert ex.max_workers_per_node == float("inf")
     assert ex.encrypted is True and ex.label == "HighThroughputExecutor"
-    assert HighThroughputExecutor(address="127.0.0.1", available_accelerators=3).available_accelerators == ["0", "1", "2"]
+    accelerators = HighThroughputExecutor(address="127.0.0.1", available_accelerators=3).available_accelerators
+    assert accelerators == ["0", "1", "2"]
     from parsl.utils import RepresentationMixin
     old, RepresentationMixin._validate_repr = RepresentationMixin._validate_repr, True
     try:  # every argument is readable back as an attribute, as Parsl's repr requires
@@ -127,7 +127,7 @@ def test_a_host_name_that_does_not_resolve_fails_in_the_constructor(kwargs):
         conf.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         conf.flush()
         out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                              f'mount --bind "$0" /etc/resolv.conf && exec "$1" -c "$2"',
+                              'mount --bind "$0" /etc/resolv.conf && exec "$1" -c "$2"',
                               conf.name, sys.executable, code],
                              capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -191,11 +191,17 @@ def test_worker_death_is_worker_lost_and_the_worker_is_restarted(executor):
 def test_stopped_interchange_fails_outstanding_tasks(executor):
     fut = executor.submit(time.sleep, {}, 30)
     executor._ix.stop()
-    with pytest.raises(Exception) as info:
+    # Parsl's contract: the future fails with BadStateException naming this executor and
+    # carrying the reason, not with the 30 s sleep's result nor any other error.
+    with pytest.raises(BadStateException) as info:
         fut.result(timeout=10)
-    assert isinstance(info.value.__cause__ or info.value, Exception)
-    assert "interchange" in str(info.value)
-    assert isinstance(executor.executor_exception, InterchangeDied)
+    died = executor.executor_exception
+    assert isinstance(died, InterchangeDied)
+    assert info.value.executor is executor
+    assert info.value.reason == str(died) and "interchange" in info.value.reason
+    assert executor.bad_state_is_set and executor.outstanding() == 0
+    with pytest.raises(InterchangeDied):  # and later submits are refused with the same error
+        executor.submit(time.sleep, {}, 0)
 
 
 @pytest.mark.fault

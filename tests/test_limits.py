@@ -8,7 +8,7 @@ import pytest
 import zmq
 from parsl.providers import LocalProvider
 
-from htex_rs import HighThroughputExecutor, wire
+from htex_rs import _core, HighThroughputExecutor, wire
 from htex_rs.errors import TaskTooLarge
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.fault]
@@ -56,7 +56,8 @@ def test_oversized_frame_on_the_worker_port_is_cut_off(executor):
         mon = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         s.connect(f"tcp://127.0.0.1:{executor.worker_port}")
         assert recv_monitor_message(mon)["event"] == zmq.EVENT_CONNECTED
-        s.send_multipart([wire.header(wire.PROBE), os.urandom(4 * LIMIT)])
+        # Past the payload limit plus the framing every limit allows on top of it.
+        s.send_multipart([wire.header(wire.PROBE), os.urandom(LIMIT + _core.FRAMING_HEADROOM + 1)])
         assert mon.poll(5000), "the oversized sender was not disconnected"
         assert recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED
         assert not s.poll(200), "the oversized probe was answered"

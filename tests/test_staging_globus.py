@@ -19,17 +19,17 @@ import time
 import urllib.parse
 
 import globus_sdk
+import htex_rs.staging.globus as g
 import pytest
 import responses
 import typeguard
 from globus_sdk.testing import get_last_request, load_response, register_response_set
 from globus_sdk.testing.data.transfer._common import TASK_ID
+from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
+from htex_rs.staging.errors import StagingError
 from parsl.config import Config
 from parsl.data_provider.files import File
 from parsl.executors.threads import ThreadPoolExecutor
-
-import htex_rs.staging.globus as g
-from htex_rs.staging.errors import StagingError
 
 SRC = "aaaaaaaa-1111-4111-8111-111111111111"    # a remote collection named in globus:// URLs
 LOCAL = "bbbbbbbb-2222-4222-8222-222222222222"  # the collection that serves working_dir
@@ -107,8 +107,19 @@ def token_path(tmp_path, monkeypatch):
     monkeypatch.setattr(g, "_AUTHORIZERS", {})
     monkeypatch.setattr(g, "WAIT_TIMEOUT_S", 1)
     monkeypatch.setattr(g, "POLL_INTERVAL_S", 1)
-    g.save_tokens(path, _tokens(time.time() + 3600))
+    _save(path, _tokens(time.time() + 3600))
     return path
+
+
+def _save(path: str, tokens: dict) -> None:
+    """Store by_resource_server-style token dicts through the module's own storage."""
+    g.token_storage(path).store_token_data_by_resource_server(
+        {rs: TokenStorageData.from_dict(t) for rs, t in tokens.items()})
+
+
+def _stored(path) -> dict:
+    """The token file's DEFAULT namespace, read as globus-sdk's own JSONTokenStorage reads it."""
+    return {rs: t.to_dict() for rs, t in JSONTokenStorage(str(path)).get_token_data_by_resource_server().items()}
 
 
 class _Executor:
@@ -216,20 +227,75 @@ def test_token_file_is_0600_whatever_the_umask(tmp_path):
     path = tmp_path / "new" / "globus.json"
     old = os.umask(0)
     try:
-        g.save_tokens(str(path), {"a": {"x": 1}})
+        _save(str(path), _tokens(time.time()))
         assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
         os.chmod(path, 0o644)  # a pre-existing loose file is replaced by a 0600 one
-        g.save_tokens(str(path), {"a": {"x": 2}})
-        assert _mode(path) == 0o600 and g.load_tokens(str(path)) == {"a": {"x": 2}}
+        t = _tokens(time.time())
+        t[g.TRANSFER_RS]["access_token"] = "second-at"
+        _save(str(path), t)
+        assert _mode(path) == 0o600 and _stored(path)[g.TRANSFER_RS]["access_token"] == "second-at"
+        assert g.token_storage(str(path)).remove_token_data("auth.globus.org")
+        assert _mode(path) == 0o600 and set(_stored(path)) == {g.TRANSFER_RS}
     finally:
         os.umask(old)
     assert [p.name for p in path.parent.iterdir()] == ["globus.json"]  # no temp files left
+    with open(path) as f:
+        assert json.load(f)["format_version"] == "2.0"  # globus-sdk's own format
+
+
+def test_failed_write_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    path = str(tmp_path / "globus.json")
+    _save(path, _tokens(time.time()))
+    with open(path, "rb") as f:
+        before = f.read()
+
+    def crash(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(JSONTokenStorage, "store_token_data_by_resource_server", crash)
+    with pytest.raises(OSError, match="disk full"):
+        g.token_storage(path).store_token_data_by_resource_server({})
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert os.listdir(tmp_path) == ["globus.json"]
+
+
+def test_old_format_token_file_is_converted_and_used(offline, tmp_path, monkeypatch):
+    # htex_rs wrote OAuthTokenResponse.by_resource_server as-is before it used the SDK's
+    # storage; such a file keeps working, and is rewritten in the SDK's format.
+    path = tmp_path / "globus.json"
+    monkeypatch.setenv(g.TOKENS_ENV, str(path))
+    monkeypatch.setattr(g, "_AUTHORIZERS", {})
+    path.write_text(json.dumps(_tokens(time.time() + 3600)))
+    path.chmod(0o600)
+    _load_success(offline)
+
+    g.transfer_file(f"globus://{SRC}/a", SRC, "/a", LOCAL, "/w/a")
+
+    submit = next(c.request for c in offline.calls if c.request.url.endswith("/v0.10/transfer"))
+    assert submit.headers["Authorization"] == "Bearer stored-at"
+    saved = _stored(path)
+    assert saved[g.TRANSFER_RS]["refresh_token"] == "stored-rt"
+    assert saved["auth.globus.org"]["refresh_token"] == "auth-rt"
+    assert json.loads(path.read_text())["format_version"] == "2.0" and _mode(path) == 0o600
+
+
+def test_damaged_token_file_says_how_to_repair(offline, tmp_path, monkeypatch):
+    path = tmp_path / "globus.json"
+    path.write_text('{"format_version": "9.9", "data": {}}')
+    monkeypatch.setenv(g.TOKENS_ENV, str(path))
+    monkeypatch.setattr(g, "_AUTHORIZERS", {})
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(StagingError, match=r"cannot read the Globus token file .*unknown format.*"
+                                           r"run `htex-rs globus-auth` first"):
+        g.transfer_file("globus://x/y", SRC, "/y", LOCAL, "/w/y")
+    assert not offline.calls
 
 
 def test_refresh_rewrites_token_file(offline, token_path):
     # An expired access token: the first Transfer call refreshes it at the (canned) token
     # endpoint, whose answer has no refresh token, as real refresh responses usually don't.
-    g.save_tokens(token_path, _tokens(time.time() - 10))
+    _save(token_path, _tokens(time.time() - 10))
     os.chmod(token_path, 0o644)
     load_response(globus_sdk.NativeAppAuthClient.oauth2_exchange_code_for_tokens, requests_mock=offline)
     _load_success(offline)
@@ -240,7 +306,7 @@ def test_refresh_rewrites_token_file(offline, token_path):
     assert refresh.url == "https://auth.globus.org/v2/oauth2/token"
     assert urllib.parse.parse_qs(refresh.body)["grant_type"] == ["refresh_token"]
     assert urllib.parse.parse_qs(refresh.body)["refresh_token"] == ["stored-rt"]
-    saved = g.load_tokens(token_path)
+    saved = _stored(token_path)
     assert saved[g.TRANSFER_RS]["access_token"] == "transfer_access_token"
     assert saved[g.TRANSFER_RS]["refresh_token"] == "stored-rt"  # kept, not dropped
     assert saved[g.TRANSFER_RS]["expires_at_seconds"] > time.time() + 3600
@@ -266,7 +332,7 @@ def test_globus_auth_main_logs_in_and_stores_tokens(offline, tmp_path, monkeypat
     assert f"client_id={g.CLIENT_ID}" in out and "auth.globus.org/v2/oauth2/authorize" in out
     body = urllib.parse.parse_qs(offline.calls[0].request.body)
     assert body["grant_type"] == ["authorization_code"] and body["code"] == ["the-code"]
-    assert g.load_tokens(str(path))[g.TRANSFER_RS]["refresh_token"] == "stored-rt"
+    assert _stored(path)[g.TRANSFER_RS]["refresh_token"] == "stored-rt"
     assert _mode(path) == 0o600
     # stored tokens: a second run (here through the subcommand) does not log in again
     parser = argparse.ArgumentParser()
@@ -281,10 +347,8 @@ def test_parsl_workflow_stages_in_and_out(offline, token_path, load_dfk, tmp_pat
     """End to end through a DFK with htex_rs: the app runs on a worker, the transfers run as
     tasks on _parsl_internal threads in this process, where the ``responses`` mock is active."""
     import parsl
-
-    from parsl.providers import LocalProvider
-
     from htex_rs import HighThroughputExecutor
+    from parsl.providers import LocalProvider
 
     _load_success(offline)
     # The app runs on an htex_rs worker; the transfers run in this process, mocked.

@@ -3,22 +3,29 @@ no file at the final path, and each provider works through htex_rs in a Parsl wo
 from __future__ import annotations
 
 import os
-import resource
+import socket
 import subprocess
 import sys
+import time
 
 import parsl
 import pytest
+from htex_rs import HighThroughputExecutor
+from htex_rs.staging import (
+    FTPInTaskStaging,
+    FTPSeparateTaskStaging,
+    HTTPInTaskStaging,
+    HTTPSeparateTaskStaging,
+    NoOpFileStaging,
+    StagingError,
+    default_staging,
+)
+from htex_rs.staging.ftp import fetch_ftp
+from htex_rs.staging.http import fetch_http
 from parsl.app.app import python_app
 from parsl.config import Config
 from parsl.data_provider.files import File
 from parsl.providers import LocalProvider
-
-from htex_rs import HighThroughputExecutor
-from htex_rs.staging import (FTPInTaskStaging, FTPSeparateTaskStaging, HTTPInTaskStaging, HTTPSeparateTaskStaging,
-                             NoOpFileStaging, StagingError, default_staging)
-from htex_rs.staging.ftp import fetch_ftp
-from htex_rs.staging.http import fetch_http
 from staging_servers import PAYLOAD, FTPServer, Handler, Server
 
 pytestmark = pytest.mark.timeout(180)
@@ -75,9 +82,59 @@ def test_http_500_then_200_is_retried(http, tmp_path):
     dest = tmp_path / "f.bin"
     fetch_http(http.url("/flaky-2"), str(dest), retries=3, backoff=0.01)
     assert dest.read_bytes() == PAYLOAD
-    with pytest.raises(StagingError, match="HTTP 500"):
+    with pytest.raises(StagingError, match="failed after 2 attempts: HTTP 500"):
         fetch_http(http.url("/flaky-5"), str(tmp_path / "g.bin"), retries=1, backoff=0.01)
     assert leftovers(tmp_path) == ["f.bin"]
+
+
+def test_http_retry_backoff_doubles_from_the_first_retry(http, tmp_path):
+    # Two 500s, then the file: waits of backoff, then 2 * backoff (urllib3's own schedule
+    # would retry the first time at once), and exactly three requests.
+    path = "/script/500,500,ok/backoff.bin"
+    t0 = time.monotonic()
+    fetch_http(http.url(path), str(tmp_path / "b.bin"), retries=3, backoff=0.3)
+    elapsed = time.monotonic() - t0
+    assert Handler.hits[path] == 3
+    assert 0.9 <= elapsed < 5, elapsed
+    assert (tmp_path / "b.bin").read_bytes() == PAYLOAD
+
+
+def test_http_cut_body_is_retried_then_succeeds(http, tmp_path):
+    dest = tmp_path / "c.bin"
+    fetch_http(http.url("/script/cut,cut,ok/c.bin"), str(dest), retries=2, backoff=0.01)
+    assert dest.read_bytes() == PAYLOAD
+    assert Handler.hits["/script/cut,cut,ok/c.bin"] == 3
+    assert leftovers(tmp_path) == ["c.bin"]  # no .part files from the cut attempts
+
+
+def test_http_status_and_body_failures_share_one_budget(http, tmp_path):
+    # A 500 (retried inside urllib3) and a cut body (retried by fetch_http) draw on the
+    # same `retries`: one retry is not enough for both, and no fourth request is made.
+    short = "/script/500,cut,ok/short.bin"
+    with pytest.raises(StagingError, match=r"failed after 2 attempts: ChunkedEncodingError"):
+        fetch_http(http.url(short), str(tmp_path / "s.bin"), retries=1, backoff=0.01)
+    assert Handler.hits[short] == 2
+    enough = "/script/500,cut,ok/enough.bin"
+    fetch_http(http.url(enough), str(tmp_path / "e.bin"), retries=2, backoff=0.01)
+    assert Handler.hits[enough] == 3
+    assert leftovers(tmp_path) == ["e.bin"]
+
+
+def test_http_retry_after_is_honoured(http, tmp_path):
+    path = "/script/503ra,ok/ra.bin"
+    t0 = time.monotonic()
+    fetch_http(http.url(path), str(tmp_path / "r.bin"), retries=1, backoff=0.01)
+    assert time.monotonic() - t0 >= 0.9  # the server's 1 s, not the 0.01 s backoff
+    assert Handler.hits[path] == 2
+
+
+def test_http_connection_refused_counts_every_attempt(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StagingError, match=r"failed after 3 attempts: ConnectionError: .*refused"):
+        fetch_http(f"http://127.0.0.1:{port}/x.bin", str(tmp_path / "x.bin"), retries=2, backoff=0.01)
+    assert leftovers(tmp_path) == []
 
 
 def test_http_connection_cut_mid_body_leaves_no_file(http, tmp_path):

@@ -4,25 +4,29 @@ The "remote" side is the same machine in a different directory; nothing leaves l
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
+import termios
+import textwrap
 import time
 from types import SimpleNamespace
 
 import parsl
 import pytest
+from htex_rs import HighThroughputExecutor
+from htex_rs.staging.errors import StagingError
+from htex_rs.staging.rsync import RSyncStaging, rsync_base_argv
 from parsl.app.app import python_app
 from parsl.config import Config
 from parsl.data_provider.files import File
 from parsl.dataflow.dflow import DataFlowKernelLoader
 from parsl.providers import LocalProvider
 from parsl.utils import RepresentationMixin
-
-from htex_rs import HighThroughputExecutor
-from htex_rs.staging.errors import StagingError
-from htex_rs.staging.rsync import RSyncStaging
 
 SSHD = "/usr/sbin/sshd"
 LOOPBACK = "127.0.0.1"
@@ -101,6 +105,22 @@ def sshd(tmp_path_factory):
 @pytest.fixture
 def provider(sshd) -> RSyncStaging:
     return RSyncStaging(LOOPBACK, ssh_options=sshd)
+
+
+def _rsh(ssh_options) -> str:
+    """An RSYNC_RSH value running ssh with ``ssh_options``, quoted as rsync splits it."""
+    return " ".join(shlex.quote(a) for a in ["ssh", "-o", "BatchMode=yes", *ssh_options])
+
+
+@pytest.fixture
+def recording_rsh(sshd, tmp_path):
+    """A remote-shell wrapper that logs its arguments, then runs ssh to the test sshd;
+    returns (RSYNC_RSH value, log path)."""
+    log = tmp_path / "rsh.log"
+    script = tmp_path / "recording rsh"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {shlex.quote(str(log))}\nexec {_rsh(sshd)} \"$@\"\n")
+    script.chmod(0o755)
+    return shlex.quote(str(script)), log
 
 
 def _dm(working_dir) -> SimpleNamespace:
@@ -202,6 +222,110 @@ def test_missing_remote_file_raises_staging_error(provider, tmp_path):
     assert not os.path.exists(f.local_path)
 
 
+def test_remote_shell_is_rsyncs_own_unless_ssh_options_are_given():
+    # No options: no -e at all, so RSYNC_RSH / ~/.ssh/config decide, as with Parsl's provider.
+    assert rsync_base_argv() == ["rsync", "-s", "--timeout=300"]
+    argv = rsync_base_argv(["-p", "2222", "-i", "/k ey"], io_timeout=5)
+    assert argv[:4] == ["rsync", "-s", "--timeout=5", "-e"] and len(argv) == 5
+    assert shlex.split(argv[4]) == ["ssh", "-o", "BatchMode=yes", "-p", "2222", "-i", "/k ey",
+                                    "-o", "ConnectTimeout=10"]
+    assert shlex.split(rsync_base_argv(["-p", "1"], connect_timeout=3)[-1])[-1] == "ConnectTimeout=3"
+
+
+def test_connect_timeout_without_ssh_options_says_where_to_set_it():
+    with pytest.raises(ValueError, match=r"ConnectTimeout.*~/\.ssh/config"):
+        RSyncStaging(LOOPBACK, connect_timeout=5)
+    with pytest.raises(TypeError, match=r"\['-p', '2222'\]"):
+        RSyncStaging(LOOPBACK, ssh_options="-p 2222")  # type: ignore[arg-type]
+
+
+def _stage_in_one(p: RSyncStaging, tmp_path, text: str = "via RSYNC_RSH\n") -> str:
+    remote = tmp_path / "remote dir" / "in file.txt"
+    remote.parent.mkdir(exist_ok=True)
+    remote.write_text(text)
+    f = File(str(remote))
+    dm = _dm(tmp_path / "work")
+    p.stage_in(dm, "ex", f, None)
+    return p.replace_task(dm, "ex", f, _read)(f)
+
+
+def test_default_uses_rsync_rsh(sshd, tmp_path, monkeypatch):
+    # The test sshd is only reachable with its port and key, so success proves RSYNC_RSH
+    # (a plain ssh command line, with a quoted key path containing a space) was used.
+    monkeypatch.setenv("RSYNC_RSH", _rsh(sshd))
+    assert _stage_in_one(RSyncStaging(LOOPBACK), tmp_path) == "via RSYNC_RSH\n"
+
+
+def test_default_runs_the_rsync_rsh_wrapper(recording_rsh, tmp_path, monkeypatch):
+    rsh, log = recording_rsh
+    monkeypatch.setenv("RSYNC_RSH", rsh)
+    assert _stage_in_one(RSyncStaging(LOOPBACK), tmp_path) == "via RSYNC_RSH\n"
+    assert log.read_text().startswith(f"{LOOPBACK} rsync --server --sender")
+
+
+def test_default_rsync_rsh_failure_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSYNC_RSH", "ssh -F /dev/null -o BatchMode=yes -p 1")
+    with pytest.raises(StagingError, match=r"rsync exited with code \d+: ssh: connect to host 127.0.0.1 port 1: "
+                                           r"Connection refused"):
+        _stage_in_one(RSyncStaging(LOOPBACK), tmp_path)
+
+
+def test_ssh_options_take_precedence_over_rsync_rsh(sshd, recording_rsh, tmp_path, monkeypatch):
+    rsh, log = recording_rsh
+    monkeypatch.setenv("RSYNC_RSH", rsh)
+    assert _stage_in_one(RSyncStaging(LOOPBACK, ssh_options=sshd), tmp_path) == "via RSYNC_RSH\n"
+    assert not log.exists()  # our BatchMode ssh ran, not the wrapper
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    from htex_rs.staging.errors import StagingError
+    from htex_rs.staging.rsync import rsync_base_argv, run_rsync
+    try:
+        run_rsync("x", [*rsync_base_argv(), "--", sys.argv[1], sys.argv[2]])
+    except StagingError as e:
+        print(e)
+""")
+
+
+def test_no_prompt_even_from_a_terminal(sshd, tmp_path):
+    # A worker started from a login shell has a controlling terminal. There, ssh with
+    # the default StrictHostKeyChecking=ask would ask about the unknown host key on
+    # /dev/tty and wait for ever; with no -e nothing on the command line forbids it, so
+    # it is the missing terminal (a new session) that makes it fail at once instead.
+    port = sshd[sshd.index("-p") + 1]
+    key = sshd[sshd.index("-i") + 1]
+    rsh = " ".join(shlex.quote(a) for a in [
+        "ssh", "-F", "/dev/null", "-p", port, "-i", key, "-o", "IdentitiesOnly=yes",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null"])
+    (tmp_path / "in.txt").write_text("x")
+    primary, secondary = os.openpty()
+
+    def with_terminal() -> None:  # in the child: a session whose controlling terminal is the pty
+        os.setsid()
+        fcntl.ioctl(secondary, termios.TIOCSCTTY, 0)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE")}
+    env["RSYNC_RSH"] = rsh
+    try:
+        child = subprocess.run([sys.executable, "-c", _CHILD, f"{LOOPBACK}:{tmp_path / 'in.txt'}",
+                                str(tmp_path / "out.txt")], preexec_fn=with_terminal, env=env,
+                               stdin=secondary, capture_output=True, text=True, timeout=30)
+        os.set_blocking(primary, False)
+        try:
+            on_terminal = os.read(primary, 65536).decode(errors="replace")
+        except BlockingIOError:
+            on_terminal = ""
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ssh waited for an answer on the terminal (RSYNC_RSH={rsh})")
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert "Host key verification failed" in child.stdout, (child.stdout, child.stderr)
+    assert "continue connecting" not in on_terminal
+    assert not (tmp_path / "out.txt").exists()
+
+
 def test_unreachable_host_fails_fast_without_prompting(tmp_path):
     # Port 1 on loopback refuses; BatchMode and stdin=/dev/null mean no prompt can hang us.
     p = RSyncStaging(LOOPBACK, ssh_options=["-F", "/dev/null", "-p", "1"], connect_timeout=2)
@@ -222,11 +346,19 @@ def upper_copy(inputs=(), outputs=()):
     return os.path.abspath(inputs[0].filepath)
 
 
-def test_parsl_workflow(sshd, tmp_path, monkeypatch):
+@pytest.mark.parametrize("remote_shell", ["ssh_options", "RSYNC_RSH in worker_init"])
+def test_parsl_workflow(sshd, tmp_path, monkeypatch, remote_shell):
     """One real run: htex_rs worker pulls the input over ssh, the app runs, the worker pushes
-    the output back to the 'remote' directory."""
+    the output back to the 'remote' directory. The remote shell comes from ``ssh_options``,
+    or, as at a site that configures rsync itself, from RSYNC_RSH set by the provider's
+    worker_init (and nowhere else: not in this process's environment)."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))  # so the worker can import upper_copy
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.delenv("RSYNC_RSH", raising=False)
+    if remote_shell == "ssh_options":
+        staging, worker_init = RSyncStaging(LOOPBACK, ssh_options=sshd), ""
+    else:
+        staging, worker_init = RSyncStaging(LOOPBACK), f"export RSYNC_RSH={shlex.quote(_rsh(sshd))}"
     assert DataFlowKernelLoader._dfk is None, "a DFK leaked from an earlier test"
     remote_dir = tmp_path / "remote data"
     remote_dir.mkdir()
@@ -238,8 +370,8 @@ def test_parsl_workflow(sshd, tmp_path, monkeypatch):
             address=LOOPBACK,
             max_workers_per_node=1,
             working_dir=str(work),
-            storage_access=[RSyncStaging(LOOPBACK, ssh_options=sshd)],
-            provider=LocalProvider(init_blocks=1, max_blocks=1),
+            storage_access=[staging],
+            provider=LocalProvider(init_blocks=1, max_blocks=1, worker_init=worker_init),
         )],
         run_dir=str(tmp_path / "runinfo"),
         strategy="none",

@@ -1,15 +1,15 @@
 """The worker port against hostile and foreign peers: CURVE client authentication,
-junk frames, and pools of another protocol version. Raw pyzmq peers, real sockets."""
+junk frames, and pools of another protocol or Python version. Raw pyzmq peers, real sockets."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
 import zmq
 import zmq.auth
-
 from htex_rs import HighThroughputExecutor, _core, wire
 from htex_rs.errors import ProtocolVersionMismatch
 from parsl.executors.errors import BadStateException
@@ -23,9 +23,13 @@ def noop(x=0):
 
 @pytest.fixture
 def executor(tmp_path, request):
-    """A started executor with no worker blocks; param = encrypted."""
-    ex = HighThroughputExecutor(label="wire", address="127.0.0.1", encrypted=request.param,
+    """A started executor with no worker blocks; param = encrypted, or (encrypted,
+    check_python) to set _check_python_mismatch (default True), which start() hands to
+    the interchange: setting it after start() has no effect."""
+    encrypted, check_python = request.param if isinstance(request.param, tuple) else (request.param, True)
+    ex = HighThroughputExecutor(label="wire", address="127.0.0.1", encrypted=encrypted,
                                 heartbeat_period=1, heartbeat_threshold=3)
+    ex._check_python_mismatch = check_python
     ex.run_dir = str(tmp_path)
     ex.start()
     yield ex
@@ -41,6 +45,20 @@ def dealer(ctx: zmq.Context, port: int, identity: bytes, keys=None) -> zmq.Socke
         s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, server
     s.connect(f"tcp://127.0.0.1:{port}")
     return s
+
+
+def register(s: zmq.Socket, uid: str, python_version: str) -> tuple[int, list[bytes]]:
+    """Register as a pool of this protocol version; (the answer's kind, its frames)."""
+    reg = {"protocol_version": _core.PROTOCOL_VERSION, "uid": uid, "block_id": "0",
+           "max_capacity": 1, "worker_count": 1, "python_version": python_version}
+    s.send_multipart([wire.header(wire.REGISTER), json.dumps(reg).encode()])
+    assert s.poll(5000), "the interchange did not answer a registration"
+    frames = s.recv_multipart()
+    return wire.kind_of(frames[0]), frames
+
+
+THIS_PYTHON = "{}.{}.{}".format(*sys.version_info[:3])
+OTHER_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1] + 1}.0"
 
 
 def probe_answered(s: zmq.Socket, timeout_ms: int = 1500) -> bool:
@@ -77,7 +95,7 @@ def test_junk_is_dropped_counted_and_serving_continues(executor):
                 [wire.header(wire.HEARTBEAT)],                      # unregistered heartbeat
                 [wire.header(wire.RESULTS), b"\x01\x02"],            # unregistered + truncated
                 [wire.header(wire.REGISTER), b"not json"],
-                [wire.header(0xfe)],                                 # unknown kind
+                [wire.MAGIC + bytes((wire.PROTOCOL_VERSION, 0xFE))],  # unknown kind
                 [wire.header(wire.TASKS)]]                           # wrong direction
         for frames in junk:
             s.send_multipart(frames)
@@ -86,12 +104,50 @@ def test_junk_is_dropped_counted_and_serving_continues(executor):
             time.sleep(0.05)
         assert executor.interchange_stats()["dropped_messages"] == len(junk)
         assert probe_answered(s)
-        # A registered peer with a truncated result batch is dropped too, without harm.
-        reg = {"protocol_version": _core.PROTOCOL_VERSION, "uid": "junk", "block_id": "0",
-               "max_capacity": 1, "worker_count": 1, "python_version": "3.11.0"}
-        executor._check_python_mismatch = False
-        s.send_multipart([wire.header(wire.REGISTER), json.dumps(reg).encode()])
-        assert s.poll(5000) and wire.kind_of(s.recv_multipart()[0]) in (wire.REGISTERED, wire.REFUSED)
+        # A registered peer (same Python, so it must be accepted) with a truncated result
+        # batch is dropped too, without harm.
+        kind, _ = register(s, "junk", THIS_PYTHON)
+        assert kind == wire.REGISTERED
+        assert [m["manager"] for m in executor.connected_managers()] == ["junk"]
+        s.send_multipart([wire.header(wire.RESULTS), b"\x01\x02"])  # meta for no payload, and truncated
+        deadline = time.monotonic() + 10
+        while executor.interchange_stats()["dropped_messages"] <= len(junk) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = executor.interchange_stats()
+        assert stats["dropped_messages"] == len(junk) + 1 and stats["results_forwarded"] == 0
+        assert probe_answered(s)
+        assert not executor.bad_state_is_set
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("executor", [(False, True)], indirect=True)
+def test_pool_of_another_python_is_refused_when_the_check_is_on(executor):
+    fut = executor.submit(noop, {}, 1)
+    ctx = zmq.Context()
+    try:
+        kind, frames = register(dealer(ctx, executor.worker_port, b"py-other"), "py-other", OTHER_PYTHON)
+        assert kind == wire.REFUSED
+        msg = frames[1].decode()
+        assert "Python version mismatch" in msg and OTHER_PYTHON in msg
+        assert "{}.{}".format(*sys.version_info[:2]) in msg
+        with pytest.raises(BadStateException, match="Python version mismatch"):
+            fut.result(timeout=10)
+        assert isinstance(executor.executor_exception, ProtocolVersionMismatch)
+        assert executor.connected_managers() == []
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("executor", [(False, False)], indirect=True)
+def test_pool_of_another_python_registers_when_the_check_was_turned_off_before_start(executor):
+    ctx = zmq.Context()
+    try:
+        kind, _ = register(dealer(ctx, executor.worker_port, b"py-other"), "py-other", OTHER_PYTHON)
+        assert kind == wire.REGISTERED
+        managers = executor.connected_managers()
+        assert [(m["manager"], m["python_version"]) for m in managers] == [("py-other", OTHER_PYTHON)]
+        assert not executor.bad_state_is_set
     finally:
         ctx.destroy(linger=0)
 

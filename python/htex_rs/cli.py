@@ -7,20 +7,20 @@ import argparse
 import json
 import math
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from htex_rs import _core, planner, pool_resources
 
 
 def _workers(args: argparse.Namespace, allowed: list[int]) -> int:
     if args.workers:
-        return args.workers
+        return int(args.workers)
     count = math.floor(len(allowed) / args.cores_per_worker)
     if args.max_workers_per_node:
         count = min(count, args.max_workers_per_node)
     if args.accelerators:
         count = min(count, len(args.accelerators))
-    return max(1, count)
+    return max(1, int(count))
 
 
 def _accelerators(values: list[str]) -> list[str]:
@@ -90,7 +90,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImportError:
         pass
     args = p.parse_args(argv)
-    return args.func(args)
+    command: Callable[[argparse.Namespace], int] = args.func
+    return command(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from parsl.errors import ConfigurationError
 
+# Raised by the native module (defined once, in rust/python/mod.rs): the interchange
+# thread has ended; a query to it got no answer in time; a pool core was stopped.
+from htex_rs._core import CommandTimeout, InterchangeStopped, PoolCoreStopped
+
+__all__ = ["CommandTimeout", "HtexRsConfigurationError", "InterchangeDied", "InterchangeStopped",
+           "PoolCoreStopped", "ProtocolVersionMismatch", "ResourceRequestTooLarge", "TaskTooLarge"]
+
 
 class ProtocolVersionMismatch(Exception):
     """A worker pool speaks another htex_rs protocol or Python version."""
@@ -36,7 +43,7 @@ class TaskTooLarge(ValueError):
             "as files (parsl File objects) or raise HighThroughputExecutor.max_message_bytes")
         self.what, self.size, self.limit = what, size, limit
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[TaskTooLarge], tuple[str, int, int]]:
         return (type(self), (self.what, self.size, self.limit))
 
 
@@ -48,5 +55,5 @@ class ResourceRequestTooLarge(ValueError):
         super().__init__(f"task {task_id} cannot run: {why}")
         self.task_id, self.why = task_id, why
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[ResourceRequestTooLarge], tuple[int, str]]:
         return (type(self), (self.task_id, self.why))

@@ -18,9 +18,9 @@ import pickle
 import shutil
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
-from concurrent.futures import InvalidStateError
+from concurrent.futures import Future, InvalidStateError
 
 import typeguard
 import zmq
@@ -49,12 +49,13 @@ from parsl.serialize.errors import DeserializationError, SerializationError
 
 from htex_rs import _core, validation, wire
 from htex_rs.addresses import local_addresses, resolve_address
-from htex_rs.errors import (HtexRsConfigurationError, InterchangeDied, ProtocolVersionMismatch,
-                            ResourceRequestTooLarge, TaskTooLarge)
+from htex_rs.errors import (CommandTimeout, HtexRsConfigurationError, InterchangeDied, InterchangeStopped,
+                            ProtocolVersionMismatch, ResourceRequestTooLarge, TaskTooLarge)
 from htex_rs.planner import validate_cpu_affinity
 from htex_rs.staging import default_staging
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_LAUNCH_CMD = ("htex-rs-worker-pool {debug} {max_workers_per_node} "
                       "-a {addresses} "
@@ -81,7 +82,20 @@ DEFAULT_LAUNCH_CMD = ("htex-rs-worker-pool {debug} {max_workers_per_node} "
 _RESULT_BATCH = 4096
 
 
-def _settle(fut: Optional[HTEXFuture], result: Any = None, exception: Optional[BaseException] = None) -> None:
+#: The worker stream frames lengths in 32 bits; a payload and its framing must fit.
+MAX_MESSAGE_BYTES_LIMIT = (1 << 32) - 1 - _core.FRAMING_HEADROOM
+
+
+def _check_max_message_bytes(value: object) -> None:
+    """``max_message_bytes`` is set as an attribute, not passed to the constructor: check
+    it when the executor starts, before anything is sent with it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_MESSAGE_BYTES_LIMIT:
+        raise HtexRsConfigurationError(
+            f"max_message_bytes={value!r} must be a whole number of bytes from 1 to {MAX_MESSAGE_BYTES_LIMIT} "
+            "(4 GiB less framing); pass larger data as files (parsl File objects)")
+
+
+def _settle(fut: Optional[Future[Any]], result: Any = None, exception: Optional[BaseException] = None) -> None:
     """Complete a future unless it is gone or already done (a user may have cancelled it)."""
     if fut is None or fut.done():
         return
@@ -192,11 +206,12 @@ class HighThroughputExecutor(ParslHTEX):
 
         mem_slots = cpu_slots = self.max_workers_per_node
         assert self.provider is not None
-        if getattr(self.provider, "mem_per_node", None) is not None and mem_per_worker is not None \
-                and mem_per_worker > 0:
-            mem_slots = math.floor(self.provider.mem_per_node / mem_per_worker)
-        if getattr(self.provider, "cores_per_node", None) is not None:
-            cpu_slots = math.floor(self.provider.cores_per_node / cores_per_worker)
+        mem_per_node: Optional[float] = getattr(self.provider, "mem_per_node", None)
+        cores_per_node: Optional[int] = getattr(self.provider, "cores_per_node", None)
+        if mem_per_node is not None and mem_per_worker is not None and mem_per_worker > 0:
+            mem_slots = math.floor(mem_per_node / mem_per_worker)
+        if cores_per_node is not None:
+            cpu_slots = math.floor(cores_per_node / cores_per_worker)
         self.available_accelerators = accelerators
         self._workers_per_node = min(self.max_workers_per_node, mem_slots, cpu_slots)
         if self.available_accelerators:
@@ -220,7 +235,8 @@ class HighThroughputExecutor(ParslHTEX):
         self.worker_logdir_root = worker_logdir_root
         self.cpu_affinity = cpu_affinity
         self.encrypted = encrypted
-        self.cert_dir = None
+        # Parsl types these as they start (None; a str); they hold a path once known.
+        self.cert_dir: Optional[str] = None  # type: ignore[assignment]
         self._check_python_mismatch = True
         self.launch_cmd = launch_cmd or DEFAULT_LAUNCH_CMD
         self.interchange_launch_cmd = interchange_launch_cmd or ["(in-process Rust interchange)"]
@@ -228,8 +244,8 @@ class HighThroughputExecutor(ParslHTEX):
         self._result_queue_thread: Optional[threading.Thread] = None
         self.zmq_monitoring = None
         self.hub_zmq_port = None
-        self.logconf_path: Optional[str] = None
-        self._ix: Optional[Any] = None
+        self.logconf_path: Optional[str] = None  # type: ignore[assignment]
+        self._ix: Optional[_core.Interchange] = None
 
     # ------------------------------------------------------------------ start-up
     def _curve_keys(self) -> Tuple[Optional[bytes], List[bytes]]:
@@ -243,20 +259,22 @@ class HighThroughputExecutor(ParslHTEX):
             return None, []
         if self.cert_dir is None:
             self.cert_dir = curvezmq.create_certificates(self.logdir)
-        mode = os.stat(self.cert_dir).st_mode & 0o777
+        cert_dir: str = self.cert_dir
+        mode = os.stat(cert_dir).st_mode & 0o777
         if mode != 0o700:
             raise OSError(
-                f"The certificates directory must be private: {self.cert_dir} has mode {oct(mode)}; "
-                f"run `chmod 700 {self.cert_dir}`"
+                f"The certificates directory must be private: {cert_dir} has mode {oct(mode)}; "
+                f"run `chmod 700 {cert_dir}`"
             )
-        _, secret = zmq.auth.load_certificate(os.path.join(self.cert_dir, "server.key_secret"))
+        _, secret = zmq.auth.load_certificate(os.path.join(cert_dir, "server.key_secret"))
         if not secret:
-            raise ValueError(f"No secret key in {self.cert_dir}/server.key_secret")
-        clients = [bytes(k) for k in zmq.auth.load_certificates(self.cert_dir)]
+            raise ValueError(f"No secret key in {cert_dir}/server.key_secret")
+        clients = [bytes(k) for k in zmq.auth.load_certificates(cert_dir)]
         return bytes(secret), clients
 
     def start(self) -> None:
         """Start the interchange thread and the result thread; compose the launch command."""
+        _check_max_message_bytes(self.max_message_bytes)
         BlockProviderExecutor.start(self)
         self._warn_if_pool_command_missing()
         secret, clients = self._curve_keys()
@@ -281,8 +299,7 @@ class HighThroughputExecutor(ParslHTEX):
             debug=self.worker_debug,
             python_version="{}.{}".format(*sys.version_info[:2]),
             check_python=self._check_python_mismatch,
-            # Headroom over the payload limit for the few bytes of framing beside it.
-            max_message_bytes=self.max_message_bytes + (1 << 16),
+            max_message_bytes=self.max_message_bytes,
             node_events=self.monitoring_messages is not None,
         )
         self.worker_port = self._ix.port
@@ -291,7 +308,7 @@ class HighThroughputExecutor(ParslHTEX):
         self._result_queue_thread = threading.Thread(target=self._result_queue_worker,
                                                      name="HTEX-Result-Queue-Thread", daemon=True)
         self._result_queue_thread.start()
-        self.initialize_scaling()
+        self.initialize_scaling()  # type: ignore[no-untyped-call]  # Parsl's, in its own class
         self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
 
     def _warn_if_pool_command_missing(self) -> None:
@@ -308,27 +325,31 @@ class HighThroughputExecutor(ParslHTEX):
                            "worker_init", hint)
 
     def __enter__(self) -> "HighThroughputExecutor":
-        if self.provider.script_dir is None:
-            self.provider.script_dir = os.path.join(self.logdir, "submit_scripts")
-            os.makedirs(self.provider.script_dir, exist_ok=True)
+        provider = self.provider
+        assert provider is not None  # the constructor defaults it
+        if provider.script_dir is None:
+            provider.script_dir = os.path.join(self.logdir, "submit_scripts")
+            os.makedirs(provider.script_dir, exist_ok=True)
         self.start()
-        if self.provider.init_blocks:
-            self.scale_out_facade(self.provider.init_blocks)
+        if provider.init_blocks:
+            self.scale_out_facade(provider.init_blocks)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
         try:
             live = [b for b, s in self._status.items() if not s.terminal]
             if live:
                 self.scale_in_facade(len(live))
         finally:
             self.shutdown()
+        return False
 
     # ------------------------------------------------------------------ tasks
-    def validate_resource_spec(self, resource_specification: dict) -> None:
+    def validate_resource_spec(self, resource_specification: dict[str, Any]) -> None:
         validation.check_resource_spec(resource_specification)
 
-    def submit(self, func: Callable, resource_specification: dict, *args: Any, **kwargs: Any) -> HTEXFuture:
+    def submit(self, func: Callable[..., Any], resource_specification: dict[str, Any], *args: Any,
+               **kwargs: Any) -> HTEXFuture:
         """Serialize ``func(*args, **kwargs)`` and queue it; returns a future."""
         self.validate_resource_spec(resource_specification)
         try:
@@ -338,7 +359,7 @@ class HighThroughputExecutor(ParslHTEX):
         context = {"resource_spec": resource_specification} if resource_specification else {}
         return self.submit_payload(context, buffer)
 
-    def submit_payload(self, context: dict, buffer: bytes) -> HTEXFuture:
+    def submit_payload(self, context: dict[str, Any], buffer: bytes) -> HTEXFuture:
         """Queue an already-serialized task. ``context['task_executor']`` = {f, a, k}
         makes the worker call the importable function ``f(buffer, *a, **k)`` instead."""
         if self.bad_state_is_set:
@@ -378,14 +399,14 @@ class HighThroughputExecutor(ParslHTEX):
         timeout = max(1, int(self.poll_period))
         while not self._result_queue_thread_exit.is_set():
             try:
-                results, lost, fatal, nodes = ix.wait_events(timeout, _RESULT_BATCH)
-            except RuntimeError:  # the interchange was stopped
+                events = ix.wait_events(timeout, _RESULT_BATCH)
+            except InterchangeStopped:
                 if not self._result_queue_thread_exit.is_set():
                     self.set_bad_state_and_fail_all(InterchangeDied(
                         "the htex_rs interchange was stopped while the executor was running"))
                 break
             try:
-                self._handle_events(results, lost, fatal, nodes)
+                self._handle_events(events)
             except BaseException as e:  # this thread must never die silently: fail everything
                 logger.exception("Result queue worker failed")
                 self.set_bad_state_and_fail_all(InterchangeDied(f"the result thread failed: {e!r}"))
@@ -396,23 +417,24 @@ class HighThroughputExecutor(ParslHTEX):
                 break
         logger.info("Result queue worker finished")
 
-    def _handle_events(self, results: list, lost: list, fatal: list, nodes: list) -> None:
+    def _handle_events(self, events: _core.Events) -> None:
         # Node records first: the interchange reports where a task ran before its result,
         # and Globus Compute endpoints place tasks from these (a task's block and job).
-        for node in nodes:  # as Parsl's interchange sends them: monitoring's `node` table
+        for node in events.nodes:  # as Parsl's interchange sends them: monitoring's `node` table
             if self.monitoring_messages is not None:
-                node.update(run_id=self.run_id, timestamp=datetime.datetime.now(),
-                            last_heartbeat=datetime.datetime.fromtimestamp(node["last_heartbeat"]))
-                self.monitoring_messages.put((MessageType.NODE_INFO, node))
-        for task_id, status, data in results:
-            if status == wire.STATUS_MONITORING:
-                self._monitoring_message(data)
+                record: dict[str, Any] = dict(node)
+                record.update(run_id=self.run_id, timestamp=datetime.datetime.now(),
+                              last_heartbeat=datetime.datetime.fromtimestamp(node["last_heartbeat"]))
+                self.monitoring_messages.put((MessageType.NODE_INFO, record))
+        for r in events.results:
+            if r.status == wire.STATUS_MONITORING:
+                self._monitoring_message(r.payload)
             else:
-                self._complete(task_id, status, data)
-        for uid, hostname, task_ids in lost:
-            for task_id in task_ids:
-                _settle(self.tasks.pop(task_id, None), exception=ManagerLost(uid.encode(), hostname))
-        for message in fatal:
+                self._complete(r.task_id, r.status, r.payload)
+        for lost in events.lost:
+            for task_id in lost.tasks:
+                _settle(self.tasks.pop(task_id, None), exception=ManagerLost(lost.uid.encode(), lost.hostname))
+        for message in events.fatal:
             logger.error("Failing all tasks: %s", message)
             self.set_bad_state_and_fail_all(ProtocolVersionMismatch(message))
 
@@ -480,35 +502,43 @@ class HighThroughputExecutor(ParslHTEX):
             _settle(fut, exception=BadStateException(self, self._executor_exception))
 
     # ------------------------------------------------------------------ queries
-    def _query(self, method: str, *args: Any, default: Any = None) -> Any:
-        """Ask the interchange; once it has stopped nothing is connected any more."""
+    def _query(self, ask: Callable[[_core.Interchange], _T], default: _T) -> _T:
+        """Ask the interchange; once it has stopped nothing is connected any more. A
+        query it does not answer in time (CommandTimeout) is an error the caller sees."""
         if self._ix is None:
             raise RuntimeError("the executor has not been started")
         try:
-            return getattr(self._ix, method)(*args)
-        except RuntimeError:
-            if self._ix.alive():
-                raise
+            return ask(self._ix)
+        except InterchangeStopped:
             return default
+        except CommandTimeout:
+            logger.error("The interchange did not answer within %.0f s", _core.COMMAND_TIMEOUT_S)
+            raise
 
     def connected_managers(self) -> List[Dict[str, Any]]:
         """One dict per registered worker pool (Parsl's MANAGERS keys); thread-safe."""
-        return self._query("managers", default=[])
+        none: list[_core.ManagerRecord] = []
+        return [dict(m) for m in self._query(_core.Interchange.managers, none)]
 
     def connected_managers_packages(self) -> Dict[str, Dict[str, str]]:
-        return {uid: json.loads(doc) for uid, doc in self._query("packages", default=[])}
+        none: list[tuple[str, str]] = []
+        return {uid: json.loads(doc) for uid, doc in self._query(_core.Interchange.packages, none)}
 
     def connected_blocks(self) -> List[str]:
-        return self._query("connected_blocks", default=[])
+        none: list[str] = []
+        return self._query(_core.Interchange.connected_blocks, none)
 
     def _hold_manager(self, manager_id: str) -> None:
-        self._query("hold", manager_id)
+        self._query(lambda ix: ix.hold(manager_id), False)
         logger.debug("Held manager %s", manager_id)
 
     def interchange_stats(self) -> Dict[str, int]:
         """Counters from the interchange: dropped (malformed or refused) messages, tasks, results."""
-        dropped, received, forwarded = self._query("stats", default=(0, 0, 0))
-        return {"dropped_messages": dropped, "tasks_received": received, "results_forwarded": forwarded}
+        s = self._query(_core.Interchange.stats, None)
+        if s is None:
+            return {"dropped_messages": 0, "tasks_received": 0, "results_forwarded": 0}
+        return {"dropped_messages": s.dropped, "tasks_received": s.tasks_received,
+                "results_forwarded": s.results_forwarded}
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -521,13 +551,10 @@ class HighThroughputExecutor(ParslHTEX):
         if self._result_queue_thread:
             self._result_queue_thread.join(timeout)
         try:  # results that arrived after the result thread's last look still count
-            while True:
-                results, lost, fatal, nodes = self._ix.wait_events(0, _RESULT_BATCH)
-                if not (results or lost or fatal or nodes):
-                    break
-                self._handle_events(results, lost, fatal, nodes)
-        except RuntimeError:
-            pass  # already stopped
+            while events := self._ix.wait_events(0, _RESULT_BATCH):
+                self._handle_events(events)
+        except InterchangeStopped:
+            pass
         self._ix.stop()
         if self.tasks:
             self.set_bad_state_and_fail_all(InterchangeDied("the executor was shut down with tasks outstanding"))

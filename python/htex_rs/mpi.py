@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from parsl.executors.high_throughput.mpi_prefix_composer import compose_all
 from parsl.executors.high_throughput.mpi_resource_management import (
@@ -109,7 +109,7 @@ class NodePool:
                 return got
             time.sleep(poll_s)
 
-    def set_task_env(self, spec: dict, nodes: list[str]) -> None:
+    def set_task_env(self, spec: dict[str, Any], nodes: list[str]) -> None:
         """What Parsl's worker sets for an MPI task: PARSL_MPI_NODELIST and the launch
         prefixes (PARSL_MPI_PREFIX for this pool's launcher, PARSL_SRUN_PREFIX, ...)."""
         spec["MPI_NODELIST"] = ",".join(nodes)

@@ -5,7 +5,7 @@ task names the nodes it needs in its resource specification (``num_nodes``,
 of the block to itself, launching its ranks with ``$PARSL_MPI_PREFIX``."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import typeguard
 from parsl.data_provider.staging import Staging
@@ -79,7 +79,7 @@ class MPIExecutor(HighThroughputExecutor):
                 f"first node, launches each task's ranks with $PARSL_MPI_PREFIX; set "
                 f"launcher=SimpleLauncher() on the provider")
 
-    def validate_resource_spec(self, resource_specification: dict) -> None:
+    def validate_resource_spec(self, resource_specification: dict[str, Any]) -> None:
         validate_resource_spec(resource_specification)
 
     def monitor_resources(self) -> bool:

@@ -30,7 +30,7 @@ def gpu_count_override() -> Optional[int]:
 
 def plan_pool(strategy: str, workers: int, accelerators: Sequence[str],
               allowed: Optional[Sequence[int]] = None, sysfs_root: str = "/",
-              num_gpus: Optional[int] = None) -> list[dict[str, Any]]:
+              num_gpus: Optional[int] = None) -> list[_core.WorkerPlan]:
     """One dict per worker rank: cpus, cores, numa_nodes, accelerator, env."""
     return _core.plan_pool(strategy, workers, list(accelerators),
                            allowed=list(allowed) if allowed is not None else None,

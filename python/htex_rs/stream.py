@@ -1,13 +1,12 @@
 """Multipart messages over a Unix stream socket: the worker's end of its link to the
-pool core (rust/stream.rs is the other end). A message is ``u32 n``, ``n`` frame
-lengths (``u32`` each, little-endian), then the frames back to back."""
+pool core. The codec is Rust's (rust/stream.rs, through ``_core``): a message is
+``u32 n``, ``n`` frame lengths (``u32`` each, little-endian), then the frames."""
 from __future__ import annotations
 
 import socket
-import struct
-from typing import BinaryIO, Optional, Sequence
+from typing import Optional, Sequence
 
-_U32 = struct.Struct("<I")
+from htex_rs import _core
 
 
 def connect(url: str) -> socket.socket:
@@ -18,23 +17,24 @@ def connect(url: str) -> socket.socket:
 
 
 def send(sock: socket.socket, frames: Sequence[bytes]) -> None:
-    n = len(frames)
-    parts: list = [struct.pack(f"<I{n}I", n, *map(len, frames)), *frames]
-    total = sum(map(len, parts))
-    sent = sock.sendmsg(parts)
-    if sent < total:  # a blocking stream can still return short (e.g. on a signal)
-        rest = b"".join(bytes(p) for p in parts)[sent:]
-        sock.sendall(rest)
+    sock.sendall(_core.encode_stream(list(frames)))
 
 
-def recv(reader: BinaryIO) -> Optional[list[bytes]]:
-    """The next message from a buffered reader of the socket; None at end of stream."""
-    head = reader.read(4)
-    if len(head) < 4:
-        return None
-    (n,) = _U32.unpack(head)
-    lens = struct.unpack(f"<{n}I", reader.read(4 * n))
-    frames = [reader.read(length) for length in lens]
-    if frames and len(frames[-1]) < lens[-1]:
-        return None
-    return frames
+class Reader:
+    """Whole messages from a stream socket, read as they arrive."""
+
+    def __init__(self, sock: socket.socket, max_message_bytes: int = 1 << 30) -> None:
+        self.sock = sock
+        self.decoder = _core.StreamDecoder(max_message_bytes)
+
+    def recv(self) -> Optional[list[bytes]]:
+        """The next message; None at the end of the stream (a message cut short by the
+        end included). ValueError for bytes that cannot be a message."""
+        while True:
+            message = self.decoder.next_message()
+            if message is not None:
+                return message
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            self.decoder.feed(data)

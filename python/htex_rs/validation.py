@@ -81,9 +81,9 @@ def parse_resource_spec(spec: Optional[dict[str, Any]]) -> Tuple[float, Optional
 
 def _count(key: str, value: Any) -> int:
     """A whole, non-negative count (cores at least 1); 4.0 is 4, 4.5 and "4" fail."""
-    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
-        isinstance(value, numbers.Real) and not isinstance(value, bool)
-        and math.isfinite(value) and float(value).is_integer())
+    # bool first: True is 1 to Python, not a count to a user.
+    whole = not isinstance(value, bool) and (isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()))
     if not whole or int(value) < _MINIMUM[key] or int(value) >= 2**32 and key != "memory":
         raise InvalidResourceSpecification(
             {key}, f"{key}={value!r} is not valid: write {_UNIT[key]}, e.g. "

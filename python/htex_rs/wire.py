@@ -1,4 +1,7 @@
-"""Python side of the htex_rs wire protocol (see rust/protocol/mod.rs).
+"""Python side of the htex_rs wire protocol. Every constant and frame codec comes from
+the Rust protocol module (rust/protocol/mod.rs, through ``_core``), so the two sides
+cannot drift; what is here is the task payload's Python layer (context pickles, the
+resource head's JSON, a lost worker's record).
 
 Frames: a 4-byte header ``b"HX" + version + kind``, then for batches a packed meta
 frame of (task id u64 LE, flag u8) entries followed by one opaque payload frame each.
@@ -7,52 +10,44 @@ from __future__ import annotations
 
 import json
 import pickle
-import struct
 from typing import Any
 
 from htex_rs import _core
-from htex_rs._core import PROTOCOL_VERSION
+from htex_rs._core import PROTOCOL_VERSION, decode_meta, encode_meta, kind_of
 
-MAGIC = b"HX"
-META = struct.Struct("<QB")
+__all__ = ["PROTOCOL_VERSION", "decode_meta", "encode_meta", "header", "kind_of"]
 
-PROBE, REGISTER, HEARTBEAT, RESULTS, RETURNED = 1, 2, 3, 4, 5
-PROBE_ACK, TASKS, HEARTBEAT_REPLY, SHUTDOWN, REFUSED, REGISTERED, RECLAIM = 65, 66, 67, 68, 69, 70, 71
+MAGIC = _core.MAGIC
+META_ENTRY = _core.META_ENTRY
 
-# Result statuses come from the Rust protocol module, so the two sides cannot drift.
+PROBE, REGISTER, HEARTBEAT = _core.KIND_PROBE, _core.KIND_REGISTER, _core.KIND_HEARTBEAT
+RESULTS, RETURNED = _core.KIND_RESULTS, _core.KIND_RETURNED
+PROBE_ACK, TASKS, HEARTBEAT_REPLY = _core.KIND_PROBE_ACK, _core.KIND_TASKS, _core.KIND_HEARTBEAT_REPLY
+SHUTDOWN, REFUSED, REGISTERED = _core.KIND_SHUTDOWN, _core.KIND_REFUSED, _core.KIND_REGISTERED
+RECLAIM = _core.KIND_RECLAIM
+
 STATUS_RESULT, STATUS_EXCEPTION = _core.STATUS_RESULT, _core.STATUS_EXCEPTION
 #: A worker-side monitoring message (task id 0): pickle({'type': 'monitoring', 'payload': m}).
 STATUS_MONITORING = _core.STATUS_MONITORING
 #: The task's worker died running it; the payload is the pool core's JSON
 #: ``{"worker_id", "hostname", "pid", "exit_code"}`` (see :func:`worker_lost`).
 STATUS_WORKER_LOST = _core.STATUS_WORKER_LOST
-FLAG_CONTEXT = 1  # the payload is pickle((context, buffer)) instead of the bare buffer
+#: The interchange's answer to a task bigger than every connected pool (payload: why).
+STATUS_UNPLACEABLE = _core.STATUS_UNPLACEABLE
+#: The payload is pickle((context, buffer)) instead of the bare buffer.
+FLAG_CONTEXT = _core.FLAG_CONTEXT
 #: The payload starts with a JSON head behind a u32 LE length: the task's request
 #: (cores, memory MB, gpus) from the executor, the pool core's grant (plus cpus and
 #: accelerators) for the worker. See rust/resources.rs.
 FLAG_RESOURCES = _core.FLAG_RESOURCES
-#: The interchange's answer to a task bigger than every connected pool (payload: why).
-STATUS_UNPLACEABLE = _core.STATUS_UNPLACEABLE
-_HEAD = struct.Struct("<I")
 
 
 def header(kind: int, version: int = PROTOCOL_VERSION) -> bytes:
+    """The header frame of a ``kind`` message; another ``version`` only for tests that
+    play a pool of another protocol version."""
+    if version == PROTOCOL_VERSION:
+        return _core.header(kind)
     return MAGIC + bytes((version, kind))
-
-
-def kind_of(frame: bytes) -> int:
-    """Return the message kind, or -1 for a frame that is not an htex_rs header."""
-    if len(frame) != 4 or frame[:2] != MAGIC or frame[2] != PROTOCOL_VERSION:
-        return -1
-    return frame[3]
-
-
-def encode_meta(entries: list[tuple[int, int]]) -> bytes:
-    return b"".join(META.pack(tid, flag) for tid, flag in entries)
-
-
-def decode_meta(meta: bytes) -> list[tuple[int, int]]:
-    return list(META.iter_unpack(meta))
 
 
 def encode_task(context: dict[str, Any], buffer: bytes) -> tuple[int, bytes]:
@@ -64,23 +59,23 @@ def encode_task(context: dict[str, Any], buffer: bytes) -> tuple[int, bytes]:
 
 def join_head(head: dict[str, Any], payload: bytes) -> bytes:
     """A FLAG_RESOURCES payload: ``head`` as JSON behind its length, then ``payload``."""
-    doc = json.dumps(head, separators=(",", ":")).encode()
-    return b"".join((_HEAD.pack(len(doc)), doc, payload))
+    return _core.join_head(json.dumps(head, separators=(",", ":")).encode(), payload)
 
 
 def split_head(payload: bytes) -> tuple[dict[str, Any], bytes]:
-    """The inverse of :func:`join_head`."""
-    (n,) = _HEAD.unpack_from(payload)
-    end = _HEAD.size + n
-    if end > len(payload):
-        raise ValueError("a resource head longer than its payload")
-    return json.loads(payload[_HEAD.size:end]), payload[end:]
+    """The inverse of :func:`join_head`; ValueError for a head cut short."""
+    head, rest = _core.split_head(payload)
+    doc = json.loads(head)
+    if not isinstance(doc, dict):
+        raise ValueError("a resource head that is not a JSON object")
+    return doc, rest
 
 
 def decode_task(flags: int, payload: bytes) -> tuple[dict[str, Any], bytes]:
     """Worker side: the inverse of :func:`encode_task`."""
     if flags & FLAG_CONTEXT:
-        return pickle.loads(payload)
+        context, buffer = pickle.loads(payload)
+        return context, buffer
     return {}, payload
 
 

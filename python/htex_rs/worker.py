@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
@@ -48,12 +49,12 @@ class MonitoringChannel:
     def __init__(self, url: str) -> None:
         self.url = url
         self.pid = -1
-        self.sock = None
+        self.sock: Optional[socket.socket] = None
         self.lock = threading.Lock()
 
     def put(self, data: bytes) -> None:
         with self.lock:
-            if self.pid != os.getpid():
+            if self.sock is None or self.pid != os.getpid():
                 self.sock = stream.connect(self.url)
                 self.pid = os.getpid()
             stream.send(self.sock, [wire.header(wire.RESULTS),
@@ -85,8 +86,8 @@ def granted(grant: Optional[dict[str, Any]]) -> Iterator[None]:
         os.sched_setaffinity(0, mask)
 
 
-def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[NodePool] = None,
-             grant: Optional[dict[str, Any]] = None):
+def run_task(context: dict[str, Any], buffer: bytes, unpack: Callable[..., Any], serialize: Callable[..., Any],
+             nodes: Optional[NodePool] = None, grant: Optional[dict[str, Any]] = None) -> Any:
     spec = context.get("resource_spec") or {}
     for key, value in spec.items():
         os.environ["PARSL_" + str(key).upper()] = str(value)
@@ -101,7 +102,7 @@ def run_task(context: dict, buffer: bytes, unpack, serialize, nodes: Optional[No
         return _call(context, buffer, unpack)
 
 
-def _call(context: dict, buffer: bytes, unpack):
+def _call(context: dict[str, Any], buffer: bytes, unpack: Callable[..., Any]) -> Any:
     executor = context.get("task_executor")
     if executor:
         module, _, name = executor["f"].rpartition(".")
@@ -139,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("HTEX_RS_MPI_NODES"):  # htex_rs.mpi.NODES_ENV, set by an MPI-mode pool
         from htex_rs import mpi  # only then: it imports Parsl's MPI modules
         nodes = mpi.NodePool.from_env()
-        logger.info("MPI mode: nodes %s, launcher %s, locks in %s", nodes.nodes, nodes.launcher,
-                    nodes.lock_dir)
+        if nodes is not None:
+            logger.info("MPI mode: nodes %s, launcher %s, locks in %s", nodes.nodes, nodes.launcher,
+                        nodes.lock_dir)
     execute = task_runner(limit, nodes)
     inbox = WorkerInbox(args.url, str(args.rank), limit)
     logger.info("Worker %d ready (pid %d)", args.rank, os.getpid())
@@ -150,10 +152,9 @@ def main(argv: list[str] | None = None) -> None:
             if task is None:
                 logger.warning("Pool closed the stream (pool process gone); exiting")
                 return
-            task_id, flags, frame = task
-            status, payload = execute(task_id, flags, frame)
+            status, payload = execute(task.task_id, task.flags, task.payload)
             # At once, not with the next task's: the result frees this worker's slot.
-            inbox.send_result(task_id, status, payload)
+            inbox.send_result(task.task_id, status, payload)
     except OSError:
         logger.warning("The stream to the pool broke; exiting", exc_info=True)
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 _SCRIPT_LOAD_TIME = time.time()
 
@@ -35,6 +35,7 @@ from htex_rs import _core, logs, planner, pool_resources, wire  # noqa: E402
 from htex_rs.addresses import tcp_url  # noqa: E402
 
 logger = logging.getLogger("htex_rs.worker_pool")
+_V = TypeVar("_V")
 
 
 #: A worker dying sooner than this after its start counts as a start-up failure.
@@ -43,8 +44,16 @@ QUICK_DEATH_S = 5.0
 MAX_QUICK_DEATHS = 5
 
 
-def none_or(conv):
-    return lambda s: None if s in (None, "None", "none", "") else conv(s)
+def emit_core_log(core: _core.PoolCore) -> None:
+    """The Rust core's log records, through this process's logging (manager.log, or the
+    user's LogConfig): the core queues them instead of taking the GIL to log."""
+    for r in core.drain_log():
+        logging.getLogger(r.name).log(r.levelno, "%s", r.message)
+
+
+def none_or(conv: Callable[[str], _V]) -> Callable[[Optional[str]], Optional[_V]]:
+    """An argparse type that reads Parsl's "None" (and an empty value) as None."""
+    return lambda s: None if s is None or s in ("None", "none", "") else conv(s)
 
 
 def arg_parser() -> argparse.ArgumentParser:
@@ -104,7 +113,7 @@ def check_private(cert_dir: str) -> None:
                       f"run `chmod 700 {cert_dir}`")
 
 
-def curve_client(sock: zmq.Socket, cert_dir: Optional[str]) -> None:
+def curve_client(sock: zmq.Socket[bytes], cert_dir: Optional[str]) -> None:
     if cert_dir is None:
         return
     check_private(cert_dir)
@@ -118,7 +127,7 @@ def curve_client(sock: zmq.Socket, cert_dir: Optional[str]) -> None:
 class Worker:
     """One worker process (the tasks it runs are the core's business)."""
 
-    def __init__(self, rank: int, proc: subprocess.Popen, pidfd: int) -> None:
+    def __init__(self, rank: int, proc: subprocess.Popen[bytes], pidfd: int) -> None:
         self.started = time.monotonic()
         self.rank = rank
         self.proc = proc
@@ -289,6 +298,8 @@ class Pool:
         check_private(self.cert_dir)
         pub, sec = zmq.auth.load_certificate(os.path.join(self.cert_dir, "client.key_secret"))
         server_pub, _ = zmq.auth.load_certificate(os.path.join(self.cert_dir, "server.key_secret"))
+        if sec is None:
+            raise ValueError(f"no secret key in {self.cert_dir}/client.key_secret")
         return bytes(pub), bytes(sec), bytes(server_pub)
 
     def run(self) -> int:
@@ -302,7 +313,7 @@ class Pool:
                                    float(self.args.hb_period), float(self.args.hb_threshold),
                                    socket.gethostname(), self.curve_keys(), self.args.max_message_bytes,
                                    cpu_slots=self.resources.slots, memory_mb=self.resources.memory_mb,
-                                   accelerators=self.resources.accelerators)
+                                   accelerators=self.resources.accelerators, debug=self.args.debug)
         logger.info("Registered pool %s: block %s, %d workers, capacity %d, resources %s",
                     self.uid, self.block_id, self.count, self.capacity, self.resources.totals())
         self.poller = select.poll()
@@ -311,17 +322,20 @@ class Pool:
         exit_code = 0
         while not self.stopping:
             dead = {fd for fd, _ in self.poller.poll(200)}
+            gave_up = False
             for w in list(self.workers.values()):
                 if w.pidfd in dead:
                     self.worker_lost(w)
-            if self.stopping:  # a worker kept dying at start-up
+                    gave_up = gave_up or self.stopping
+            if gave_up:  # a worker kept dying at start-up
                 exit_code = 5
                 break
+            emit_core_log(self.core)
             stopped = self.core.wait_stopped(0)
             if stopped is None:
                 self.restart_due_workers()  # not once the core has ended: we exit below
                 continue
-            reason, detail = stopped
+            reason, detail = stopped.reason, stopped.detail
             if reason == "refused":
                 logger.critical("Interchange refused this pool: %s", detail)
                 print(f"htex-rs-worker-pool: refused by the interchange: {detail}", file=sys.stderr, flush=True)
@@ -350,9 +364,10 @@ class Pool:
         if core is not None:
             try:
                 logger.info("Pool core counts: %s", core.counts())
-            except RuntimeError:  # already stopped
+            except _core.PoolCoreStopped:
                 pass
             core.stop()
+            emit_core_log(core)
         procs = [w.proc for w in self.workers.values()]
         self.workers.clear()
         for p in procs:

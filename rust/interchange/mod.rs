@@ -12,14 +12,14 @@ pub mod zap;
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::logging::{self, Sink};
 use crate::protocol::{
-    decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
-    PROTOCOL_VERSION, STATUS_UNPLACEABLE,
+    decode_header, decode_meta, encode_meta, header, message_limit, DecodeError, Kind,
+    Registration, PROTOCOL_VERSION, STATUS_UNPLACEABLE,
 };
 use crate::resources::{self, FLAG_RESOURCES};
 use crate::socket_thread::{self, SocketThread};
@@ -53,9 +53,10 @@ pub struct Config {
     /// `major.minor` of the submit side's Python; pools must match unless `check_python` is off.
     pub python_version: String,
     pub check_python: bool,
-    /// Largest inbound frame on the worker port; a peer sending more is disconnected by
-    /// libzmq before the frame is buffered. `None`: unlimited.
-    pub max_message_bytes: Option<i64>,
+    /// Largest payload (task or result) in bytes; a peer sending a message larger than
+    /// this plus its framing is disconnected by libzmq before the message is buffered.
+    /// `None`: unlimited.
+    pub max_message_bytes: Option<usize>,
     /// Emit `Event::Node` for Parsl's monitoring `node` table.
     pub node_events: bool,
 }
@@ -210,6 +211,7 @@ impl Handle {
             router.set_sndhwm(0)?;
             router.set_rcvhwm(0)?;
             if let Some(limit) = config.max_message_bytes {
+                let limit = i64::try_from(message_limit(limit)).unwrap_or(i64::MAX);
                 router.set_maxmsgsize(limit)?;
             }
             if let Some(c) = &config.curve {
@@ -327,9 +329,42 @@ impl Handle {
         q.drain(..n).collect()
     }
 
+    /// Ask the interchange thread a question (a [`Command`] carrying the reply channel)
+    /// and wait up to [`COMMAND_TIMEOUT`] for the answer.
+    pub fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Command) -> Result<T, AskError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.command(make(tx));
+        rx.recv_timeout(COMMAND_TIMEOUT).map_err(|e| match e {
+            RecvTimeoutError::Disconnected => AskError::Stopped,
+            RecvTimeoutError::Timeout => AskError::Timeout(COMMAND_TIMEOUT),
+        })
+    }
+
     /// Stop the thread and wait for it (idempotent, callable from any thread).
     pub fn stop(&self) {
         self.thread.stop();
+    }
+}
+
+/// How long a query to the interchange thread may take: it answers between two passes
+/// of its loop, so only a wedged thread takes this long.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a query got no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AskError {
+    /// The interchange thread has ended (stopped, or failed: see interchange.log).
+    Stopped,
+    /// No answer within this long.
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for AskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::Stopped => write!(f, "the interchange has stopped"),
+            AskError::Timeout(d) => write!(f, "the interchange did not answer within {d:?}"),
+        }
     }
 }
 

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use crate::logging::{self, Sink};
 use crate::protocol::{
-    decode_header, decode_meta, encode_meta, header, Kind, META_ENTRY, STATUS_MONITORING,
-    STATUS_WORKER_LOST,
+    decode_header, decode_meta, encode_meta, header, message_limit, Kind, META_ENTRY,
+    STATUS_MONITORING, STATUS_WORKER_LOST,
 };
 use crate::resources::{self, FLAG_RESOURCES};
 use crate::socket_thread::{self, SocketThread};
@@ -45,7 +45,7 @@ pub struct Config {
     pub identity: Vec<u8>,
     /// Where workers connect: `@name` for an abstract Unix socket, else a path.
     pub worker_url: String,
-    /// Largest message a worker may send (a result batch), in bytes.
+    /// Largest payload a worker may send (one result), in bytes; its framing comes on top.
     pub max_message_bytes: usize,
     pub registration: Vec<u8>,
     pub heartbeat_period: Duration,
@@ -58,9 +58,9 @@ pub struct Config {
     pub slots: Vec<crate::resources::Slot>,
     pub memory: u64,
     pub accelerators: Vec<String>,
-    /// The pool's log file (its `manager.log`), and whether DEBUG records go in.
-    pub log_path: Option<std::path::PathBuf>,
-    pub debug: bool,
+    /// Where the core's log records go (the pool drains a queue sink into Python's
+    /// `logging`); `None`: nowhere.
+    pub log: Option<Arc<Sink>>,
 }
 
 /// Why the core stopped.
@@ -193,13 +193,7 @@ impl Handle {
         ix.send_multipart([&header(Kind::Register)[..], &config.registration], 0)
             .map_err(|e| format!("cannot send the registration: {e}"))?;
 
-        let log = match &config.log_path {
-            Some(p) => Some(
-                Sink::open(p, config.debug)
-                    .map_err(|e| format!("cannot open the pool log {}: {e}", p.display()))?,
-            ),
-            None => None,
-        };
+        let log = config.log.take();
         let inbox = Arc::new(Mailbox::new().map_err(|e| e.to_string())?);
         let shared = Arc::new(Shared {
             inbox: inbox.clone(),
@@ -627,7 +621,7 @@ impl Core {
                         self.next_token,
                         Conn {
                             stream,
-                            decoder: Decoder::new(self.config.max_message_bytes),
+                            decoder: Decoder::new(message_limit(self.config.max_message_bytes)),
                             out: Outbox::default(),
                             pid,
                             rank: None,
@@ -819,7 +813,7 @@ mod tests {
         worker: FakeWorker,
         core: Handle,
         worker_addr: std::os::unix::net::SocketAddr,
-        log: std::path::PathBuf,
+        log: Arc<crate::logging::Sink>,
     }
 
     struct FakeWorker {
@@ -928,7 +922,7 @@ mod tests {
             std::process::id(),
             fastrand::u64(..)
         );
-        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let log = crate::logging::Sink::queue(false);
         let core = Handle::start(Config {
             interchange_url: url,
             identity: b"pool-1".to_vec(),
@@ -942,8 +936,7 @@ mod tests {
             slots: Vec::new(),
             memory: 0,
             accelerators: Vec::new(),
-            log_path: Some(log.clone()),
-            debug: false,
+            log: Some(log.clone()),
         })
         .unwrap();
         let addr = {
@@ -1172,21 +1165,20 @@ mod tests {
         assert_eq!(c.dropped, 5);
         send_tasks_to(&ix, &[9]);
         assert_eq!(worker.next_task().0, 9, "the pool goes on");
-        let text = std::fs::read_to_string(&log).unwrap();
+        let (records, _) = log.take();
+        let text: Vec<&str> = records.iter().map(|r| r.message.as_str()).collect();
+        let count = |what: &str| text.iter().filter(|m| m.contains(what)).count();
         assert_eq!(
-            text.matches("dropping a message from the interchange")
-                .count(),
+            count("dropping a message from the interchange"),
             1,
-            "{text}"
+            "{text:?}"
         );
-        assert_eq!(
-            text.matches("dropping a message from worker 0").count(),
-            1,
-            "{text}"
+        assert_eq!(count("dropping a message from worker 0"), 1, "{text:?}");
+        assert!(
+            records.iter().all(|r| r.target == "htex_rs.manager"),
+            "{records:?}"
         );
-        assert!(text.contains("[WARNING]"), "{text}");
         core.stop();
-        let _ = std::fs::remove_file(log);
     }
 
     #[test]

@@ -10,6 +10,16 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever a frame layout or a message meaning changes.
 pub const PROTOCOL_VERSION: u8 = 3;
 pub const MAGIC: [u8; 2] = *b"HX";
+/// What a message may carry beyond its payload (the user's `max_message_bytes`): the
+/// header, meta and framing of a batch around it. Every size limit adds it here.
+pub const FRAMING_HEADROOM: usize = 1 << 20;
+
+/// The largest message accepted for a payload limit of `payload_limit` bytes.
+#[must_use]
+pub const fn message_limit(payload_limit: usize) -> usize {
+    payload_limit.saturating_add(FRAMING_HEADROOM)
+}
+
 /// Bytes per entry of a task or result meta frame: task id (u64 LE) + flags/status (u8).
 pub const META_ENTRY: usize = 9;
 
@@ -136,6 +146,9 @@ pub fn decode_meta(meta: &[u8], payloads: usize) -> Result<Vec<(u64, u8)>, Decod
         .collect())
 }
 
+/// Task flag: the payload is the executor's pickle of (context, buffer), not the bare
+/// buffer (the pool never reads it; the worker does).
+pub const FLAG_CONTEXT: u8 = 1;
 /// Result status byte in a Results meta frame.
 pub const STATUS_RESULT: u8 = 0;
 pub const STATUS_EXCEPTION: u8 = 1;

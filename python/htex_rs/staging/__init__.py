@@ -3,6 +3,8 @@
 from ours (Zip staging is Parsl's own)."""
 from __future__ import annotations
 
+from typing import Any
+
 from parsl.data_provider.zip import ZipFileStaging
 
 from htex_rs.staging.errors import StagingError
@@ -10,12 +12,11 @@ from htex_rs.staging.ftp import FTPInTaskStaging, FTPSeparateTaskStaging
 from htex_rs.staging.http import HTTPInTaskStaging, HTTPSeparateTaskStaging
 from htex_rs.staging.noop import NoOpFileStaging
 
-
 #: Parsl's default set (file, FTP and HTTP(S) as separate tasks, zip), from our providers.
 default_staging = [NoOpFileStaging(), FTPSeparateTaskStaging(), HTTPSeparateTaskStaging(), ZipFileStaging()]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Optional providers with their own dependencies load on first use.
     if name == "GlobusStaging":
         from htex_rs.staging.globus import GlobusStaging
@@ -26,5 +27,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["GlobusStaging", "RSyncStaging", "FTPInTaskStaging", "FTPSeparateTaskStaging", "HTTPInTaskStaging", "HTTPSeparateTaskStaging",
-           "NoOpFileStaging", "StagingError", "default_staging"]
+__all__ = ["GlobusStaging", "RSyncStaging", "FTPInTaskStaging", "FTPSeparateTaskStaging", "HTTPInTaskStaging",
+           "HTTPSeparateTaskStaging", "NoOpFileStaging", "StagingError", "default_staging"]

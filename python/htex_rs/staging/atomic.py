@@ -5,7 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, BinaryIO
+
+from parsl.data_provider.files import File
+
+if TYPE_CHECKING:
+    from parsl.data_provider.data_manager import DataManager
 
 
 @contextlib.contextmanager
@@ -27,8 +33,17 @@ def atomic_destination(path: str) -> Iterator[BinaryIO]:
         raise
 
 
-def local_path_for(file, working_dir: str | None) -> str:
+def local_path_for(file: File, working_dir: str | None) -> str:
     """Where a staged-in file lands on the worker: ``working_dir/filename`` or ``filename``
-    relative to the worker's directory, as Parsl decides it."""
-    file.local_path = os.path.join(working_dir, file.filename) if working_dir else file.filename
-    return file.local_path
+    relative to the worker's directory, as Parsl decides it. Also sets ``file.local_path``."""
+    local_path = os.path.join(working_dir, file.filename) if working_dir else file.filename
+    file.local_path = local_path
+    return local_path
+
+
+def working_dir_of(dm: DataManager, executor: str) -> str | None:
+    """The ``working_dir`` of the executor labelled ``executor``, or None."""
+    # ParslExecutor does not declare working_dir (HTEX and the thread pool have it), so it
+    # is read the way Parsl's own providers read it, but without failing when it is absent.
+    working_dir = getattr(dm.dfk.executors[executor], "working_dir", None)
+    return str(working_dir) if working_dir else None

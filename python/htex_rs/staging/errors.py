@@ -10,5 +10,5 @@ class StagingError(Exception):
         self.url = url
         self.reason = reason
 
-    def __reduce__(self):  # picklable across the worker boundary
+    def __reduce__(self) -> tuple[type[StagingError], tuple[str, str]]:  # picklable across the worker boundary
         return (type(self), (self.url, self.reason))

@@ -6,15 +6,24 @@ from __future__ import annotations
 import ftplib
 import functools
 import socket
-from typing import Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import parsl
+from parsl.app.futures import DataFuture
+from parsl.data_provider.files import File
 from parsl.data_provider.staging import Staging
+from parsl.dataflow.futures import AppFuture
 from parsl.utils import RepresentationMixin
 
-from htex_rs.staging.atomic import atomic_destination, local_path_for
+from htex_rs.staging.atomic import atomic_destination, local_path_for, working_dir_of
 from htex_rs.staging.errors import StagingError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from parsl.data_provider.data_manager import DataManager
 
 
 def redact(url: str) -> str:
@@ -56,14 +65,14 @@ class _Options(RepresentationMixin):
         self.timeout = timeout
         self.passive = passive
 
-    def can_stage_in(self, file) -> bool:
+    def can_stage_in(self, file: File) -> bool:
         return file.scheme == "ftp"
 
 
-def _stage_in_task(working_dir: Optional[str], timeout: float, passive: bool, parent_fut=None,
-                   outputs=(), _parsl_staging_inhibit: bool = True) -> None:
+def _stage_in_task(working_dir: str | None, timeout: float, passive: bool, parent_fut: Future[Any] | None = None,
+                   outputs: Sequence[File] = (), _parsl_staging_inhibit: bool = True) -> None:
     file = outputs[0]
-    fetch_ftp(file.url, file.local_path, timeout=timeout, passive=passive)
+    fetch_ftp(file.url, file.filepath, timeout=timeout, passive=passive)
 
 
 class FTPSeparateTaskStaging(_Options, Staging):
@@ -73,23 +82,23 @@ class FTPSeparateTaskStaging(_Options, Staging):
     :param passive: passive mode (the client opens the data connection)
     """
 
-    def stage_in(self, dm, executor: str, file, parent_fut):
-        working_dir = dm.dfk.executors[executor].working_dir
+    def stage_in(self, dm: DataManager, executor: str, file: File, parent_fut: Future[Any] | None) -> DataFuture:
+        working_dir = working_dir_of(dm, executor)
         local_path_for(file, working_dir)
         app = parsl.python_app(executors=[executor], data_flow_kernel=dm.dfk)(_stage_in_task)
-        fut = app(working_dir, self.timeout, self.passive, outputs=[file], _parsl_staging_inhibit=True,
-                  parent_fut=parent_fut)
+        fut: AppFuture = app(working_dir, self.timeout, self.passive, outputs=[file], _parsl_staging_inhibit=True,
+                             parent_fut=parent_fut)
         return fut._outputs[0]
 
 
 class _InTask:
     """The app wrapped by an FTP download that runs first, on the worker."""
 
-    def __init__(self, func: Callable, url: str, local_path: str, timeout: float, passive: bool) -> None:
+    def __init__(self, func: Callable[..., Any], url: str, local_path: str, timeout: float, passive: bool) -> None:
         functools.update_wrapper(self, func)
         self.func, self.url, self.local_path, self.timeout, self.passive = func, url, local_path, timeout, passive
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fetch_ftp(self.url, self.local_path, timeout=self.timeout, passive=self.passive)
         return self.func(*args, **kwargs)
 
@@ -97,9 +106,10 @@ class _InTask:
 class FTPInTaskStaging(_Options, Staging):
     """FTP stage-in inside the app's own task (no shared file system needed)."""
 
-    def stage_in(self, dm, executor: str, file, parent_fut):
-        local_path_for(file, dm.dfk.executors[executor].working_dir)
+    def stage_in(self, dm: DataManager, executor: str, file: File, parent_fut: Future[Any] | None) -> None:
+        local_path_for(file, working_dir_of(dm, executor))
         return None
 
-    def replace_task(self, dm, executor: str, file, func: Callable) -> Callable:
-        return _InTask(func, file.url, file.local_path, self.timeout, self.passive)
+    def replace_task(self, dm: DataManager, executor: str, file: File, func: Callable[..., Any]) -> Callable[..., Any]:
+        local_path = local_path_for(file, working_dir_of(dm, executor))
+        return _InTask(func, file.url, local_path, self.timeout, self.passive)

@@ -9,32 +9,45 @@ executor, so it runs in the submit process, where the tokens are). What differs:
   by keyword (Parsl's positional call raises ``TypeError`` on 4.x);
 * a failed task raises :class:`~htex_rs.staging.errors.StagingError` naming the URL, the
   task's status and its error events;
-* tokens live in ``$HTEX_RS_GLOBUS_TOKENS`` or ``~/.htex_rs/globus.json``, always mode 0600,
-  and a refresh merges into the file instead of dropping the refresh token;
+* tokens live in ``$HTEX_RS_GLOBUS_TOKENS`` or ``~/.htex_rs/globus.json``, kept by
+  globus-sdk's ``JSONTokenStorage`` (its format and its ``on_refresh`` hook), written
+  atomically and always mode 0600, and a refresh never drops the stored refresh token
+  (:class:`TokenFile`); a file in htex_rs's earlier format is converted on first use;
 * with no stored tokens a staging task prompts only on an interactive terminal, otherwise it
   fails and says to run ``htex-rs globus-auth`` (a prompt in a batch job would hang forever).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import globus_sdk
 import typeguard
 from globus_sdk.authorizers import GlobusAuthorizer
+from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
 from parsl.app.app import python_app
+from parsl.app.futures import DataFuture
 from parsl.data_provider.files import File
 from parsl.data_provider.staging import Staging
+from parsl.dataflow.futures import AppFuture
 from parsl.utils import RepresentationMixin
 
 from htex_rs.staging.errors import StagingError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from parsl.data_provider.data_manager import DataManager
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +66,14 @@ POLL_INTERVAL_S = 15
 #: At most this many events go into a failure message (the most recent ones).
 MAX_EVENTS = 5
 
-Tokens = Dict[str, Dict[str, Any]]  # by_resource_server: {"transfer.api.globus.org": {...}}
-
 # Staging tasks run concurrently on _parsl_internal threads; one authorizer per token file,
 # shared, so a refresh or the interactive login happens once, and file rewrites don't race.
 _LOCK = threading.RLock()
-_AUTHORIZERS: Dict[str, globus_sdk.RefreshTokenAuthorizer] = {}
+_AUTHORIZERS: dict[str, globus_sdk.RefreshTokenAuthorizer] = {}
+
+#: What reading a damaged token file can raise (bad JSON, an unknown format_version and
+#: token data failing the SDK's validation are all ValueErrors).
+_UNREADABLE = (OSError, ValueError, TypeError, AttributeError)
 
 
 # --------------------------------------------------------------------------- tokens
@@ -68,97 +83,158 @@ def token_file() -> str:
     return os.environ.get(TOKENS_ENV) or os.path.join(os.path.expanduser("~"), ".htex_rs", "globus.json")
 
 
-def load_tokens(path: str) -> Optional[Tokens]:
-    """The stored tokens, or None when the file is missing or unreadable as JSON."""
+class TokenFile(JSONTokenStorage):
+    """globus-sdk's JSON token storage (its format, namespaces and ``store_token_response``
+    for ``on_refresh``), with two changes to how it writes, because a refresh token is a
+    long-lived credential that a batch job cannot replace:
+
+    * a write never drops a stored refresh token: refresh responses usually carry none, and
+      the SDK's storage would otherwise save ``refresh_token: null`` over it;
+    * the file is replaced atomically and is always mode 0600: the SDK truncates and
+      rewrites it in place (a crash mid-write loses every token) and keeps the mode of an
+      existing file (a 0644 one stays readable by all).
+    """
+
+    def store_token_data_by_resource_server(
+            self, token_data_by_resource_server: Mapping[str, TokenStorageData]) -> None:
+        with _LOCK:
+            try:
+                stored: dict[str, TokenStorageData] | None = self.get_token_data_by_resource_server()
+            except _UNREADABLE:  # a damaged file is replaced (a login is what repairs it)
+                stored = None
+            merged = {rs: _keep_refresh_token(new, (stored or {}).get(rs))
+                      for rs, new in token_data_by_resource_server.items()}
+            with self._replacement(keep=stored is not None) as staged:
+                staged.store_token_data_by_resource_server(merged)
+
+    def remove_token_data(self, resource_server: str) -> bool:
+        with _LOCK, self._replacement(keep=True) as staged:
+            return staged.remove_token_data(resource_server)
+
+    @contextlib.contextmanager
+    def _replacement(self, keep: bool) -> Iterator[JSONTokenStorage]:
+        """A plain SDK storage on a private copy of the file (``keep``) or on no file; what
+        it writes replaces the file, 0600, when the block ends without an error."""
+        directory = os.path.dirname(os.path.abspath(self.filepath))
+        # mkdtemp makes a 0700 directory: the copy is never readable by others, whatever
+        # the umask, and sits on the same file system for the rename.
+        scratch = tempfile.mkdtemp(prefix=".globus-tokens.", dir=directory)
+        try:
+            staged = os.path.join(scratch, "tokens.json")
+            if keep and self.file_exists():
+                shutil.copyfile(self.filepath, staged)
+            yield JSONTokenStorage(staged, namespace=self.namespace)
+            os.chmod(staged, 0o600)
+            with open(staged, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(staged, self.filepath)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _keep_refresh_token(new: TokenStorageData, old: TokenStorageData | None) -> TokenStorageData:
+    if new.refresh_token is not None or old is None or old.refresh_token is None:
+        return new
+    data = new.to_dict(include_extra=True)
+    data["refresh_token"] = old.refresh_token
+    data["identity_id"] = new.identity_id or old.identity_id
+    return TokenStorageData.from_dict(data)
+
+
+def _migrate_by_resource_server_file(path: str) -> None:
+    """Rewrite a token file written by htex_rs before it used the SDK's storage (a bare
+    ``{resource_server: token dict}`` mapping, no ``format_version``) in the SDK's format."""
     try:
-        with open(path) as f:
-            tokens = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
     except (OSError, ValueError):
-        return None
-    return tokens if isinstance(tokens, dict) else None
-
-
-def save_tokens(path: str, tokens: Tokens) -> None:
-    """Write ``tokens`` to ``path`` atomically, mode 0600 whatever the umask (refresh tokens
-    are long-lived credentials); a directory we create is 0700."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    # mkstemp creates the file 0600, so the secret is never briefly world-readable; the
-    # rename then replaces any older file, whatever its mode was.
-    fd, tmp = tempfile.mkstemp(prefix=".globus.", suffix=".tmp", dir=directory)
+        return  # missing, or damaged: reported when the tokens are read
+    if not isinstance(raw, dict) or "format_version" in raw or not raw:
+        return
     try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            json.dump(tokens, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        # Its token dicts are OAuthTokenResponse.by_resource_server entries: TokenStorageData's
+        # fields, less identity_id.
+        data = {rs: TokenStorageData.from_dict(tokens) for rs, tokens in raw.items()}
+    except _UNREADABLE:
+        return
+    logger.info("Converting the Globus token file %s to globus-sdk's format", path)
+    TokenFile(path).store_token_data_by_resource_server(data)
 
 
-def _merge_refresh(path: str, response: globus_sdk.OAuthTokenResponse) -> None:
-    """``on_refresh``: fold the new access token into the file. A refresh response usually
-    carries no refresh token (Parsl overwrote the file with it, losing the refresh token);
-    keep the stored fields the response leaves empty."""
+def token_storage(path: str | None = None) -> TokenFile:
+    """The token storage at ``path`` (default :func:`token_file`). A directory it creates is
+    0700; a file in htex_rs's earlier format is converted."""
+    path = os.path.abspath(path or token_file())
+    # Made here so that it is 0700; the SDK's own makedirs would follow the umask.
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with _LOCK:
-        tokens = load_tokens(path) or {}
-        for server, new in response.by_resource_server.items():
-            tokens[server] = {**tokens.get(server, {}), **{k: v for k, v in new.items() if v is not None}}
-        save_tokens(path, tokens)
+        _migrate_by_resource_server_file(path)
+        return TokenFile(path)
 
 
-def login(client_id: str = CLIENT_ID, *, read: Callable[[str], str] = input) -> Tokens:
+def transfer_tokens(storage: TokenFile) -> tuple[TokenStorageData | None, str]:
+    """The stored Transfer tokens if they include a refresh token, else None and why not."""
+    try:
+        data = storage.get_token_data(TRANSFER_RS)
+    except _UNREADABLE as e:
+        return None, f"cannot read the Globus token file {storage.filepath} ({e})"
+    if data is None or not data.refresh_token:
+        return None, f"no Globus Transfer refresh token in {storage.filepath}"
+    return data, ""
+
+
+def login(client_id: str = CLIENT_ID, *, read: Callable[[str], str] = input) -> globus_sdk.OAuthTokenResponse:
     """Interactive native-app OAuth2 login: print the authorize URL, read the code, and
-    return the tokens by resource server (with refresh tokens)."""
+    return the token response (with refresh tokens)."""
     client = globus_sdk.NativeAppAuthClient(client_id=client_id)
     client.oauth2_start_flow(SCOPES, redirect_uri=REDIRECT_URI, refresh_tokens=True)
     print(f"Please visit the following URL to provide authorization:\n{client.oauth2_get_authorize_url()}")
     code = read("Enter the auth code: ").strip()
-    return dict(client.oauth2_exchange_code_for_tokens(code).by_resource_server)
+    return client.oauth2_exchange_code_for_tokens(code)
 
 
-def _usable(tokens: Optional[Tokens]) -> bool:
-    return bool(tokens and tokens.get(TRANSFER_RS, {}).get("refresh_token"))
+def store_login(storage: TokenFile, response: globus_sdk.OAuthTokenResponse) -> None:
+    """Store a login's tokens. Not ``store_token_response``: that decodes the id_token to
+    record the identity, which costs two more requests to Globus Auth and can fail (clock
+    skew) after the one-time code is spent; the identity is not needed to transfer."""
+    storage.store_token_data_by_resource_server(
+        {rs: TokenStorageData.from_dict(tokens) for rs, tokens in response.by_resource_server.items()})
 
 
-def get_authorizer(path: Optional[str] = None) -> globus_sdk.RefreshTokenAuthorizer:
+def get_authorizer(path: str | None = None) -> globus_sdk.RefreshTokenAuthorizer:
     """The shared Transfer authorizer for ``path`` (default :func:`token_file`), logging in
     first when no usable tokens are stored and stdin is a terminal."""
-    path = path or token_file()
+    path = os.path.abspath(path or token_file())
     with _LOCK:
         if path in _AUTHORIZERS:
             return _AUTHORIZERS[path]
-        tokens = load_tokens(path)
-        if not _usable(tokens):
+        storage = token_storage(path)
+        tokens, why = transfer_tokens(storage)
+        if tokens is None:
             if not sys.stdin or not sys.stdin.isatty():
-                raise RuntimeError(f"no Globus Transfer refresh token in {path}; "
-                                   f"run `htex-rs globus-auth` first")
-            tokens = login()
-            save_tokens(path, tokens)
-        assert tokens is not None
-        t = tokens[TRANSFER_RS]
-        # The SDK wants access token and expiry both or neither; with neither it refreshes now.
-        have_access = bool(t.get("access_token") and t.get("expires_at_seconds"))
+                raise RuntimeError(f"{why}; run `htex-rs globus-auth` first")
+            store_login(storage, login())
+            tokens, why = transfer_tokens(storage)
+            if tokens is None:
+                raise RuntimeError(f"{why} after logging in; run `htex-rs globus-auth --force`")
+        assert tokens.refresh_token is not None  # transfer_tokens checked it
         authorizer = globus_sdk.RefreshTokenAuthorizer(
-            t["refresh_token"], globus_sdk.NativeAppAuthClient(client_id=CLIENT_ID),
-            access_token=t["access_token"] if have_access else None,
-            expires_at=t["expires_at_seconds"] if have_access else None,
-            on_refresh=partial(_merge_refresh, path))
+            tokens.refresh_token, globus_sdk.NativeAppAuthClient(client_id=CLIENT_ID),
+            access_token=tokens.access_token, expires_at=tokens.expires_at_seconds,
+            # The SDK's own hook; TokenFile keeps the refresh token the response lacks.
+            on_refresh=storage.store_token_response)
         _AUTHORIZERS[path] = authorizer
         return authorizer
 
 
 # --------------------------------------------------------------------------- transfers
 
-def _describe(event: Dict[str, Any]) -> str:
+def _describe(event: Mapping[str, Any]) -> str:
     return f"{event.get('time')} {event.get('code')}: {event.get('description')} ({event.get('details')})"
 
 
 def transfer_file(url: str, src_ep: str, src_path: str, dst_ep: str, dst_path: str, *,
-                  authorizer: Optional[GlobusAuthorizer] = None) -> str:
+                  authorizer: GlobusAuthorizer | None = None) -> str:
     """Transfer one file and wait for the task to end; return the task id.
 
     Raises :class:`StagingError` for ``url`` when authentication or submission fails, or
@@ -174,7 +250,7 @@ def transfer_file(url: str, src_ep: str, src_path: str, dst_ep: str, dst_path: s
     try:
         task_id = str(tc.submit_transfer(td)["task_id"])
         logger.debug("Globus task %s submitted: %s", task_id, route)
-        seen: set = set()
+        seen: set[str] = set()
         while not tc.task_wait(task_id, timeout=WAIT_TIMEOUT_S, polling_interval=POLL_INTERVAL_S):
             # An ACTIVE task's faults are retried by Globus itself; surface them, don't fail.
             for event in tc.task_event_list(task_id):
@@ -215,8 +291,8 @@ class GlobusStaging(Staging, RepresentationMixin):
     """
 
     @typeguard.typechecked
-    def __init__(self, endpoint_uuid: str, endpoint_path: Optional[str] = None,
-                 local_path: Optional[str] = None) -> None:
+    def __init__(self, endpoint_uuid: str, endpoint_path: str | None = None,
+                 local_path: str | None = None) -> None:
         self.endpoint_uuid = endpoint_uuid
         self.endpoint_path = endpoint_path
         self.local_path = local_path
@@ -229,23 +305,24 @@ class GlobusStaging(Staging, RepresentationMixin):
 
     # The DataManager hands us the executor's own matching provider (self), so unlike Parsl
     # there is no need to search executor.storage_access for it again.
-    def stage_in(self, dm: Any, executor: str, file: File, parent_fut: Any):
+    def stage_in(self, dm: DataManager, executor: str, file: File, parent_fut: Future[Any] | None) -> DataFuture:
         executor_obj = dm.dfk.executors[executor]
         self._update_local_path(file, executor_obj)
         app = python_app(executors=["_parsl_internal"], data_flow_kernel=dm.dfk)(
             partial(_globus_stage_in, self, executor_obj))
-        app_fut = app(outputs=[file], _parsl_staging_inhibit=True, parent_fut=parent_fut)
+        app_fut: AppFuture = app(outputs=[file], _parsl_staging_inhibit=True, parent_fut=parent_fut)
         return app_fut._outputs[0]
 
-    def stage_out(self, dm: Any, executor: str, file: File, app_fu: Any):
+    def stage_out(self, dm: DataManager, executor: str, file: File, app_fu: Future[Any]) -> AppFuture:
         executor_obj = dm.dfk.executors[executor]
         self._update_local_path(file, executor_obj)
         app = python_app(executors=["_parsl_internal"], data_flow_kernel=dm.dfk)(
             partial(_globus_stage_out, self, executor_obj))
         # app_fu as an argument makes the transfer wait for the producing task
-        return app(app_fu, _parsl_staging_inhibit=True, inputs=[file])
+        fut: AppFuture = app(app_fu, _parsl_staging_inhibit=True, inputs=[file])
+        return fut
 
-    def _get_globus_endpoint(self, executor: Any) -> Dict[str, str]:
+    def _get_globus_endpoint(self, executor: Any) -> dict[str, str]:
         """``endpoint_uuid``, ``endpoint_path`` (where working_dir is on the endpoint) and
         ``working_dir``, exactly as Parsl computes them."""
         if not getattr(executor, "working_dir", None):
@@ -269,8 +346,8 @@ class GlobusStaging(Staging, RepresentationMixin):
 
 # Module-level functions (not methods) so that functools.partial can bind the provider and
 # executor and python_app can still see the outputs/inputs keywords, as in Parsl.
-def _globus_stage_in(provider: GlobusStaging, executor: Any, parent_fut: Any = None,
-                     outputs: List[File] = [], _parsl_staging_inhibit: bool = True) -> None:
+def _globus_stage_in(provider: GlobusStaging, executor: Any, parent_fut: Future[Any] | None = None,
+                     outputs: Sequence[File] = (), _parsl_staging_inhibit: bool = True) -> None:
     ep = provider._get_globus_endpoint(executor)
     file = outputs[0]
     transfer_file(file.url, file.netloc, file.path,
@@ -278,7 +355,7 @@ def _globus_stage_in(provider: GlobusStaging, executor: Any, parent_fut: Any = N
 
 
 def _globus_stage_out(provider: GlobusStaging, executor: Any, app_fu: Any,
-                      inputs: List[File] = [], _parsl_staging_inhibit: bool = True) -> None:
+                      inputs: Sequence[File] = (), _parsl_staging_inhibit: bool = True) -> None:
     ep = provider._get_globus_endpoint(executor)
     file = inputs[0]
     transfer_file(file.url, ep["endpoint_uuid"], os.path.join(ep["endpoint_path"], file.filename),
@@ -294,24 +371,27 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _auth_command(args: argparse.Namespace) -> int:
-    path = args.tokens or token_file()
-    if not args.force and _usable(load_tokens(path)):
-        print(f"Globus tokens already stored in {path} (use --force to log in again)")
+    storage = token_storage(args.tokens)
+    tokens, why = transfer_tokens(storage)
+    if not args.force and tokens is not None:
+        print(f"Globus tokens already stored in {storage.filepath} (use --force to log in again)")
         return 0
+    if not args.force:
+        print(f"{why}; logging in")
     try:
-        tokens = login()
+        response = login()
     except EOFError:
         print("htex-rs globus-auth: no auth code given", file=sys.stderr)
         return 1
     except globus_sdk.GlobusError as e:
         print(f"htex-rs globus-auth: login failed: {e}", file=sys.stderr)
         return 1
-    save_tokens(path, tokens)
-    print(f"Globus tokens stored in {path}")
+    store_login(storage, response)
+    print(f"Globus tokens stored in {storage.filepath}")
     return 0
 
 
-def globus_auth_main(argv: Optional[List[str]] = None) -> int:
+def globus_auth_main(argv: list[str] | None = None) -> int:
     """Log in to Globus ahead of a run (prints a URL, reads the code from stdin) and store
     the tokens; the return value is the exit status."""
     p = argparse.ArgumentParser(prog="htex-rs globus-auth", description=globus_auth_main.__doc__)
@@ -322,7 +402,8 @@ def globus_auth_main(argv: Optional[List[str]] = None) -> int:
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``globus-auth`` on an ``add_subparsers()`` object; the parsed arguments'
     ``func(args)`` returns the exit status."""
-    p = subparsers.add_parser("globus-auth", help="log in to Globus and store tokens for GlobusStaging")
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "globus-auth", help="log in to Globus and store tokens for GlobusStaging")
     _add_arguments(p)
     p.set_defaults(func=_auth_command)
     return p
