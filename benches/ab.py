@@ -65,7 +65,8 @@ def main() -> None:
                           "throughput": m["htex_rs"]["throughput"],
                           "throughput unencrypted": m["htex_rs"]["throughput_unencrypted"],
                           "lat_median_ms": m["htex_rs"]["lat_median_ms"],
-                          "parsl throughput": m["parsl"]["throughput"], "parsl lat_median_ms": m["parsl"]["lat_median_ms"]}
+                          "parsl throughput": m["parsl"]["throughput"],
+                          "parsl lat_median_ms": m["parsl"]["lat_median_ms"]}
                 for k, v in ratios.items():
                     raw.setdefault(str(pf), {}).setdefault(build, {}).setdefault(k, []).append(v)
                 print(f"round {r + 1} prefetch {pf} {build}: " + ", ".join(f"{k}={v:.4g}" for k, v in ratios.items()),

@@ -201,6 +201,7 @@ def monitored_throughput(kind: str, args: argparse.Namespace, prefetch: int, mon
     """(tasks/s, NODE_INFO messages per 1,000 tasks) for one executor."""
     import multiprocessing
     import threading
+
     from parsl.monitoring.message_type import MessageType
     with tempfile.TemporaryDirectory() as d:
         ex = make(kind, d, args.workers, True, prefetch)

@@ -2,8 +2,8 @@
 
 One pool declaring 8 CPU slots (HTEX_RS_CPU_SLOTS=8; this machine may have fewer CPUs:
 the tasks sleep), 20 tasks of 4 cores x 1 s and 80 of 1 core x 0.25 s, the large ones
-submitted first (``--order`` interleaved or small-first for the others). Makespan: first submit to last task end. The ideal is the work's
-core-seconds over the slots: (20*4*1 + 80*1*0.25) / 8 = 12.5 s.
+submitted first (``--order`` interleaved or small-first for the others). Makespan: first
+submit to last task end. The ideal is the work's core-seconds over the slots: (20*4*1 + 80*1*0.25) / 8 = 12.5 s.
 
 HyperQueue (PyPI ``hyperqueue``, 0.27) runs the same tasks as ``sleep`` programs with
 CPU requests on a local server and one worker of 8 CPUs; each program writes its own

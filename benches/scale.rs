@@ -1,15 +1,17 @@
-//! Scale: the interchange with 10 and with 1,000 simulated worker pools (real DEALER
-//! sockets over loopback TCP, each registering, heartbeating and echoing its tasks).
-//! The pools run in a child process (this binary re-executed), so the RSS figure is the
-//! interchange's alone. Two comparisons:
+//! Scale: the interchange with 10, 1,000 and 10,000 simulated worker pools (real DEALER
+//! sockets over loopback TCP, each registering, heartbeating and echoing its tasks;
+//! Aurora has 10,624 nodes). The pools run in a child process (this binary re-executed),
+//! so the RSS figure is the interchange's alone. Two comparisons:
 //!
 //! * same pools: every pool has the same capacity (8, a node of 8 workers), so 1,000
-//!   pools are 100x the capacity of 10 and every message carries up to 8 tasks in both:
+//!   pools are 100x the capacity of 10 and every message carries up to 8 tasks in each:
 //!   does the interchange slow down as managers are added?
 //! * same total capacity (2,000): 1,000 pools of 2 against 10 of 200, so the 1,000-pool
 //!   run moves 100x more messages for the same tasks: the per-message cost.
 //!
-//! Prints throughput, one-at-a-time latency and interchange RSS growth for each.
+//! Prints throughput, one-at-a-time latency, interchange CPU per task, interchange RSS
+//! growth (and per registered pool), and how long the storm of registrations took to
+//! be admitted (all pools connect and register at once).
 //!
 //!     cargo bench --bench scale            (HTEX_RS_SCALE_TASKS=200000 to change N)
 
@@ -60,6 +62,9 @@ fn start_pools(
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let ctx = zmq::Context::new();
+                // libzmq's default is 1,023 sockets per context; 10,000 pools need more.
+                ctx.set_max_sockets(i32::try_from(pools / THREADS + 64).unwrap())
+                    .unwrap();
                 let socks: Vec<zmq::Socket> = (t..pools)
                     .step_by(THREADS)
                     .map(|i| {
@@ -126,6 +131,10 @@ struct Figures {
     throughput: f64,
     latency_us: f64,
     rss_mib: f64,
+    /// RSS growth from registering the pools, per pool (before any task).
+    rss_per_pool_kib: f64,
+    /// From starting the pools' process to every registration admitted.
+    admit_s: f64,
     /// CPU of this process (interchange thread + its ZMQ I/O thread) per task.
     ix_cpu_us: f64,
     /// CPU of the simulated pools' process per task: it shares the 2 cores.
@@ -163,6 +172,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         ..Config::default()
     })
     .unwrap();
+    let spawned = Instant::now();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .env(
             "HTEX_RS_SCALE_CHILD",
@@ -178,8 +188,14 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         if rx.recv().unwrap().len() == pools {
             break;
         }
+        assert!(
+            spawned.elapsed() < Duration::from_secs(300),
+            "not every registration was admitted"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let admit_s = spawned.elapsed().as_secs_f64();
+    let rss_per_pool_kib = rss_kib().saturating_sub(before) as f64 / pools as f64;
     let wait = |n: u64| {
         let mut got = 0;
         while got < n {
@@ -227,12 +243,15 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         throughput,
         latency_us: lat[lat.len() / 2],
         rss_mib,
+        rss_per_pool_kib,
+        admit_s,
         ix_cpu_us,
         sim_cpu_us,
     }
 }
 
-/// 1,000 pools in one process need ~4 fds each (TCP both ends, ZMQ mailboxes).
+/// 10,000 pools in one process need ~3 fds each (TCP, the socket's ZMQ mailbox);
+/// the interchange one per pool. Raise the hard limit too where allowed (root).
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -241,8 +260,15 @@ fn raise_fd_limit() {
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max.min(65536);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+            let want = lim.rlim_max.max(65536);
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) != 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+            }
         }
     }
 }
@@ -271,9 +297,10 @@ fn main() {
     }
     // Interleaved rounds, medians: this machine's speed drifts between runs.
     let rounds = if quick { 1 } else { 5 };
-    let configs: [(&str, usize, u32); 4] = [
+    let configs: [(&str, usize, u32); 5] = [
         ("same pools (cap 8)", 10, 8),
         ("same pools (cap 8)", 1000, 8),
+        ("same pools (cap 8)", if quick { 2000 } else { 10_000 }, 8),
         ("same total (2,000)", 10, 200),
         ("same total (2,000)", 1000, 2),
     ];
@@ -289,43 +316,51 @@ fn main() {
         x[x.len() / 2]
     };
     println!(
-        "{:<22}{:>6}  {:>12}  {:>10}  {:>10}  {:>13}  {:>14}   ({rounds} rounds, medians)",
+        "{:<22}{:>6}  {:>10}  {:>9}  {:>10}  {:>12}  {:>9}  {:>9}  {:>13}   ({rounds} rounds, medians)",
         "comparison",
         "pools",
         "tasks/s",
         "median us",
         "IX RSS MiB",
-        "IX CPU us/task",
-        "sim CPU us/task"
+        "KiB per pool",
+        "admit s",
+        "IX us/task",
+        "sim us/task"
     );
     let mut tput = Vec::new();
     for ((name, pools, _), v) in configs.iter().zip(&got) {
         let t = median(v, |f| f.throughput);
         tput.push(t);
         println!(
-            "{name:<22}{pools:>6}  {t:>12.0}  {:>10.0}  {:>10.1}  {:>13.2}  {:>14.2}",
+            "{name:<22}{pools:>6}  {t:>10.0}  {:>9.0}  {:>10.1}  {:>12.1}  {:>9.2}  {:>9.2}  {:>13.2}",
             median(v, |f| f.latency_us),
             median(v, |f| f.rss_mib),
+            median(v, |f| f.rss_per_pool_kib),
+            median(v, |f| f.admit_s),
             median(v, |f| f.ix_cpu_us),
             median(v, |f| f.sim_cpu_us)
         );
     }
     println!(
-        "1000/10 pools throughput (of medians): same pools {:.2}, same total capacity {:.2}",
+        "throughput over the 10-pool run's (of medians): same pools 1,000: {:.2}, {}: {:.2}; same total capacity 1,000: {:.2}",
         tput[1] / tput[0],
-        tput[3] / tput[2]
+        configs[2].1,
+        tput[2] / tput[0],
+        tput[4] / tput[3]
     );
-    // The same ratio within each round (the two runs back to back), and its median.
-    let mut per_round: Vec<f64> = got[1]
-        .iter()
-        .zip(&got[0])
-        .map(|(a, b)| a.throughput / b.throughput)
-        .collect();
-    let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
-    per_round.sort_by(f64::total_cmp);
-    println!(
-        "same pools 1000/10 per round: {} (median {:.2})",
-        shown.join(", "),
-        per_round[per_round.len() / 2]
-    );
+    // The same ratios within each round (the runs back to back), and their medians.
+    for (name, big) in [("1000/10", 1), ("10000/10", 2)] {
+        let mut per_round: Vec<f64> = got[big]
+            .iter()
+            .zip(&got[0])
+            .map(|(a, b)| a.throughput / b.throughput)
+            .collect();
+        let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+        per_round.sort_by(f64::total_cmp);
+        println!(
+            "same pools {name} per round: {} (median {:.2})",
+            shown.join(", "),
+            per_round[per_round.len() / 2]
+        );
+    }
 }

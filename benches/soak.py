@@ -102,7 +102,8 @@ def main() -> None:
                     last_kill = now
                 if now - last_sample >= 5:
                     done = counts["ok"] + counts["raised"] + counts["worker_lost"] + counts["other"]
-                    samples.append({"t": round(now - t0, 1), "throughput": (done - done_at_sample) / (now - last_sample),
+                    samples.append({"t": round(now - t0, 1),
+                                    "throughput": (done - done_at_sample) / (now - last_sample),
                                     "rss_mib": me.memory_info().rss / 2**20, "fds": me.num_fds(),
                                     "pool_rss_mib": pool.memory_info().rss / 2**20, "pool_fds": pool.num_fds()})
                     done_at_sample, last_sample = done, now
@@ -124,11 +125,16 @@ def main() -> None:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
         t = [s["t"] for s in samples]
-        ax[0].plot(t, [s["throughput"] for s in samples]); ax[0].set_title("tasks/s (5 s windows)")
+        ax[0].plot(t, [s["throughput"] for s in samples])
+        ax[0].set_title("tasks/s (5 s windows)")
         ax[1].plot(t, [s["rss_mib"] for s in samples], label="submit process")
-        ax[1].plot(t, [s["pool_rss_mib"] for s in samples], label="pool"); ax[1].set_title("RSS MiB"); ax[1].legend()
+        ax[1].plot(t, [s["pool_rss_mib"] for s in samples], label="pool")
+        ax[1].set_title("RSS MiB")
+        ax[1].legend()
         ax[2].plot(t, [s["fds"] for s in samples], label="submit process")
-        ax[2].plot(t, [s["pool_fds"] for s in samples], label="pool"); ax[2].set_title("open fds"); ax[2].legend()
+        ax[2].plot(t, [s["pool_fds"] for s in samples], label="pool")
+        ax[2].set_title("open fds")
+        ax[2].legend()
         for x in ax:
             x.set_xlabel("s")
         fig.suptitle(f"soak: {counts['submitted']} tasks, {counts['kills']} worker kills, {counts['lost']} lost")

@@ -11,11 +11,12 @@ import time
 from concurrent.futures import as_completed
 
 import parsl
-from htex_rs import HighThroughputExecutor
 from parsl import python_app
 from parsl.config import Config
 from parsl.providers import LocalProvider
 from tqdm import tqdm
+
+from htex_rs import HighThroughputExecutor
 
 
 @python_app

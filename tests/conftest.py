@@ -24,13 +24,12 @@ import random
 import time
 import typing as t
 
+import fault_ledger
 import parsl
 import pytest
 from parsl.config import Config
 from parsl.dataflow.dflow import DataFlowKernelLoader
 from parsl.utils import RepresentationMixin
-
-import fault_ledger
 
 
 def _load_suite_config():

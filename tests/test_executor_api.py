@@ -12,12 +12,13 @@ import traceback
 import parsl
 import psutil
 import pytest
-from htex_rs import HighThroughputExecutor
-from htex_rs.errors import HtexRsConfigurationError, InterchangeDied
 from parsl.executors import HighThroughputExecutor as ParslHTEX
 from parsl.executors.errors import BadStateException, InvalidResourceSpecification
 from parsl.executors.high_throughput.errors import WorkerLost
 from parsl.providers import LocalProvider
+
+from htex_rs import HighThroughputExecutor
+from htex_rs.errors import HtexRsConfigurationError, InterchangeDied
 
 pytestmark = pytest.mark.timeout(120)
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import zmq
 from fault_ledger import alive_after
+
 from htex_rs import HighThroughputExecutor, _core, wire
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.fault]

@@ -8,7 +8,7 @@ import pytest
 import zmq
 from parsl.providers import LocalProvider
 
-from htex_rs import _core, HighThroughputExecutor, wire
+from htex_rs import HighThroughputExecutor, _core, wire
 from htex_rs.errors import TaskTooLarge
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.fault]

@@ -15,9 +15,9 @@ import parsl
 import pytest
 from parsl.config import Config
 from parsl.monitoring import MonitoringHub
+from parsl.monitoring.message_type import MessageType
 from parsl.monitoring.radios.filesystem import FilesystemRadio
 from parsl.monitoring.radios.htex import HTEXRadio
-from parsl.monitoring.message_type import MessageType
 from parsl.monitoring.radios.udp import UDPRadio
 from parsl.providers import LocalProvider
 

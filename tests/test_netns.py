@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 
+import netns_hosts
 import psutil
 import pytest
 from parsl.executors.high_throughput.errors import ManagerLost
 
-import netns_hosts
 from htex_rs import HighThroughputExecutor
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.fault,

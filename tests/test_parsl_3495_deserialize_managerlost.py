@@ -7,9 +7,8 @@ which must survive deserialization on the submit side.
 import os
 import signal
 
-import pytest
-
 import parsl
+import pytest
 from parsl import Config
 from parsl.executors.high_throughput.errors import ManagerLost
 

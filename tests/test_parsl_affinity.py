@@ -6,7 +6,6 @@ available_accelerators=2 pins worker 0 to CUDA device "0".
 import os
 
 import pytest
-
 from parsl import python_app
 from parsl.config import Config
 from parsl.providers import LocalProvider

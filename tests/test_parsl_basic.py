@@ -1,6 +1,5 @@
 """Adapted from parsl/tests/test_htex/test_basic.py (test_app): one no-op app."""
 import pytest
-
 from parsl.app.app import python_app
 
 

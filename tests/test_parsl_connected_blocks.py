@@ -2,9 +2,8 @@
 
 connected_blocks() keeps reporting blocks that have been scaled in.
 """
-import pytest
-
 import parsl
+import pytest
 from parsl import Config
 from parsl.providers import LocalProvider
 

@@ -7,9 +7,8 @@ import logging
 import os
 import random
 
-import pytest
-
 import parsl
+import pytest
 
 logger = logging.getLogger(__name__)
 

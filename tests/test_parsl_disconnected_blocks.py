@@ -6,9 +6,8 @@ Blocks whose worker pool never connects (or whose provider.submit fails) put
 the executor in bad state: the task fails with BadStateException ("EXIT CODE:
 0"), the blocks are MISSING, and no block is ever reported as connected.
 """
-import pytest
-
 import parsl
+import pytest
 from parsl import Config
 from parsl.executors.errors import BadStateException
 from parsl.jobs.states import JobState, JobStatus

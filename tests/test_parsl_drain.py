@@ -5,9 +5,8 @@ keeps running its task, and disappears from connected_managers() right after.
 """
 import time
 
-import pytest
-
 import parsl
+import pytest
 from parsl.config import Config
 from parsl.launchers import SimpleLauncher
 from parsl.providers import LocalProvider

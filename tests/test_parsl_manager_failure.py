@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-
 from parsl.app.app import python_app
 
 pytestmark = pytest.mark.fault  # counted by tests/fault_ledger.py

@@ -7,9 +7,8 @@ manager of the highest block id ("1").
 Change from the original: usage_tracking=LEVEL_1 is dropped, since usage
 tracking sends UDP packets off loopback.
 """
-import pytest
-
 import parsl
+import pytest
 from parsl.config import Config
 from parsl.executors.high_throughput.manager_selector import BlockIdManagerSelector
 from parsl.providers import LocalProvider

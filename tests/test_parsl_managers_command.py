@@ -3,9 +3,8 @@
 import sys
 
 import packaging.version
-import pytest
-
 import parsl
+import pytest
 from parsl.app.app import python_app
 
 

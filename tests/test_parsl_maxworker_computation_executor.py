@@ -7,7 +7,6 @@ accelerators.
 import random
 
 import pytest
-
 from parsl.config import Config
 from parsl.providers import LocalProvider
 

@@ -11,7 +11,6 @@ tracking sends UDP packets off loopback.
 from random import randint
 
 import pytest
-
 from parsl.app.app import python_app
 from parsl.config import Config
 from parsl.executors.high_throughput.manager_selector import RandomManagerSelector
@@ -68,7 +67,7 @@ def test_priority_queue(try_assert, load_dfk, tmp_path):
         n = len(priorities)
 
         def interchange_logs_task_count():
-            with open(htex.worker_logdir + "/interchange.log", "r") as f:
+            with open(htex.worker_logdir + "/interchange.log") as f:
                 lines = f.readlines()
                 for line in lines:
                     if f"Put task {n} onto pending_task_queue" in line:

@@ -8,7 +8,6 @@ through the (overridable) validate_resource_spec method.
 from unittest import mock
 
 import pytest
-
 from parsl.executors.errors import InvalidResourceSpecification
 
 from htex_rs import HighThroughputExecutor

@@ -3,7 +3,6 @@
 A task that kills its worker (SystemExit) fails with WorkerLost, repeatedly.
 """
 import pytest
-
 from parsl.app.app import python_app
 from parsl.executors.high_throughput.errors import WorkerLost
 

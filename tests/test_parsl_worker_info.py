@@ -3,7 +3,6 @@
 Workers can read PARSL_WORKER_RANK / PARSL_WORKER_COUNT / PARSL_WORKER_POOL_ID.
 """
 import pytest
-
 from parsl import python_app
 from parsl.config import Config
 from parsl.providers import LocalProvider

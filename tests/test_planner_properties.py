@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parsl_affinity_model import parsl_worker_cpus
 
 from htex_rs import _core
-from parsl_affinity_model import parsl_worker_cpus
 
 pytestmark = pytest.mark.timeout(300)
 PARSL_STRATEGIES = ["block", "block-reverse", "alternating"]
@@ -16,7 +16,8 @@ cpu_sets = st.sets(st.integers(min_value=0, max_value=511), min_size=1, max_size
 
 
 def plan(strategy, workers, allowed, **kw):
-    return _core.plan_pool(strategy, workers, allowed=allowed, synthetic=kw.pop("synthetic", None) or (1, 512, 1, 1), **kw)
+    synthetic = kw.pop("synthetic", None) or (1, 512, 1, 1)
+    return _core.plan_pool(strategy, workers, allowed=allowed, synthetic=synthetic, **kw)
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,10 +8,10 @@ import contextlib
 import os
 import subprocess
 
-import pytest
-
 import netns_hosts
+import pytest
 import slurm_cluster
+
 from htex_rs import HighThroughputExecutor
 
 pytestmark = [

@@ -19,17 +19,18 @@ import time
 import urllib.parse
 
 import globus_sdk
-import htex_rs.staging.globus as g
 import pytest
 import responses
 import typeguard
 from globus_sdk.testing import get_last_request, load_response, register_response_set
 from globus_sdk.testing.data.transfer._common import TASK_ID
 from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
-from htex_rs.staging.errors import StagingError
 from parsl.config import Config
 from parsl.data_provider.files import File
 from parsl.executors.threads import ThreadPoolExecutor
+
+import htex_rs.staging.globus as g
+from htex_rs.staging.errors import StagingError
 
 SRC = "aaaaaaaa-1111-4111-8111-111111111111"    # a remote collection named in globus:// URLs
 LOCAL = "bbbbbbbb-2222-4222-8222-222222222222"  # the collection that serves working_dir
@@ -347,8 +348,9 @@ def test_parsl_workflow_stages_in_and_out(offline, token_path, load_dfk, tmp_pat
     """End to end through a DFK with htex_rs: the app runs on a worker, the transfers run as
     tasks on _parsl_internal threads in this process, where the ``responses`` mock is active."""
     import parsl
-    from htex_rs import HighThroughputExecutor
     from parsl.providers import LocalProvider
+
+    from htex_rs import HighThroughputExecutor
 
     _load_success(offline)
     # The app runs on an htex_rs worker; the transfers run in this process, mocked.

@@ -10,6 +10,12 @@ import time
 
 import parsl
 import pytest
+from parsl.app.app import python_app
+from parsl.config import Config
+from parsl.data_provider.files import File
+from parsl.providers import LocalProvider
+from staging_servers import PAYLOAD, FTPServer, Handler, Server
+
 from htex_rs import HighThroughputExecutor
 from htex_rs.staging import (
     FTPInTaskStaging,
@@ -22,11 +28,6 @@ from htex_rs.staging import (
 )
 from htex_rs.staging.ftp import fetch_ftp
 from htex_rs.staging.http import fetch_http
-from parsl.app.app import python_app
-from parsl.config import Config
-from parsl.data_provider.files import File
-from parsl.providers import LocalProvider
-from staging_servers import PAYLOAD, FTPServer, Handler, Server
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -18,15 +18,16 @@ from types import SimpleNamespace
 
 import parsl
 import pytest
-from htex_rs import HighThroughputExecutor
-from htex_rs.staging.errors import StagingError
-from htex_rs.staging.rsync import RSyncStaging, rsync_base_argv
 from parsl.app.app import python_app
 from parsl.config import Config
 from parsl.data_provider.files import File
 from parsl.dataflow.dflow import DataFlowKernelLoader
 from parsl.providers import LocalProvider
 from parsl.utils import RepresentationMixin
+
+from htex_rs import HighThroughputExecutor
+from htex_rs.staging.errors import StagingError
+from htex_rs.staging.rsync import RSyncStaging, rsync_base_argv
 
 SSHD = "/usr/sbin/sshd"
 LOOPBACK = "127.0.0.1"

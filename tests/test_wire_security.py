@@ -10,9 +10,10 @@ import time
 import pytest
 import zmq
 import zmq.auth
+from parsl.executors.errors import BadStateException
+
 from htex_rs import HighThroughputExecutor, _core, wire
 from htex_rs.errors import ProtocolVersionMismatch
-from parsl.executors.errors import BadStateException
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.fault]
 

@@ -97,8 +97,9 @@ def test_a_pool_socket_admits_only_its_own_user(tmp_path, monkeypatch):
     ex.run_dir = str(tmp_path)
     with ex:
         assert ex.submit(pow2, {}, 3).result(timeout=60) == 9
-        urls = {a for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "htex_rs.worker" in p.info["cmdline"]
-                for i, a in enumerate(p.info["cmdline"]) if p.info["cmdline"][i - 1] == "--url"}
+        cmdlines = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                    if p.info["cmdline"] and "htex_rs.worker" in p.info["cmdline"]]
+        urls = {a for cmd in cmdlines for i, a in enumerate(cmd) if cmd[i - 1] == "--url"}
         assert urls, "no worker found"
         url = urls.pop()
         # Self-contained (stdlib only, the system interpreter): user 65534 cannot read

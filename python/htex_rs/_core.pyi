@@ -44,6 +44,7 @@ def join_head(head: bytes, payload: bytes) -> bytes: ...
 def split_head(payload: bytes) -> tuple[bytes, bytes]: ...
 def encode_stream(frames: list[bytes]) -> bytes: ...
 
+@final
 class StreamDecoder:
     def __new__(cls, max_message_bytes: int = ...) -> StreamDecoder: ...
     def feed(self, data: bytes) -> None: ...
@@ -142,7 +143,7 @@ class Interchange:
         allowed_clients: list[bytes] = ...,
         log_path: Optional[str] = None,
         debug: bool = False,
-        python_version: str = "",
+        python_version: str = ...,
         check_python: bool = False,
         max_message_bytes: Optional[int] = None,
         node_events: bool = False,
@@ -254,7 +255,7 @@ def allowed_cpus() -> list[int]: ...
 def cpu_slots(
     declared: Optional[int] = None,
     allowed: Optional[list[int]] = None,
-    sysfs_root: str = "/",
+    sysfs_root: str = ...,
     synthetic: Optional[tuple[int, int, int, int]] = None,
 ) -> list[tuple[int, int]]: ...
 def plan_pool(
@@ -262,7 +263,7 @@ def plan_pool(
     workers: int,
     accelerators: list[str] = ...,
     allowed: Optional[list[int]] = None,
-    sysfs_root: str = "/",
+    sysfs_root: str = ...,
     num_gpus: Optional[int] = None,
     synthetic: Optional[tuple[int, int, int, int]] = None,
 ) -> list[WorkerPlan]: ...

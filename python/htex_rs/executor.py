@@ -18,9 +18,8 @@ import pickle
 import shutil
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
-
 from concurrent.futures import Future, InvalidStateError
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
 import typeguard
 import zmq
@@ -47,10 +46,17 @@ from parsl.providers.base import ExecutionProvider
 from parsl.serialize import deserialize, pack_apply_message
 from parsl.serialize.errors import DeserializationError, SerializationError
 
-from htex_rs import _core, validation, wire
+from htex_rs import _core, fd_limits, validation, wire
 from htex_rs.addresses import local_addresses, resolve_address
-from htex_rs.errors import (CommandTimeout, HtexRsConfigurationError, InterchangeDied, InterchangeStopped,
-                            ProtocolVersionMismatch, ResourceRequestTooLarge, TaskTooLarge)
+from htex_rs.errors import (
+    CommandTimeout,
+    HtexRsConfigurationError,
+    InterchangeDied,
+    InterchangeStopped,
+    ProtocolVersionMismatch,
+    ResourceRequestTooLarge,
+    TaskTooLarge,
+)
 from htex_rs.planner import validate_cpu_affinity
 from htex_rs.staging import default_staging
 
@@ -156,7 +162,7 @@ class HighThroughputExecutor(ParslHTEX):
                  poll_period: int = 10,
                  address_probe_timeout: Optional[int] = None,
                  worker_logdir_root: Optional[str] = None,
-                 manager_selector: ManagerSelector = RandomManagerSelector(),
+                 manager_selector: ManagerSelector = RandomManagerSelector(),  # noqa: B008 (Parsl's default)
                  block_error_handler: Union[bool, Callable[[BlockProviderExecutor, Dict[str, JobStatus]], None]] = True,
                  encrypted: bool = True,
                  remote_monitoring_radio: Optional[RadioConfig] = None):
@@ -275,6 +281,11 @@ class HighThroughputExecutor(ParslHTEX):
     def start(self) -> None:
         """Start the interchange thread and the result thread; compose the launch command."""
         _check_max_message_bytes(self.max_message_bytes)
+        # One TCP connection per pool the provider may start (nodes_per_block pools a block).
+        provider = self.provider
+        pools = (provider.max_blocks * max(1, getattr(provider, "nodes_per_block", 1) or 1)
+                 if provider is not None else 1)
+        fd_limits.raise_nofile(pools, f"executor {self.label!r} (up to {pools} worker pools)")
         BlockProviderExecutor.start(self)
         self._warn_if_pool_command_missing()
         secret, clients = self._curve_keys()
@@ -324,7 +335,7 @@ class HighThroughputExecutor(ParslHTEX):
                            "will fail with 'command not found'; %s, or set it up in the provider's "
                            "worker_init", hint)
 
-    def __enter__(self) -> "HighThroughputExecutor":
+    def __enter__(self) -> HighThroughputExecutor:
         provider = self.provider
         assert provider is not None  # the constructor defaults it
         if provider.script_dir is None:
@@ -354,8 +365,8 @@ class HighThroughputExecutor(ParslHTEX):
         self.validate_resource_spec(resource_specification)
         try:
             buffer = pack_apply_message(func, args, kwargs, buffer_threshold=1 << 20)
-        except TypeError:
-            raise SerializationError(func.__name__)
+        except TypeError as e:
+            raise SerializationError(func.__name__) from e
         context = {"resource_spec": resource_specification} if resource_specification else {}
         return self.submit_payload(context, buffer)
 

@@ -72,7 +72,7 @@ class NodePool:
         self.launcher = launcher
 
     @classmethod
-    def from_env(cls) -> Optional["NodePool"]:
+    def from_env(cls) -> Optional[NodePool]:
         """The pool's nodes in a worker of an MPI-mode pool, else None."""
         nodes = os.environ.get(NODES_ENV)
         if not nodes:

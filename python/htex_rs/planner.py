@@ -6,10 +6,11 @@ in each worker pool and gives every worker its CPUs and environment.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from htex_rs import _core
 from htex_rs.errors import HtexRsConfigurationError
+
 
 def validate_cpu_affinity(value: str, max_workers: Optional[int], accelerators: Sequence[str]) -> None:
     """Reject an unknown or malformed ``cpu_affinity`` where the user wrote it."""

@@ -13,7 +13,7 @@ import pickle
 from typing import Any
 
 from htex_rs import _core
-from htex_rs._core import PROTOCOL_VERSION, decode_meta, encode_meta, kind_of
+from htex_rs._core import PROTOCOL_VERSION, encode_meta, kind_of
 
 __all__ = ["PROTOCOL_VERSION", "decode_meta", "encode_meta", "header", "kind_of"]
 
@@ -48,6 +48,12 @@ def header(kind: int, version: int = PROTOCOL_VERSION) -> bytes:
     if version == PROTOCOL_VERSION:
         return _core.header(kind)
     return MAGIC + bytes((version, kind))
+
+
+def decode_meta(meta: bytes, count: int | None = None) -> list[tuple[int, int]]:
+    """The (task id, flag or status) entries of a meta frame; ``count`` (default: as many
+    as the frame holds) is how many payload frames follow it. ValueError if they differ."""
+    return _core.decode_meta(meta, len(meta) // META_ENTRY if count is None else count)
 
 
 def encode_task(context: dict[str, Any], buffer: bytes) -> tuple[int, bytes]:

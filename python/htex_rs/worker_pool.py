@@ -31,7 +31,7 @@ _SCRIPT_LOAD_TIME = time.time()
 import psutil  # noqa: E402
 import zmq  # noqa: E402
 
-from htex_rs import _core, logs, planner, pool_resources, wire  # noqa: E402
+from htex_rs import _core, fd_limits, logs, planner, pool_resources, wire  # noqa: E402
 from htex_rs.addresses import tcp_url  # noqa: E402
 
 logger = logging.getLogger("htex_rs.worker_pool")
@@ -305,6 +305,8 @@ class Pool:
     def run(self) -> int:
         """Probe, hand the data path to the Rust core, then supervise the workers."""
         os.makedirs(self.logdir, exist_ok=True)
+        # Per worker: its stream, a pidfd, stdout/stderr pipes.
+        fd_limits.raise_nofile(4 * self.count, f"this pool ({self.count} workers)")
         url = self.probe()
         logger.info("Interchange found at %s", url)
         # Linux abstract socket: no file to leave behind if the pool is SIGKILLed.

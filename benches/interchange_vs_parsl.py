@@ -1,0 +1,220 @@
+"""htex_rs's interchange beside Parsl's own interchange.py under the same simulated load.
+
+Each executor starts with no blocks (its real interchange: Parsl's as its own process,
+htex_rs's as a Rust thread); then N simulated managers connect to its worker port from
+child processes and speak that interchange's real manager protocol: Parsl's pickled
+dicts (one result message per task, as process_worker_pool.py sends them) or htex_rs's
+frames (results that finished together share a message, as the pool core sends them).
+Every manager has the same capacity and answers each task at once with a prepared
+result, so the figures are the interchange's and the submit path's, not the workers'.
+Tasks go in through each executor's own ``submit`` (Parsl's serialization on both).
+
+    python benches/interchange_vs_parsl.py                    # 10 and 1,000 managers
+    python benches/interchange_vs_parsl.py --managers 10 1000 10000 --tasks 20000
+
+Prints tasks/s (all tasks submitted at once) and the median one-at-a-time latency for
+each executor and manager count, the ratios, and writes ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import zmq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def noop() -> None:
+    return None
+
+
+# ------------------------------------------------------------------ simulated managers
+def parsl_managers(port: int, first: int, count: int, capacity: int, ready: Any, stop: Any) -> None:
+    """``count`` managers speaking Parsl's protocol (interchange.py / process_worker_pool.py)."""
+    import parsl
+    from parsl.serialize import serialize
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, count + 64)
+    result = serialize(None)
+    socks = []
+    for i in range(first, first + count):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, f"parsl-{i}".encode())
+        s.connect(f"tcp://127.0.0.1:{port}")
+        v = sys.version_info
+        s.send(pickle.dumps({
+            "type": "registration", "parsl_v": parsl.__version__, "python_v": f"{v.major}.{v.minor}.{v.micro}",
+            "packages": {}, "worker_count": capacity, "uid": f"parsl-{i}", "block_id": str(i % 64),
+            "start_time": time.time(), "drain_time": None, "prefetch_capacity": 0, "max_capacity": capacity,
+            "os": platform.system(), "hostname": f"sim-{i}", "dir": "/", "cpu_count": capacity,
+            "total_memory": 1 << 34}))
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    ready.release()
+    while not stop.is_set():
+        for s, _ in poller.poll(100):
+            while True:
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                tasks = pickle.loads(frames[-1])
+                if not isinstance(tasks, list):
+                    continue  # a heartbeat or shutdown code
+                for t in tasks:
+                    s.send(pickle.dumps({"type": "result", "task_id": t["task_id"], "result": result}))
+
+
+def htex_rs_managers(port: int, first: int, count: int, capacity: int, ready: Any, stop: Any) -> None:
+    """``count`` managers speaking htex_rs's protocol (rust/protocol, as the pool core does)."""
+    from parsl.serialize import serialize
+
+    from htex_rs import _core, wire
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, count + 64)
+    result = serialize(None)
+    v = sys.version_info
+    socks = []
+    for i in range(first, first + count):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, f"rs-{i}".encode())
+        s.connect(f"tcp://127.0.0.1:{port}")
+        reg = {"protocol_version": _core.PROTOCOL_VERSION, "uid": f"rs-{i}", "block_id": str(i % 64),
+               "max_capacity": capacity, "worker_count": capacity, "hostname": f"sim-{i}",
+               "python_version": f"{v.major}.{v.minor}.{v.micro}"}
+        s.send_multipart([wire.header(wire.REGISTER), json.dumps(reg).encode()])
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    results_head = wire.header(wire.RESULTS)
+    ready.release()
+    while not stop.is_set():
+        for s, _ in poller.poll(100):
+            while True:
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                if wire.kind_of(frames[0]) != wire.TASKS:
+                    continue
+                meta = wire.decode_meta(frames[1], len(frames) - 2)
+                s.send_multipart([results_head, wire.encode_meta([(t, wire.STATUS_RESULT) for t, _ in meta]),
+                                  *([result] * len(meta))])
+
+
+# ------------------------------------------------------------------ one run
+def make_executor(kind: str, run_dir: str) -> Any:
+    from parsl.providers import LocalProvider
+    provider = LocalProvider(init_blocks=0, min_blocks=0, max_blocks=0)
+    if kind == "parsl":
+        from parsl.executors import HighThroughputExecutor as Executor
+    else:
+        from htex_rs import HighThroughputExecutor as Executor  # type: ignore[assignment]
+    ex = Executor(label=f"bench_{kind}", address="127.0.0.1", encrypted=False, provider=provider,
+                  heartbeat_threshold=600)
+    ex.run_dir = run_dir
+    ex._check_python_mismatch = True
+    return ex
+
+
+def run(kind: str, managers: int, capacity: int, tasks: int, procs: int) -> dict[str, float]:
+    run_dir = tempfile.mkdtemp(prefix=f"ixbench-{kind}-")
+    ex = make_executor(kind, run_dir)
+    ex.start()
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    ready = ctx.Semaphore(0)
+    target = parsl_managers if kind == "parsl" else htex_rs_managers
+    per = [managers // procs + (1 if i < managers % procs else 0) for i in range(procs)]
+    children = []
+    first = 0
+    t_reg = time.monotonic()
+    for n in per:
+        if n:
+            p = ctx.Process(target=target, args=(ex.worker_port, first, n, capacity, ready, stop), daemon=True)
+            p.start()
+            children.append(p)
+            first += n
+    try:
+        for _ in children:
+            ready.acquire()
+        deadline = time.monotonic() + 600
+        while len(ex.connected_managers()) < managers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{kind}: only {len(ex.connected_managers())} of {managers} managers registered")
+            time.sleep(0.05)
+        admit_s = time.monotonic() - t_reg
+        ex.submit(noop, {}).result(timeout=120)  # warm: serializer caches, first dispatch
+        t0 = time.monotonic()
+        futs = [ex.submit(noop, {}) for _ in range(tasks)]
+        for f in futs:
+            f.result(timeout=600)
+        throughput = tasks / (time.monotonic() - t0)
+        lat = []
+        for _ in range(200):
+            t = time.perf_counter()
+            ex.submit(noop, {}).result(timeout=60)
+            lat.append((time.perf_counter() - t) * 1e6)
+        return {"throughput": throughput, "latency_us": statistics.median(lat), "admit_s": admit_s}
+    finally:
+        stop.set()
+        for p in children:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        ex.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--managers", type=int, nargs="+", default=[10, 1000])
+    ap.add_argument("--capacity", type=int, default=8, help="tasks in flight per manager")
+    ap.add_argument("--tasks", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--procs", type=int, default=2, help="processes hosting the simulated managers")
+    ap.add_argument("--json", default=os.path.join(HERE, "..", "docs", "benchmarks_interchange_vs_parsl.json"))
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raw: dict[str, dict[int, list[dict[str, float]]]] = {"htex_rs": {}, "parsl": {}}
+    total = args.rounds * len(args.managers) * 2
+    done = 0
+    for r in range(args.rounds):
+        for m in args.managers:
+            for kind in ("htex_rs", "parsl"):
+                done += 1
+                print(f"[{done}/{total}] round {r + 1}: {kind}, {m} managers ...", file=sys.stderr, flush=True)
+                raw[kind].setdefault(m, []).append(run(kind, m, args.capacity, args.tasks, args.procs))
+    med = {k: {m: {f: statistics.median(x[f] for x in runs) for f in runs[0]} for m, runs in v.items()}
+           for k, v in raw.items()}
+    print(f"\n{args.tasks} no-op tasks, managers of capacity {args.capacity}, {args.rounds} interleaved rounds "
+          f"(medians), simulated managers in {args.procs} processes")
+    print(f"{'managers':>9}  {'htex_rs tasks/s':>15}  {'Parsl tasks/s':>13}  {'ratio':>6}  "
+          f"{'htex_rs us':>10}  {'Parsl us':>9}  {'admit s (rs/Parsl)':>19}")
+    for m in args.managers:
+        a, b = med["htex_rs"][m], med["parsl"][m]
+        print(f"{m:>9}  {a['throughput']:>15.0f}  {b['throughput']:>13.0f}  {a['throughput'] / b['throughput']:>6.1f}  "
+              f"{a['latency_us']:>10.0f}  {b['latency_us']:>9.0f}  {a['admit_s']:>9.2f} / {b['admit_s']:<7.2f}")
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "medians": med, "runs": raw}, f, indent=1)
+    print(f"wrote {os.path.relpath(args.json)}")
+
+
+if __name__ == "__main__":
+    main()
