@@ -25,6 +25,10 @@ use htex_rs::protocol::{header, Kind};
 mod common;
 
 const THREADS: usize = 4;
+/// How often each simulated pool heartbeats (Parsl's default heartbeat_period).
+const HEARTBEAT_PERIOD: Duration = Duration::from_secs(30);
+/// Simulated pools per child process.
+const POOLS_PER_PROCESS: usize = 2500;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -37,12 +41,13 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Child process: `pools` fake pools until stdin closes (the parent exited or is done).
+/// Child process: fake pools `first..first + count` until stdin closes (the parent
+/// exited or is done).
 fn fake_pools_main(spec: &str) {
     let v: Vec<usize> = spec.split(',').map(|x| x.parse().unwrap()).collect();
-    let (port, pools, capacity) = (u16::try_from(v[0]).unwrap(), v[1], v[2] as u32);
+    let (port, first, count, capacity) = (u16::try_from(v[0]).unwrap(), v[1], v[2], v[3] as u32);
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = start_pools(port, pools, capacity, &stop);
+    let threads = start_pools(port, first..first + count, capacity, &stop);
     let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
@@ -50,26 +55,30 @@ fn fake_pools_main(spec: &str) {
     }
 }
 
-/// `pools` fake pools spread over a few threads; each echoes every task batch.
+/// Fake pools (numbered `pools`) spread over a few threads; each echoes every task batch.
 fn start_pools(
     port: u16,
-    pools: usize,
+    pools: std::ops::Range<usize>,
     capacity: u32,
     stop: &Arc<AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     (0..THREADS)
         .map(|t| {
             let stop = stop.clone();
+            let pools = pools.clone();
             std::thread::spawn(move || {
-                let ctx = zmq::Context::new();
-                // libzmq's default is 1,023 sockets per context; 10,000 pools need more.
-                ctx.set_max_sockets(i32::try_from(pools / THREADS + 64).unwrap())
-                    .unwrap();
-                let socks: Vec<zmq::Socket> = (t..pools)
+                // libzmq allows 1,023 sockets per context (and the zmq crate cannot raise
+                // it): one context per 500 of this thread's pools.
+                let mine = (pools.start + t..pools.end).step_by(THREADS).count();
+                let ctxs: Vec<zmq::Context> = (0..mine.div_ceil(500).max(1))
+                    .map(|_| zmq::Context::new())
+                    .collect();
+                let socks: Vec<zmq::Socket> = (pools.start + t..pools.end)
                     .step_by(THREADS)
-                    .map(|i| {
+                    .enumerate()
+                    .map(|(j, i)| {
                         common::register(
-                            &ctx,
+                            &ctxs[j / 500],
                             port,
                             &format!("pool-{i}"),
                             &(i % 64).to_string(),
@@ -106,13 +115,22 @@ fn start_pools(
                 };
                 let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
                 let mut last_beat = Instant::now();
+                let mut last_sweep = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    if last_beat.elapsed() > Duration::from_secs(1) {
+                    if last_sweep.elapsed() > Duration::from_secs(1) {
+                        // Heartbeats every 30 s (Parsl's heartbeat_period): at 10,000 pools a
+                        // 1 s period would be 10,000 messages a second of their own.
+                        let beat = last_beat.elapsed() > HEARTBEAT_PERIOD;
                         for s in &socks {
-                            let _ = s.send(&header(Kind::Heartbeat)[..], 0);
-                            echo(s); // also a sweep for any edge missed
+                            if beat {
+                                let _ = s.send(&header(Kind::Heartbeat)[..], 0);
+                            }
+                            echo(s); // a sweep for any edge missed
                         }
-                        last_beat = Instant::now();
+                        if beat {
+                            last_beat = Instant::now();
+                        }
+                        last_sweep = Instant::now();
                     }
                     // SAFETY: events has room for 256 entries.
                     let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, 50) };
@@ -168,19 +186,27 @@ fn cpu_seconds() -> f64 {
 fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     let before = rss_kib();
     let h = Handle::start(Config {
-        heartbeat_threshold: Duration::from_secs(30),
+        heartbeat_threshold: Duration::from_secs(120), // Parsl's default
         ..Config::default()
     })
     .unwrap();
     let spawned = Instant::now();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .env(
-            "HTEX_RS_SCALE_CHILD",
-            format!("{},{pools},{capacity}", h.port),
-        )
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("re-executing the bench for the fake pools");
+    // Each process of pools stays within an fd limit a container may not let us raise
+    // (~2 fds per pool: TCP and the socket's mailbox).
+    let mut children: Vec<std::process::Child> = (0..pools)
+        .step_by(POOLS_PER_PROCESS)
+        .map(|first| {
+            let count = POOLS_PER_PROCESS.min(pools - first);
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .env(
+                    "HTEX_RS_SCALE_CHILD",
+                    format!("{},{first},{count},{capacity}", h.port),
+                )
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("re-executing the bench for the fake pools")
+        })
+        .collect();
     // Wait for every registration.
     loop {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -192,6 +218,11 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
             spawned.elapsed() < Duration::from_secs(300),
             "not every registration was admitted"
         );
+        for child in &mut children {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("a process of simulated pools ended early ({status})");
+            }
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let admit_s = spawned.elapsed().as_secs_f64();
@@ -208,7 +239,9 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     };
     let start = Instant::now();
     let cpu0 = cpu_seconds();
-    let sim0 = proc_cpu_seconds(child.id());
+    let sim_cpu =
+        |cs: &[std::process::Child]| cs.iter().map(|c| proc_cpu_seconds(c.id())).sum::<f64>();
+    let sim0 = sim_cpu(&children);
     h.submit((1..=tasks).map(|i| NewTask {
         task_id: i,
         priority: f64::INFINITY,
@@ -218,7 +251,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     wait(tasks);
     let throughput = tasks as f64 / start.elapsed().as_secs_f64();
     let ix_cpu_us = (cpu_seconds() - cpu0) / tasks as f64 * 1e6;
-    let sim_cpu_us = (proc_cpu_seconds(child.id()) - sim0) / tasks as f64 * 1e6;
+    let sim_cpu_us = (sim_cpu(&children) - sim0) / tasks as f64 * 1e6;
     let rss_mib = (rss_kib().saturating_sub(before)) as f64 / 1024.0;
     let mut lat = Vec::new();
     for i in 0..500 {
@@ -233,8 +266,12 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
     lat.sort_by(f64::total_cmp);
-    drop(child.stdin.take()); // EOF: the fake pools stop
-    child.wait().unwrap();
+    for child in &mut children {
+        drop(child.stdin.take()); // EOF: the fake pools stop
+    }
+    for mut child in children {
+        child.wait().unwrap();
+    }
     h.stop();
     // Hand freed memory back so the next run's RSS growth is its own.
     // SAFETY: malloc_trim has no preconditions.
@@ -290,8 +327,8 @@ fn main() {
         let v: Vec<u32> = only.split(',').map(|x| x.parse().unwrap()).collect();
         let f = run(v[0] as usize, v[1], tasks);
         println!(
-            "{} pools of {}: {:.0} tasks/s, {:.0} us, {:.1} MiB, IX {:.2} us/task, sim {:.2} us/task",
-            v[0], v[1], f.throughput, f.latency_us, f.rss_mib, f.ix_cpu_us, f.sim_cpu_us
+            "{} pools of {}: {:.0} tasks/s, {:.0} us, {:.1} MiB ({:.1} KiB per registered pool), admitted in {:.2} s, IX {:.2} us/task, sim {:.2} us/task",
+            v[0], v[1], f.throughput, f.latency_us, f.rss_mib, f.rss_per_pool_kib, f.admit_s, f.ix_cpu_us, f.sim_cpu_us
         );
         return;
     }

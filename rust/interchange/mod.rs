@@ -210,6 +210,10 @@ impl Handle {
             router.set_ipv6(true)?;
             router.set_sndhwm(0)?;
             router.set_rcvhwm(0)?;
+            // libzmq listens with a backlog of 100: a storm of thousands of pools starting
+            // at once overflows it, and each refused SYN waits out TCP's 1, 3, 7 s retries
+            // (10,000 pools took 32 s to register). The kernel caps this at somaxconn.
+            router.set_backlog(LISTEN_BACKLOG)?;
             if let Some(limit) = config.max_message_bytes {
                 let limit = i64::try_from(message_limit(limit)).unwrap_or(i64::MAX);
                 router.set_maxmsgsize(limit)?;
@@ -386,6 +390,9 @@ struct Interchange {
     refused_peers: HashSet<Vec<u8>>,
     stop: bool,
 }
+
+/// The worker port's listen backlog (see `Handle::start`).
+const LISTEN_BACKLOG: i32 = 65_535;
 
 /// How long a task that asks for resources lets later ones take the room it waits for.
 pub const BACKFILL_WINDOW: Duration = Duration::from_millis(200);
