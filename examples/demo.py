@@ -1,7 +1,7 @@
 """A small Parsl workflow on htex_rs: estimate pi with 2,000 Monte Carlo tasks on
 local worker processes, then combine them in a dependent task.
 
-    python examples/demo.py
+    python examples/demo.py        # needs tqdm (pip install tqdm) for its progress bar
 """
 from __future__ import annotations
 
