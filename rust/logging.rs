@@ -8,8 +8,9 @@
 //! socket thread [`attach`]es its sink first.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
+use std::hash::Hash;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Once};
@@ -109,6 +110,30 @@ impl Sink {
                 });
             }
         }
+    }
+}
+
+/// Most peers [`FirstSeen`] remembers; past it nothing more is logged, only counted.
+pub const MAX_PEERS_REMEMBERED: usize = 10_000;
+
+/// The peers already logged about, so that a chatty or hostile peer is logged once and
+/// then only counted, in bounded memory (interchange and pool core alike).
+pub struct FirstSeen<K> {
+    seen: HashSet<K>,
+}
+
+impl<K> Default for FirstSeen<K> {
+    fn default() -> Self {
+        FirstSeen {
+            seen: HashSet::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash> FirstSeen<K> {
+    /// True the first time `peer` is seen, while fewer than [`MAX_PEERS_REMEMBERED`] are kept.
+    pub fn first(&mut self, peer: K) -> bool {
+        self.seen.len() < MAX_PEERS_REMEMBERED && self.seen.insert(peer)
     }
 }
 
@@ -260,6 +285,18 @@ mod tests {
         );
         assert!(!b.contains("hello"), "{b}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn first_seen_is_true_once_per_peer_and_remembers_a_bounded_number() {
+        let mut f = FirstSeen::default();
+        assert!(f.first(7));
+        assert!(!f.first(7));
+        let new = (0..MAX_PEERS_REMEMBERED + 10)
+            .filter(|&p| f.first(p))
+            .count();
+        assert_eq!(new, MAX_PEERS_REMEMBERED - 1, "7 was already remembered");
+        assert!(!f.first(usize::MAX), "full: nothing more is logged");
     }
 
     #[test]

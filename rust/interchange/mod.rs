@@ -16,7 +16,7 @@ use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::logging::{self, Sink};
+use crate::logging::{self, FirstSeen, Sink};
 use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, message_limit, DecodeError, Kind,
     Registration, PROTOCOL_VERSION, STATUS_UNPLACEABLE,
@@ -261,8 +261,8 @@ impl Handle {
             typed: TaskQueue::new(),
             typed_new: false,
             managers,
-            warned_peers: HashSet::new(),
-            refused_peers: HashSet::new(),
+            warned_peers: FirstSeen::default(),
+            refused_peers: FirstSeen::default(),
             stop: false,
         };
         let bound = format!(
@@ -386,8 +386,8 @@ struct Interchange {
     /// A task joined `typed` since its last pass (it may be bigger than every pool).
     typed_new: bool,
     managers: Managers,
-    warned_peers: HashSet<Vec<u8>>,
-    refused_peers: HashSet<Vec<u8>>,
+    warned_peers: FirstSeen<Vec<u8>>,
+    refused_peers: FirstSeen<Vec<u8>>,
     stop: bool,
 }
 
@@ -401,7 +401,6 @@ const TYPED_SCAN: usize = 1024;
 
 /// Most messages handled per socket per loop turn, so one busy peer cannot starve timers.
 const BATCH: usize = 4096;
-const MAX_WARNED_PEERS: usize = 10_000;
 
 impl Interchange {
     fn run(&mut self) {
@@ -536,8 +535,7 @@ impl Interchange {
 
     fn drop_junk(&mut self, identity: &[u8], why: &str) {
         self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        if self.warned_peers.len() < MAX_WARNED_PEERS && self.warned_peers.insert(identity.to_vec())
-        {
+        if self.warned_peers.first(identity.to_vec()) {
             log::warn!(
                 "dropping message from peer {:?}: {why} (further drops from this peer are counted, not logged)",
                 String::from_utf8_lossy(identity)
@@ -585,9 +583,7 @@ impl Interchange {
 
     fn refuse_version(&mut self, identity: &[u8], theirs: u8, doc: Option<&[u8]>) {
         self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        if self.refused_peers.len() >= MAX_WARNED_PEERS
-            || !self.refused_peers.insert(identity.to_vec())
-        {
+        if !self.refused_peers.first(identity.to_vec()) {
             return;
         }
         let their_version = doc

@@ -13,14 +13,14 @@
 
 mod tasks;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::logging::{self, Sink};
+use crate::logging::{self, FirstSeen, Sink};
 use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, message_limit, Kind, META_ENTRY,
     STATUS_MONITORING, STATUS_WORKER_LOST,
@@ -220,7 +220,7 @@ impl Handle {
             shared: shared.clone(),
             tasks: Tasks::new(alloc),
             results: ResultBatch::default(),
-            warned_peers: HashSet::new(),
+            warned_peers: FirstSeen::default(),
             stop: None,
         };
         let on_exit = shared.clone();
@@ -357,9 +357,6 @@ impl ResultBatch {
     }
 }
 
-/// Most peers whose dropped messages are logged (each once).
-const MAX_WARNED_PEERS: usize = 10_000;
-
 struct Core {
     config: Config,
     _ctx: zmq::Context,
@@ -375,7 +372,7 @@ struct Core {
     results: ResultBatch,
     /// Peers (`None`: the interchange; else a worker stream's token) whose dropped
     /// messages were logged once; later drops are only counted.
-    warned_peers: HashSet<Option<u64>>,
+    warned_peers: FirstSeen<Option<u64>>,
     stop: Option<Stopped>,
 }
 
@@ -586,7 +583,7 @@ impl Core {
     /// stream) and log the first from each peer, as the interchange does.
     fn drop_junk(&mut self, peer: Option<u64>, why: &str) {
         self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        if self.warned_peers.len() < MAX_WARNED_PEERS && self.warned_peers.insert(peer) {
+        if self.warned_peers.first(peer) {
             let from = match peer.and_then(|t| self.conns.get(&t)) {
                 None if peer.is_none() => "the interchange".to_string(),
                 None => "a closed worker stream".to_string(),
