@@ -40,6 +40,20 @@ def noop() -> None:
 
 
 # ------------------------------------------------------------------ simulated managers
+def dealers(port: int, prefix: str, first: int, count: int) -> list[zmq.Socket[bytes]]:
+    """``count`` DEALER sockets named ``{prefix}-{i}`` connected to the worker port."""
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, count + 64)
+    socks = []
+    for i in range(first, first + count):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, f"{prefix}-{i}".encode())
+        s.connect(f"tcp://127.0.0.1:{port}")
+        socks.append(s)
+    return socks
+
+
 def serve(socks: list[zmq.Socket[bytes]], answer: Any, stop: Any) -> None:
     """Answer every message on ``socks`` until ``stop``: epoll over each socket's ZMQ_FD,
     so a wake-up costs O(ready sockets), not O(sockets) as zmq.Poller's does (at 1,000
@@ -76,23 +90,16 @@ def parsl_managers(port: int, first: int, count: int, capacity: int, ready: Any,
     """``count`` managers speaking Parsl's protocol (interchange.py / process_worker_pool.py)."""
     import parsl
     from parsl.serialize import serialize
-    ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, count + 64)
     result = serialize(None)
-    socks = []
-    for i in range(first, first + count):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IDENTITY, f"parsl-{i}".encode())
-        s.connect(f"tcp://127.0.0.1:{port}")
-        v = sys.version_info
+    v = sys.version_info
+    socks = dealers(port, "parsl", first, count)
+    for i, s in enumerate(socks, start=first):
         s.send(pickle.dumps({
             "type": "registration", "parsl_v": parsl.__version__, "python_v": f"{v.major}.{v.minor}.{v.micro}",
             "packages": {}, "worker_count": capacity, "uid": f"parsl-{i}", "block_id": str(i % 64),
             "start_time": time.time(), "drain_time": float("inf"), "prefetch_capacity": 0, "max_capacity": capacity,
             "os": platform.system(), "hostname": f"sim-{i}", "dir": "/", "cpu_count": capacity,
             "total_memory": 1 << 34}))
-        socks.append(s)
     def answer(s: zmq.Socket[bytes], frames: list[bytes]) -> None:
         tasks = pickle.loads(frames[-1])
         if isinstance(tasks, list):  # not a heartbeat or shutdown code
@@ -108,21 +115,14 @@ def htex_rs_managers(port: int, first: int, count: int, capacity: int, ready: An
     from parsl.serialize import serialize
 
     from htex_rs import _core, wire
-    ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, count + 64)
     result = serialize(None)
     v = sys.version_info
-    socks = []
-    for i in range(first, first + count):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IDENTITY, f"rs-{i}".encode())
-        s.connect(f"tcp://127.0.0.1:{port}")
+    socks = dealers(port, "rs", first, count)
+    for i, s in enumerate(socks, start=first):
         reg = {"protocol_version": _core.PROTOCOL_VERSION, "uid": f"rs-{i}", "block_id": str(i % 64),
                "max_capacity": capacity, "worker_count": capacity, "hostname": f"sim-{i}",
                "python_version": f"{v.major}.{v.minor}.{v.micro}"}
         s.send_multipart([wire.header(wire.REGISTER), json.dumps(reg).encode()])
-        socks.append(s)
     results_head = wire.header(wire.RESULTS)
 
     def answer(s: zmq.Socket[bytes], frames: list[bytes]) -> None:

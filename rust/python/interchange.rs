@@ -1,13 +1,13 @@
 //! `Interchange`: an executor's interchange thread, and the typed records it reports.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
-use super::{CommandTimeout, InterchangeStopped};
+use super::{CommandTimeout, InterchangeStopped, Running};
 use crate::interchange::{
     self, zap, AskError, Command, CurveConfig, Event, Handle, NewTask, Selector,
 };
@@ -16,7 +16,7 @@ use crate::interchange::{
 /// several Python threads (result thread, strategy, user) never conflict on a borrow.
 #[pyclass(module = "htex_rs._core", frozen)]
 struct Interchange {
-    handle: Mutex<Option<Arc<Handle>>>,
+    handle: Running<Handle>,
 }
 
 /// One task's result: its status (`STATUS_*`) and the worker's bytes.
@@ -75,9 +75,7 @@ impl Interchange {
     /// The running thread, or InterchangeStopped once it was stopped.
     fn handle(&self) -> PyResult<Arc<Handle>> {
         self.handle
-            .lock()
-            .unwrap()
-            .clone()
+            .get()
             .ok_or_else(|| InterchangeStopped::new_err("the interchange has been stopped"))
     }
 
@@ -176,7 +174,7 @@ impl Interchange {
             .detach(|| Handle::start(config))
             .map_err(PyOSError::new_err)?;
         Ok(Interchange {
-            handle: Mutex::new(Some(Arc::new(h))),
+            handle: Running::new(h),
         })
     }
 
@@ -238,11 +236,7 @@ impl Interchange {
     }
 
     fn alive(&self) -> bool {
-        self.handle
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|h| h.alive())
+        self.handle.get().is_some_and(|h| h.alive())
     }
 
     /// One dict per registered pool, with Parsl's `connected_managers()` keys.
@@ -292,8 +286,7 @@ impl Interchange {
     }
 
     fn stop(&self, py: Python<'_>) {
-        let h = self.handle.lock().unwrap().take();
-        if let Some(h) = h {
+        if let Some(h) = self.handle.take() {
             py.detach(move || h.stop());
         }
     }

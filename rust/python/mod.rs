@@ -9,6 +9,8 @@ mod planner;
 mod pool;
 mod protocol;
 
+use std::sync::{Arc, Mutex};
+
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError};
 use pyo3::prelude::*;
@@ -31,6 +33,26 @@ create_exception!(
     PyRuntimeError,
     "The pool core's thread has been stopped."
 );
+
+/// The native thread behind a binding object (interchange, pool core): shared with
+/// callers while it runs, gone once stopped. Calls from several Python threads share it.
+struct Running<T>(Mutex<Option<Arc<T>>>);
+
+impl<T> Running<T> {
+    fn new(thread: T) -> Self {
+        Running(Mutex::new(Some(Arc::new(thread))))
+    }
+
+    /// The running thread; `None` once stopped.
+    fn get(&self) -> Option<Arc<T>> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Take it out to stop it (the first caller gets it).
+    fn take(&self) -> Option<Arc<T>> {
+        self.0.lock().unwrap().take()
+    }
+}
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,14 +1,14 @@
 //! `PoolCore` (a worker pool's data path) and `WorkerInbox` (a worker's end of its
 //! stream), with the typed records they return.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::PoolCoreStopped;
+use super::{PoolCoreStopped, Running};
 use crate::logging::Sink;
 use crate::manager;
 use crate::worker_inbox;
@@ -16,7 +16,7 @@ use crate::worker_inbox;
 /// The data path of one worker pool (see `manager`): a thread that never holds the GIL.
 #[pyclass(module = "htex_rs._core", frozen)]
 struct PoolCore {
-    handle: Mutex<Option<Arc<manager::Handle>>>,
+    handle: Running<manager::Handle>,
     /// The core's log records, waiting for the pool's Python side (`drain_log`).
     log: Arc<Sink>,
 }
@@ -72,9 +72,7 @@ struct PoolStopped {
 impl PoolCore {
     fn handle(&self) -> PyResult<Arc<manager::Handle>> {
         self.handle
-            .lock()
-            .unwrap()
-            .clone()
+            .get()
             .ok_or_else(|| PoolCoreStopped::new_err("the pool core has been stopped"))
     }
 }
@@ -130,7 +128,7 @@ impl PoolCore {
             .detach(|| manager::Handle::start(config))
             .map_err(PyOSError::new_err)?;
         Ok(PoolCore {
-            handle: Mutex::new(Some(Arc::new(h))),
+            handle: Running::new(h),
             log,
         })
     }
@@ -203,8 +201,7 @@ impl PoolCore {
     }
 
     fn stop(&self, py: Python<'_>) {
-        let h = self.handle.lock().unwrap().take();
-        if let Some(h) = h {
+        if let Some(h) = self.handle.take() {
             py.detach(move || h.stop());
         }
     }
