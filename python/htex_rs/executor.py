@@ -43,7 +43,6 @@ from parsl.monitoring.radios.base import RadioConfig
 from parsl.monitoring.radios.htex import HTEXRadio
 from parsl.providers import LocalProvider
 from parsl.providers.base import ExecutionProvider
-from parsl.serialize import deserialize, pack_apply_message
 from parsl.serialize.errors import DeserializationError, SerializationError
 
 from htex_rs import _core, fd_limits, validation, wire
@@ -58,6 +57,7 @@ from htex_rs.errors import (
     TaskTooLarge,
 )
 from htex_rs.planner import validate_cpu_affinity
+from htex_rs.serialization import deserialize, pack_apply_message
 from htex_rs.staging import default_staging
 
 logger = logging.getLogger(__name__)

@@ -86,7 +86,7 @@ def granted(grant: Optional[dict[str, Any]]) -> Iterator[None]:
         os.sched_setaffinity(0, mask)
 
 
-def run_task(context: dict[str, Any], buffer: bytes, unpack: Callable[..., Any], serialize: Callable[..., Any],
+def run_task(context: dict[str, Any], buffer: bytes, unpack: Callable[..., Any],
              nodes: Optional[NodePool] = None, grant: Optional[dict[str, Any]] = None) -> Any:
     spec = context.get("resource_spec") or {}
     for key, value in spec.items():
@@ -163,9 +163,9 @@ def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, by
     """``execute(task_id, flags, frame) -> (status, serialized result or exception)``.
     Parsl's serializer is imported here, once, after the worker's CPU affinity is set."""
     from parsl.app.errors import RemoteExceptionWrapper
-    from parsl.serialize import serialize, unpack_apply_message
 
     from htex_rs.errors import TaskTooLarge
+    from htex_rs.serialization import serialize, unpack_apply_message
 
     def execute(task_id: int, flags: int, frame: bytes) -> tuple[int, bytes]:
         try:
@@ -173,7 +173,7 @@ def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, by
             if flags & wire.FLAG_RESOURCES:
                 grant, frame = wire.split_head(frame)
             context, buffer = wire.decode_task(flags, frame)
-            result = serialize(run_task(context, buffer, unpack_apply_message, serialize, nodes, grant),
+            result = serialize(run_task(context, buffer, unpack_apply_message, nodes, grant),
                                buffer_threshold=1_000_000)
             if len(result) > limit:  # the interchange would drop the connection instead
                 raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)

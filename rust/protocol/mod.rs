@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a frame layout or a message meaning changes.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 pub const MAGIC: [u8; 2] = *b"HX";
 /// What a message may carry beyond its payload (the user's `max_message_bytes`): the
 /// header, meta and framing of a batch around it. Every size limit adds it here.
