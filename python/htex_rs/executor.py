@@ -102,15 +102,16 @@ def _check_max_message_bytes(value: object) -> None:
 
 
 def _settle(fut: Optional[Future[Any]], result: Any = None, exception: Optional[BaseException] = None) -> None:
-    """Complete a future unless it is gone or already done (a user may have cancelled it)."""
-    if fut is None or fut.done():
+    """Complete a future unless it is gone or already done (a user may have cancelled it):
+    set_* says so itself, without a second trip through the future's lock to ask first."""
+    if fut is None:
         return
     try:
         if exception is not None:
             fut.set_exception(exception)
         else:
             fut.set_result(result)
-    except InvalidStateError:  # cancelled between the check and the set
+    except InvalidStateError:  # cancelled, or already failed
         pass
 
 
