@@ -9,6 +9,10 @@ next one in the same process), rounds interleave the executors, and each round's
 htex_rs/ceiling ratio is taken within the round, so drift in this machine's speed cancels;
 medians are reported. A progress line on stderr says what is running. With ``--plot`` the
 table is drawn to docs/benchmarks_dfk.png.
+
+With ``--pin`` the submitting side (this process, with Parsl's interchange process) gets
+CPU 0 and the worker pools CPU 1, as when pools run on other nodes and only the DFK and
+the interchange share the submit host.
 """
 from __future__ import annotations
 
@@ -31,7 +35,21 @@ def noop(x: int = 0) -> int:
     return x
 
 
-def one(kind: str, log: bool, tasks: int, workers: int) -> float:
+def pin_submit_side() -> None:
+    """This process and Parsl's interchange on CPU 0, every worker pool (and worker) on CPU 1."""
+    import psutil
+
+    me = psutil.Process()
+    me.cpu_affinity([0])
+    for p in me.children(recursive=True):
+        try:
+            interchange = any(part.endswith("interchange.py") for part in p.cmdline())
+            p.cpu_affinity([0] if interchange else [1])
+        except psutil.NoSuchProcess:
+            pass
+
+
+def one(kind: str, log: bool, tasks: int, workers: int, pin: bool = False) -> float:
     """One measurement in this process: tasks/s through the DFK."""
     import parsl
     from parsl.config import Config
@@ -53,6 +71,8 @@ def one(kind: str, log: bool, tasks: int, workers: int) -> float:
         try:
             app = parsl.python_app(noop, executors=[ex.label])
             app(0).result(timeout=120)  # the pool has registered
+            if pin:
+                pin_submit_side()
             [f.result() for f in [app(i) for i in range(min(1000, tasks))]]  # warm
             t = time.perf_counter()
             futs = [app(i) for i in range(tasks)]
@@ -66,7 +86,7 @@ def one(kind: str, log: bool, tasks: int, workers: int) -> float:
 
 def measure(kind: str, log: bool, args: argparse.Namespace) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, "--log", "on" if log else "off",
-           "--tasks", str(args.tasks), "--workers", str(args.workers)]
+           "--tasks", str(args.tasks), "--workers", str(args.workers)] + (["--pin"] if args.pin else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     if out.returncode != 0:
@@ -110,11 +130,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write the chart here (e.g. docs/benchmarks_dfk.png)")
+    p.add_argument("--pin", action="store_true", help="submit side on CPU 0, worker pools on CPU 1")
     p.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--log", choices=("on", "off"), default="off", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(one(args.one, args.log == "on", args.tasks, args.workers))
+        print(one(args.one, args.log == "on", args.tasks, args.workers, args.pin))
         return
     raw: dict[str, dict[str, list[float]]] = {name: {k: [] for k in KINDS} for name, _ in LOGS}
     ratios: dict[str, list[float]] = {}
@@ -135,7 +156,7 @@ def main() -> None:
     med = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in raw.items()}
     ratio = {k: statistics.median(v) for k, v in ratios.items()}
     print(f"{args.tasks} no-op apps, {args.workers} workers, {args.rounds} rounds (medians; ratios "
-          "paired within a round)")
+          "paired within a round)" + ("; submit side on CPU 0, pools on CPU 1" if args.pin else ""))
     print(table(med, ratio))
     if args.json:
         with open(args.json, "w") as f:
