@@ -9,6 +9,7 @@ Rust interchange through one non-blocking call; results come back in batches.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -320,6 +321,7 @@ class HighThroughputExecutor(ParslHTEX):
         self._result_queue_thread = threading.Thread(target=self._result_queue_worker,
                                                      name="HTEX-Result-Queue-Thread", daemon=True)
         self._result_queue_thread.start()
+        atexit.register(self._stop_at_exit)
         self.initialize_scaling()  # type: ignore[no-untyped-call]  # Parsl's, in its own class
         self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
 
@@ -553,12 +555,28 @@ class HighThroughputExecutor(ParslHTEX):
                 "results_forwarded": s.results_forwarded}
 
     # ------------------------------------------------------------------ shutdown
+    def _stop_at_exit(self) -> None:
+        """Python is exiting with this executor running (a script that never called
+        ``parsl.dfk().cleanup()`` or ``shutdown()``; Parsl's own exit hook only warns).
+        Stop the result thread while the interpreter still runs threads: once it
+        finalizes, a thread coming back from the interchange to take the GIL is ended
+        with ``pthread_exit``, whose unwinding through Rust frames crashes the process
+        (SIGSEGV at exit). Then stop the interchange, so the pools exit now rather than
+        when their heartbeats go unanswered."""
+        logger.warning("Python is exiting with executor %r running; stopping its interchange", self.label)
+        self._result_queue_thread_exit.set()
+        if self._result_queue_thread:
+            self._result_queue_thread.join(10)
+        if self._ix is not None:
+            self._ix.stop()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the interchange (pools are told to exit) and the result thread."""
         if self._ix is None:
             logger.info("HighThroughputExecutor has not started; skipping shutdown")
             return
         logger.info("Attempting HighThroughputExecutor shutdown")
+        atexit.unregister(self._stop_at_exit)
         self._result_queue_thread_exit.set()
         if self._result_queue_thread:
             self._result_queue_thread.join(timeout)
