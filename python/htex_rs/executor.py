@@ -60,6 +60,7 @@ from htex_rs.errors import (
 from htex_rs.planner import validate_cpu_affinity
 from htex_rs.serialization import deserialize, pack_apply_message
 from htex_rs.staging import default_staging
+from htex_rs.task_future import new_future
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -392,8 +393,7 @@ class HighThroughputExecutor(ParslHTEX):
         with self._submit_lock:
             self._task_counter += 1
             task_id = self._task_counter
-            fut = HTEXFuture(task_id)
-            fut.parsl_executor_task_id = task_id
+            fut = new_future(task_id)
             self.tasks[task_id] = fut
             # Bad state may have been set (and self.tasks emptied) since the check above.
             if self.bad_state_is_set:
