@@ -7,7 +7,16 @@ dicts (one result message per task, as process_worker_pool.py sends them) or hte
 frames (results that finished together share a message, as the pool core sends them).
 Every manager has the same capacity and answers each task at once with a prepared
 result, so the figures are the interchange's and the submit path's, not the workers'.
-Tasks go in through each executor's own ``submit`` (Parsl's serialization on both).
+Tasks go in two ways (``--feed``), each executor in turn:
+
+* ``submit``: through each executor's own ``submit`` (serialization, future, hand-off),
+  as a user's loop sends them;
+* ``premade``: each task serialized once by the executor's own serializer and its future
+  made and registered before the clock starts; the clock covers handing each task to
+  the interchange (htex_rs ``Interchange.submit``; Parsl ``outgoing_q.put``, the last
+  step of its ``submit_payload``), the interchange, the managers and each executor's own
+  result thread setting the futures: the interchanges compared with the submit
+  process's serialization out of the way.
 
     python benches/interchange_vs_parsl.py                    # 10 and 1,000 managers
     python benches/interchange_vs_parsl.py --managers 10 1000 10000 --tasks 20000
@@ -28,11 +37,12 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FEEDS = ("submit", "premade")
 
 
 def noop() -> None:
@@ -150,7 +160,41 @@ def make_executor(kind: str, run_dir: str) -> Any:
     return ex
 
 
-def run(kind: str, managers: int, capacity: int, tasks: int, procs: int) -> dict[str, float]:
+def premade_feed(kind: str, ex: Any) -> tuple[Callable[[int], None], Callable[[int], dict[int, Any]]]:
+    """``feed="premade"``: each executor's interchange and result path with nothing of its
+    submit left on the clock. The task is serialized once, by the executor's own
+    serializer; ``premade(n)`` makes n futures and registers them as the executor's
+    submit does (``ex.tasks``); ``send(task_id)`` is the one step of submit left: handing
+    the task to the interchange (htex_rs: ``Interchange.submit``; Parsl: ``outgoing_q.put``,
+    as its ``submit_payload`` does). Each executor's own result thread sets the futures."""
+    from parsl.executors.high_throughput.executor import HTEXFuture
+
+    if kind == "parsl":
+        from parsl.serialize import pack_apply_message as parsl_pack
+        buffer = parsl_pack(noop, (), {}, buffer_threshold=1 << 20)
+
+        def send(tid: int) -> None:
+            ex.outgoing_q.put({"task_id": tid, "context": {}, "buffer": buffer})
+    else:
+        from htex_rs import validation, wire
+        from htex_rs.serialization import pack_apply_message
+        flags, payload = wire.encode_task({}, pack_apply_message(noop, (), {}, buffer_threshold=1 << 20))
+        priority, _ = validation.parse_resource_spec(None)
+        ix = ex._ix
+
+        def send(tid: int) -> None:
+            ix.submit(tid, priority, flags, payload)
+
+    def premade(n: int) -> dict[int, Any]:
+        futs = {}
+        for _ in range(n):
+            ex._task_counter += 1
+            futs[ex._task_counter] = ex.tasks[ex._task_counter] = HTEXFuture(ex._task_counter)
+        return futs
+    return send, premade
+
+
+def run(kind: str, managers: int, capacity: int, tasks: int, procs: int, feed: str = "submit") -> dict[str, float]:
     run_dir = tempfile.mkdtemp(prefix=f"ixbench-{kind}-")
     ex = make_executor(kind, run_dir)
     ex.start()
@@ -178,15 +222,29 @@ def run(kind: str, managers: int, capacity: int, tasks: int, procs: int) -> dict
             time.sleep(0.05)
         admit_s = time.monotonic() - t_reg
         ex.submit(noop, {}).result(timeout=120)  # warm: serializer caches, first dispatch
-        t0 = time.monotonic()
-        futs = [ex.submit(noop, {}) for _ in range(tasks)]
+        if feed == "premade":
+            send, premade = premade_feed(kind, ex)
+            made = premade(tasks)  # serialized and with futures before the clock starts
+            t0 = time.monotonic()
+            for tid in made:
+                send(tid)
+            futs = list(made.values())
+        else:
+            t0 = time.monotonic()
+            futs = [ex.submit(noop, {}) for _ in range(tasks)]
         for f in futs:
             f.result(timeout=600)
         throughput = tasks / (time.monotonic() - t0)
         lat = []
         for _ in range(200):
-            t = time.perf_counter()
-            ex.submit(noop, {}).result(timeout=60)
+            if feed == "premade":
+                (tid, f), = premade(1).items()
+                t = time.perf_counter()
+                send(tid)
+            else:
+                t = time.perf_counter()
+                f = ex.submit(noop, {})
+            f.result(timeout=60)
             lat.append((time.perf_counter() - t) * 1e6)
         return {"throughput": throughput, "latency_us": statistics.median(lat), "admit_s": admit_s}
     finally:
@@ -205,29 +263,38 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--procs", type=int, default=2, help="processes hosting the simulated managers")
+    ap.add_argument("--feed", choices=FEEDS, nargs="+", default=list(FEEDS),
+                    help="submit: through each executor's submit; premade: tasks serialized and futures "
+                         "made before the clock (the interchanges and result paths alone)")
     ap.add_argument("--json", default=os.path.join(HERE, "..", "docs", "benchmarks_interchange_vs_parsl.json"))
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    raw: dict[str, dict[int, list[dict[str, float]]]] = {"htex_rs": {}, "parsl": {}}
-    total = args.rounds * len(args.managers) * 2
+    raw: dict[str, dict[str, dict[int, list[dict[str, float]]]]] = {
+        feed: {"htex_rs": {}, "parsl": {}} for feed in args.feed}
+    total = args.rounds * len(args.managers) * 2 * len(args.feed)
     done = 0
     for r in range(args.rounds):
         for m in args.managers:
-            for kind in ("htex_rs", "parsl"):
-                done += 1
-                print(f"[{done}/{total}] round {r + 1}: {kind}, {m} managers ...", file=sys.stderr, flush=True)
-                raw[kind].setdefault(m, []).append(run(kind, m, args.capacity, args.tasks, args.procs))
-    med = {k: {m: {f: statistics.median(x[f] for x in runs) for f in runs[0]} for m, runs in v.items()}
-           for k, v in raw.items()}
+            for feed in args.feed:
+                for kind in ("htex_rs", "parsl"):
+                    done += 1
+                    print(f"[{done}/{total}] round {r + 1}: {kind}, {m} managers, fed by {feed} ...",
+                          file=sys.stderr, flush=True)
+                    raw[feed][kind].setdefault(m, []).append(
+                        run(kind, m, args.capacity, args.tasks, args.procs, feed))
+    med = {feed: {k: {m: {f: statistics.median(x[f] for x in runs) for f in runs[0]} for m, runs in v.items()}
+                  for k, v in by_kind.items()} for feed, by_kind in raw.items()}
     print(f"\n{args.tasks} no-op tasks, managers of capacity {args.capacity}, {args.rounds} interleaved rounds "
           f"(medians), simulated managers in {args.procs} processes")
-    print(f"{'managers':>9}  {'htex_rs tasks/s':>15}  {'Parsl tasks/s':>13}  {'ratio':>6}  "
+    print(f"{'fed by':>8}  {'managers':>9}  {'htex_rs tasks/s':>15}  {'Parsl tasks/s':>13}  {'ratio':>6}  "
           f"{'htex_rs us':>10}  {'Parsl us':>9}  {'admit s (rs/Parsl)':>19}")
-    for m in args.managers:
-        a, b = med["htex_rs"][m], med["parsl"][m]
-        print(f"{m:>9}  {a['throughput']:>15.0f}  {b['throughput']:>13.0f}  {a['throughput'] / b['throughput']:>6.1f}  "
-              f"{a['latency_us']:>10.0f}  {b['latency_us']:>9.0f}  {a['admit_s']:>9.2f} / {b['admit_s']:<7.2f}")
+    for feed in args.feed:
+        for m in args.managers:
+            a, b = med[feed]["htex_rs"][m], med[feed]["parsl"][m]
+            print(f"{feed:>8}  {m:>9}  {a['throughput']:>15.0f}  {b['throughput']:>13.0f}  "
+                  f"{a['throughput'] / b['throughput']:>6.1f}  {a['latency_us']:>10.0f}  {b['latency_us']:>9.0f}  "
+                  f"{a['admit_s']:>9.2f} / {b['admit_s']:<7.2f}")
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "medians": med, "runs": raw}, f, indent=1)
     print(f"wrote {os.path.relpath(args.json)}")
