@@ -137,6 +137,11 @@ def main() -> None:
     if args.one:
         print(one(args.one, args.log == "on", args.tasks, args.workers, args.pin))
         return
+    if args.plot:
+        try:  # say so now, not after the measurements
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install 'htex_rs[bench]' (or matplotlib)")
     raw: dict[str, dict[str, list[float]]] = {name: {k: [] for k in KINDS} for name, _ in LOGS}
     ratios: dict[str, list[float]] = {}
     steps, done, t0 = args.rounds * len(LOGS) * len(KINDS), 0, time.perf_counter()
