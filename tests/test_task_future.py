@@ -28,9 +28,13 @@ def test_this_python_gets_the_lean_future():
 
 def tracked_per_future(cls: type) -> float:
     gc.collect()
-    before = len(gc.get_objects())
-    keep = [cls(i) for i in range(2000)]
-    per = (len(gc.get_objects()) - before - 1) / len(keep)
+    gc.disable()  # a collection mid-count would move the baseline
+    try:
+        before = len(gc.get_objects())
+        keep = [cls(i) for i in range(2000)]
+        per = (len(gc.get_objects()) - before - 1) / len(keep)
+    finally:
+        gc.enable()
     del keep
     return per
 
@@ -95,8 +99,8 @@ def test_waiting_with_the_reentrant_lock_held_twice_releases_it():
 
     def waiter():
         with cond, cond:  # an RLock: waiting must release both holds
-            cond.wait(5)
-            woke.set()
+            if cond.wait(5):  # False: timed out, never notified
+                woke.set()
 
     t = threading.Thread(target=waiter)
     t.start()

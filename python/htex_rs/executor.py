@@ -250,6 +250,7 @@ class HighThroughputExecutor(ParslHTEX):
         self.launch_cmd = launch_cmd or DEFAULT_LAUNCH_CMD
         self.interchange_launch_cmd = interchange_launch_cmd or ["(in-process Rust interchange)"]
         self._result_queue_thread_exit = threading.Event()
+        self._started_pid = os.getpid()  # start() sets it again; the exit hook acts only there
         self._result_queue_thread: Optional[threading.Thread] = None
         self.zmq_monitoring = None
         self.hub_zmq_port = None
@@ -322,6 +323,7 @@ class HighThroughputExecutor(ParslHTEX):
         self._result_queue_thread = threading.Thread(target=self._result_queue_worker,
                                                      name="HTEX-Result-Queue-Thread", daemon=True)
         self._result_queue_thread.start()
+        self._started_pid = os.getpid()
         atexit.register(self._stop_at_exit)
         self.initialize_scaling()  # type: ignore[no-untyped-call]  # Parsl's, in its own class
         self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
@@ -563,12 +565,18 @@ class HighThroughputExecutor(ParslHTEX):
         with ``pthread_exit``, whose unwinding through Rust frames crashes the process
         (SIGSEGV at exit). Then stop the interchange, so the pools exit now rather than
         when their heartbeats go unanswered."""
+        if os.getpid() != self._started_pid:  # a fork()ed child: the threads are the parent's
+            return
         logger.warning("Python is exiting with executor %r running; stopping its interchange", self.label)
-        self._result_queue_thread_exit.set()
-        if self._result_queue_thread:
-            self._result_queue_thread.join(10)
-        if self._ix is not None:
-            self._ix.stop()
+        try:
+            self._result_queue_thread_exit.set()
+            if self._result_queue_thread:
+                self._result_queue_thread.join(10)
+        finally:
+            if self._ix is not None:
+                self._ix.stop()
+        if self.tasks:  # an atexit hook that runs after this one may wait on them
+            self.set_bad_state_and_fail_all(InterchangeDied("Python exited with tasks outstanding"))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the interchange (pools are told to exit) and the result thread."""
@@ -576,7 +584,6 @@ class HighThroughputExecutor(ParslHTEX):
             logger.info("HighThroughputExecutor has not started; skipping shutdown")
             return
         logger.info("Attempting HighThroughputExecutor shutdown")
-        atexit.unregister(self._stop_at_exit)
         self._result_queue_thread_exit.set()
         if self._result_queue_thread:
             self._result_queue_thread.join(timeout)
@@ -586,6 +593,7 @@ class HighThroughputExecutor(ParslHTEX):
         except InterchangeStopped:
             pass
         self._ix.stop()
+        atexit.unregister(self._stop_at_exit)  # only now: if anything above raised, it still runs at exit
         if self.tasks:
             self.set_bad_state_and_fail_all(InterchangeDied("the executor was shut down with tasks outstanding"))
         BlockProviderExecutor.shutdown(self)
