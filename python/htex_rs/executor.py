@@ -250,7 +250,6 @@ class HighThroughputExecutor(ParslHTEX):
         self.launch_cmd = launch_cmd or DEFAULT_LAUNCH_CMD
         self.interchange_launch_cmd = interchange_launch_cmd or ["(in-process Rust interchange)"]
         self._result_queue_thread_exit = threading.Event()
-        self._started_pid = os.getpid()  # start() sets it again; the exit hook acts only there
         self._result_queue_thread: Optional[threading.Thread] = None
         self.zmq_monitoring = None
         self.hub_zmq_port = None
@@ -568,15 +567,26 @@ class HighThroughputExecutor(ParslHTEX):
         if os.getpid() != self._started_pid:  # a fork()ed child: the threads are the parent's
             return
         logger.warning("Python is exiting with executor %r running; stopping its interchange", self.label)
+        self._stop(10, "Python exited with tasks outstanding")
+
+    def _stop(self, timeout: float, outstanding: str) -> None:
+        """Stop the result thread, hand on results that already arrived, stop the
+        interchange (pools are told to exit) and fail what is left with ``outstanding``."""
+        assert self._ix is not None
         try:
             self._result_queue_thread_exit.set()
             if self._result_queue_thread:
-                self._result_queue_thread.join(10)
+                self._result_queue_thread.join(timeout)
+            try:  # results that arrived after the result thread's last look still count
+                while events := self._ix.wait_events(0, _RESULT_BATCH):
+                    self._handle_events(events)
+            except InterchangeStopped:
+                pass
         finally:
-            if self._ix is not None:
-                self._ix.stop()
-        if self.tasks:  # an atexit hook that runs after this one may wait on them
-            self.set_bad_state_and_fail_all(InterchangeDied("Python exited with tasks outstanding"))
+            self._ix.stop()
+        atexit.unregister(self._stop_at_exit)  # only now: had anything above raised, it still runs at exit
+        if self.tasks:  # an exit hook that runs after ours may wait on them
+            self.set_bad_state_and_fail_all(InterchangeDied(outstanding))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the interchange (pools are told to exit) and the result thread."""
@@ -584,17 +594,6 @@ class HighThroughputExecutor(ParslHTEX):
             logger.info("HighThroughputExecutor has not started; skipping shutdown")
             return
         logger.info("Attempting HighThroughputExecutor shutdown")
-        self._result_queue_thread_exit.set()
-        if self._result_queue_thread:
-            self._result_queue_thread.join(timeout)
-        try:  # results that arrived after the result thread's last look still count
-            while events := self._ix.wait_events(0, _RESULT_BATCH):
-                self._handle_events(events)
-        except InterchangeStopped:
-            pass
-        self._ix.stop()
-        atexit.unregister(self._stop_at_exit)  # only now: if anything above raised, it still runs at exit
-        if self.tasks:
-            self.set_bad_state_and_fail_all(InterchangeDied("the executor was shut down with tasks outstanding"))
+        self._stop(timeout, "the executor was shut down with tasks outstanding")
         BlockProviderExecutor.shutdown(self)
         logger.info("Finished HighThroughputExecutor shutdown attempt")

@@ -8,8 +8,7 @@ up on its class (the same ``threading.Condition`` code runs), 6 tracked objects 
 
 Both classes are CPython's, whose private attributes we rely on; an interpreter whose
 ``Future`` or ``Condition`` (or a Parsl whose ``HTEXFuture``) holds other attributes gets
-the stock ``HTEXFuture``
-(``LEAN`` says which is in use; a test checks it is the lean one here).
+the stock ``HTEXFuture`` (``LEAN`` says which is in use; a test checks it is the lean one).
 """
 from __future__ import annotations
 
