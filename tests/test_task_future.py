@@ -95,17 +95,18 @@ def test_wait_and_as_completed_mixed_with_stock_futures():
 def test_waiting_with_the_reentrant_lock_held_twice_releases_it():
     f = TaskFuture(1)
     cond = f._condition
-    woke = threading.Event()
+    waiting, woke = threading.Event(), threading.Event()
 
     def waiter():
         with cond, cond:  # an RLock: waiting must release both holds
+            waiting.set()  # still holding it: the notify below cannot come before wait()
             if cond.wait(5):  # False: timed out, never notified
                 woke.set()
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.05)
-    with cond:  # would block forever if wait() kept one hold
+    assert waiting.wait(5)
+    with cond:  # acquired only once wait() released both holds; blocks forever if it kept one
         cond.notify_all()
     t.join(5)
     assert woke.is_set()
