@@ -263,6 +263,7 @@ impl Handle {
             managers,
             warned_peers: FirstSeen::default(),
             refused_peers: FirstSeen::default(),
+            results: Vec::new(),
             stop: false,
         };
         let bound = format!(
@@ -388,6 +389,10 @@ struct Interchange {
     managers: Managers,
     warned_peers: FirstSeen<Vec<u8>>,
     refused_peers: FirstSeen<Vec<u8>>,
+    /// Results read this loop turn, handed over together after the turn's reads: one
+    /// trip through the events lock and one wake-up of the submit side per turn, not per
+    /// message (with thousands of pools a turn reads many one-result-batch messages).
+    results: Vec<Event>,
     stop: bool,
 }
 
@@ -441,6 +446,9 @@ impl Interchange {
                         Some(frames) => self.on_manager_message(frames),
                         None => break,
                     }
+                }
+                if !self.results.is_empty() {
+                    self.shared.emit(self.results.drain(..));
                 }
             }
             if last_timers.elapsed() >= timer_period {
@@ -663,7 +671,7 @@ impl Interchange {
             .stats
             .results_forwarded
             .fetch_add(meta.len() as u64, Ordering::Relaxed);
-        self.shared.emit(
+        self.results.extend(
             meta.into_iter()
                 .zip(payloads)
                 .map(|((task_id, status), payload)| Event::Result {
