@@ -24,7 +24,11 @@ use htex_rs::protocol::{header, Kind};
 
 mod common;
 
-const THREADS: usize = 4;
+/// Threads per process of simulated pools: one thread and one libzmq context per
+/// process is the cheapest simulator (CPU per task 2.2-2.5 us at 10 pools, 4.1-4.9 at
+/// 10,000, against 3.2-3.7 and 5.5-6.9 with 4 threads), and it shares the 2 cores with
+/// the interchange it measures.
+const THREADS: usize = 1;
 /// How often each simulated pool heartbeats (Parsl's default heartbeat_period).
 const HEARTBEAT_PERIOD: Duration = Duration::from_secs(30);
 /// Simulated pools per child process.
@@ -41,13 +45,66 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Threads per process of simulated pools (`HTEX_RS_SCALE_SIM_THREADS`, else `THREADS`).
+fn sim_threads() -> usize {
+    std::env::var("HTEX_RS_SCALE_SIM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(THREADS)
+}
+
+/// One libzmq context (one I/O thread) for a whole process of simulated pools, with room
+/// for all their sockets: the zmq crate cannot raise libzmq's 1,023 sockets per context,
+/// and a context per 500 sockets gave the 10,000-pool run 20 I/O threads against the
+/// 10-pool run's 1, so the simulator's own thread switching grew with the pool count.
+struct SimContext(*mut std::ffi::c_void);
+
+// SAFETY: a libzmq context is thread-safe; each socket made from it stays on one thread.
+unsafe impl Send for SimContext {}
+// SAFETY: as above.
+unsafe impl Sync for SimContext {}
+
+impl SimContext {
+    fn new(sockets: usize) -> Self {
+        // SAFETY: plain libzmq calls; the context lives until drop.
+        unsafe {
+            let ctx = zmq_sys::zmq_ctx_new();
+            assert!(!ctx.is_null(), "zmq_ctx_new");
+            let max = i32::try_from(sockets + 64).unwrap();
+            assert_eq!(
+                zmq_sys::zmq_ctx_set(ctx, i32::try_from(zmq_sys::ZMQ_MAX_SOCKETS).unwrap(), max),
+                0
+            );
+            SimContext(ctx)
+        }
+    }
+
+    fn socket(&self) -> zmq::Socket {
+        // SAFETY: the context is live; the socket is closed by its own drop, before the
+        // context is terminated (every thread is joined first).
+        unsafe {
+            let s = zmq_sys::zmq_socket(self.0, i32::try_from(zmq_sys::ZMQ_DEALER).unwrap());
+            assert!(!s.is_null(), "zmq_socket");
+            zmq::Socket::from_raw(s)
+        }
+    }
+}
+
+impl Drop for SimContext {
+    fn drop(&mut self) {
+        // SAFETY: every socket of this context is closed (their threads were joined).
+        unsafe { zmq_sys::zmq_ctx_term(self.0) };
+    }
+}
+
 /// Child process: fake pools `first..first + count` until stdin closes (the parent
 /// exited or is done).
 fn fake_pools_main(spec: &str) {
     let v: Vec<usize> = spec.split(',').map(|x| x.parse().unwrap()).collect();
     let (port, first, count, capacity) = (u16::try_from(v[0]).unwrap(), v[1], v[2], v[3] as u32);
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = start_pools(port, first..first + count, capacity, &stop);
+    let ctx = Arc::new(SimContext::new(count));
+    let threads = start_pools(port, first..first + count, capacity, &stop, &ctx);
     let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
@@ -61,24 +118,20 @@ fn start_pools(
     pools: std::ops::Range<usize>,
     capacity: u32,
     stop: &Arc<AtomicBool>,
+    ctx: &Arc<SimContext>,
 ) -> Vec<std::thread::JoinHandle<()>> {
-    (0..THREADS)
+    let threads = sim_threads();
+    (0..threads)
         .map(|t| {
             let stop = stop.clone();
             let pools = pools.clone();
+            let ctx = ctx.clone();
             std::thread::spawn(move || {
-                // libzmq allows 1,023 sockets per context (and the zmq crate cannot raise
-                // it): one context per 500 of this thread's pools.
-                let mine = (pools.start + t..pools.end).step_by(THREADS).count();
-                let ctxs: Vec<zmq::Context> = (0..mine.div_ceil(500).max(1))
-                    .map(|_| zmq::Context::new())
-                    .collect();
                 let socks: Vec<zmq::Socket> = (pools.start + t..pools.end)
-                    .step_by(THREADS)
-                    .enumerate()
-                    .map(|(j, i)| {
-                        common::register(
-                            &ctxs[j / 500],
+                    .step_by(threads)
+                    .map(|i| {
+                        common::register_socket(
+                            ctx.socket(),
                             port,
                             &format!("pool-{i}"),
                             &(i % 64).to_string(),

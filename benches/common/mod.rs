@@ -7,6 +7,7 @@ use htex_rs::protocol::{
 };
 
 /// Connect to the interchange on `port` and register as `uid` with `capacity` slots.
+#[allow(dead_code)] // the scale bench makes its own sockets
 pub fn register(
     ctx: &zmq::Context,
     port: u16,
@@ -14,7 +15,24 @@ pub fn register(
     block_id: &str,
     capacity: u32,
 ) -> zmq::Socket {
-    let s = ctx.socket(zmq::DEALER).unwrap();
+    register_socket(
+        ctx.socket(zmq::DEALER).unwrap(),
+        port,
+        uid,
+        block_id,
+        capacity,
+    )
+}
+
+/// [`register`] on a DEALER socket made elsewhere.
+#[allow(dead_code)] // only the scale bench makes its own
+pub fn register_socket(
+    s: zmq::Socket,
+    port: u16,
+    uid: &str,
+    block_id: &str,
+    capacity: u32,
+) -> zmq::Socket {
     s.set_linger(0).unwrap();
     s.set_identity(uid.as_bytes()).unwrap();
     s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
