@@ -1,13 +1,10 @@
 //! A worker process's end of its stream to the pool core. The worker's main thread takes
 //! tasks in order ([`Inbox::next`]) and sends each result the moment it has it
 //! ([`Inbox::send_result`]). While it has nothing to run it reads the stream itself, so a
-//! task reaches it with no hand-off between threads; once a task has run for [`GRACE`], a
-//! helper thread, which never needs the worker's interpreter, reads instead: it queues
-//! the tasks the core sends ahead and answers RECLAIM with every task not yet started,
-//! even while a long task holds the interpreter. The grace spares short tasks the
-//! helper's wake-ups (it was woken at every task start and polled beside the main
-//! thread, two wake-ups a task): while tasks come and go the helper wakes once per
-//! `GRACE`, not per task; a RECLAIM waits at most `GRACE` longer.
+//! task reaches it with no hand-off between threads; while it runs a task, a helper
+//! thread, which never needs the worker's interpreter, reads instead: it queues the tasks
+//! the core sends ahead and answers RECLAIM at once with every task not yet started, even
+//! while a long task holds the interpreter.
 //!
 //! Once the stream has ended (the pool is gone, or the core closed it) nothing more is
 //! handed out: the core has put this worker's unstarted tasks back in its queue.
@@ -16,15 +13,10 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
 
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, message_limit, Kind};
 use crate::stream::{encode, unix_addr, Decoder};
-
-/// How long a task runs before the helper reads the stream for the worker.
-pub const GRACE: Duration = Duration::from_millis(2);
 
 /// A task as the core sent it: its id, the flags of its meta entry, its payload.
 pub struct Task {
@@ -37,11 +29,8 @@ pub struct Task {
 struct State {
     tasks: VecDeque<Task>,
     closed: bool,
-    /// The main thread is running a task (after `GRACE` the helper reads the stream).
+    /// The main thread is running a task (the helper reads the stream meanwhile).
     running: bool,
-    /// Tasks started so far: tells the helper whether the task it saw is still the one
-    /// running.
-    started: u64,
     /// The helper waits for the main thread to start a task.
     helper_parked: bool,
 }
@@ -57,8 +46,6 @@ struct Shared {
     /// Written when the helper queued tasks or saw the end while the main thread waits.
     wake_tx: UnixStream,
     wake_rx: UnixStream,
-    /// Times the helper woke (tests check the grace with it).
-    helper_wakes: AtomicU64,
 }
 
 pub struct Inbox {
@@ -89,7 +76,6 @@ impl Inbox {
             helper_cv: Condvar::new(),
             wake_tx,
             wake_rx,
-            helper_wakes: AtomicU64::new(0),
         });
         shared.send(&[&header(Kind::Register), rank])?;
         let helper = shared.clone();
@@ -111,7 +97,6 @@ impl Inbox {
                 }
                 if let Some(t) = s.tasks.pop_front() {
                     s.running = true;
-                    s.started += 1;
                     if s.helper_parked {
                         sh.helper_cv.notify_one();
                     }
@@ -144,40 +129,21 @@ impl Shared {
         (&self.stream).write_all(&bytes)
     }
 
-    /// The helper: reads the stream while the main thread runs a task that has run for
-    /// `GRACE`, until the stream ends.
+    /// The helper: reads the stream while the main thread runs a task, until it ends.
     fn help(&self) {
-        // The task the helper has already waited `GRACE` for (it reads at once for it).
-        let mut helped: Option<u64> = None;
         loop {
             {
                 let mut s = self.state.lock().unwrap();
                 while !s.running && !s.closed {
                     s.helper_parked = true;
                     s = self.helper_cv.wait(s).unwrap();
-                    self.helper_wakes.fetch_add(1, Ordering::Relaxed);
                 }
                 s.helper_parked = false;
                 if s.closed {
                     return;
                 }
-                if helped != Some(s.started) {
-                    // Not parked: the main thread starts tasks without waking it. Only
-                    // close() wakes it early.
-                    let seq = s.started;
-                    s = self.helper_cv.wait_timeout(s, GRACE).unwrap().0;
-                    self.helper_wakes.fetch_add(1, Ordering::Relaxed);
-                    if s.closed {
-                        return;
-                    }
-                    if !s.running || s.started != seq {
-                        continue; // that task ended within the grace
-                    }
-                    helped = Some(seq);
-                }
             }
             wait_readable(&[self.stream.as_raw_fd()]);
-            self.helper_wakes.fetch_add(1, Ordering::Relaxed);
             if self.state.lock().unwrap().running {
                 self.pump();
             } // else the main thread waits for a task and reads it itself
@@ -357,47 +323,6 @@ mod tests {
         assert!(core.recv()[1].is_empty());
         core.tasks(&[4]);
         assert_eq!(inbox.next().unwrap().id, 4);
-    }
-
-    #[test]
-    fn short_tasks_leave_the_helper_asleep_and_a_long_one_has_it_read() {
-        let (inbox, mut core) = pair();
-        // Short tasks, each with the next one sent ahead while it runs: the main thread
-        // reads them itself; the helper sleeps through its grace instead of being woken
-        // at every task start.
-        core.tasks(&[1]);
-        let began = std::time::Instant::now();
-        for id in 1..=200u64 {
-            let t = inbox.next().unwrap();
-            assert_eq!(t.id, id);
-            if id < 200 {
-                core.tasks(&[id + 1]);
-            }
-            inbox.send_result(t.id, STATUS_RESULT, b"").unwrap();
-            core.recv();
-        }
-        // With the grace it wakes about once per GRACE, however many tasks start (without
-        // it: 80 wake-ups in ~10 ms here, at nearly every task start).
-        let wakes = inbox.shared.helper_wakes.load(Ordering::Relaxed);
-        let bound = 2 * (began.elapsed().as_millis() / GRACE.as_millis()) as u64 + 10;
-        assert!(
-            wakes <= bound,
-            "the helper woke {wakes} times for 200 short tasks (at most {bound} expected)"
-        );
-        // A long task: what arrives after the grace is read (queued) by the helper.
-        core.tasks(&[300]);
-        assert_eq!(inbox.next().unwrap().id, 300);
-        std::thread::sleep(GRACE * 10);
-        core.tasks(&[301]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while inbox.shared.state.lock().unwrap().tasks.is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the helper never read task 301"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(inbox.next().unwrap().id, 301);
     }
 
     #[test]
