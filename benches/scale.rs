@@ -14,6 +14,9 @@
 //! be admitted (all pools connect and register at once).
 //!
 //!     cargo bench --bench scale            (HTEX_RS_SCALE_TASKS=200000 to change N)
+//!
+//! `HTEX_RS_SCALE_SIM_THREADS=4` spreads each process of simulated pools over 4 threads
+//! (default 1, the cheapest; docs/benchmarks.md, session 12, compares them).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,8 +58,9 @@ fn sim_threads() -> usize {
 
 /// One libzmq context (one I/O thread) for a whole process of simulated pools, with room
 /// for all their sockets: the zmq crate cannot raise libzmq's 1,023 sockets per context,
-/// and a context per 500 sockets gave the 10,000-pool run 20 I/O threads against the
-/// 10-pool run's 1, so the simulator's own thread switching grew with the pool count.
+/// and a context per 500 sockets (4 threads a process) gave the 10,000-pool run 20 I/O
+/// threads against the 10-pool run's 4, so the simulator's own thread switching grew
+/// with the pool count.
 struct SimContext(*mut std::ffi::c_void);
 
 // SAFETY: a libzmq context is thread-safe; each socket made from it stays on one thread.

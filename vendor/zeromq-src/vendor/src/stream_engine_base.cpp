@@ -320,7 +320,6 @@ void zmq::stream_engine_base_t::out_event ()
         //  more time due to 'speculative write' optimisation.
         if (unlikely (_encoder == NULL)) {
             zmq_assert (_handshaking);
-            _out_result = out_failed;
             return;
         }
 
@@ -351,7 +350,6 @@ void zmq::stream_engine_base_t::out_event ()
         if (_outsize == 0) {
             _output_stopped = true;
             reset_pollout ();
-            _out_result = out_stopped;
             return;
         }
     }
@@ -401,18 +399,11 @@ void zmq::stream_engine_base_t::restart_output ()
         _output_stopped = false;
         _out_result = out_pending;
         out_event ();
-        switch (_out_result) {
-            case out_stopped: //  out_event stopped output again
-            case out_failed:  //  left as upstream leaves it after an error
-                return;
-            case out_drained:
-                if (!_handshaking) {
-                    _output_stopped = true;
-                    return;
-                }
-                break;
-            case out_pending:
-                break;
+        if (_output_stopped || _out_result == out_failed)
+            return; //  nothing to send, or left as upstream leaves a failed write
+        if (_out_result == out_drained && !_handshaking) {
+            _output_stopped = true;
+            return;
         }
         set_pollout ();
         return;

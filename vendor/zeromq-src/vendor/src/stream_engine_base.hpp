@@ -125,14 +125,14 @@ class stream_engine_base_t : public io_object_t, public i_engine
     //  True iff the engine doesn't have any message to encode.
     bool _output_stopped;
 
-    //  htex_rs: what the last out_event did, for restart_output's speculative
-    //  write (see restart_output).
+    //  htex_rs: what the last out_event's write did, for restart_output's
+    //  speculative write (see restart_output). Nothing to send at all is
+    //  _output_stopped.
     enum out_result_t
     {
-        out_stopped,  // nothing to send: output stopped
-        out_drained,  // everything written and the session had no more
         out_pending,  // bytes left unwritten, or the session may hold more
-        out_failed    // a write or pull error: do not touch output polling
+        out_drained,  // everything written and the session had no more
+        out_failed    // the write failed: output polling left off, as upstream
     };
     out_result_t _out_result;
 
