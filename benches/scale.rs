@@ -15,6 +15,10 @@
 //!
 //!     cargo bench --bench scale            (HTEX_RS_SCALE_TASKS=200000 to change N)
 //!
+//! The simulated pools are plain TCP sockets speaking ZMTP 3.0 as DEALERs (`zmtp.rs`),
+//! one epoll per thread: the interchange cannot tell them from libzmq DEALERs, and they
+//! cost the 2 shared cores a third of what libzmq DEALERs did (1.0 vs 2.9 us per task at 10
+//! pools, 2.4 vs 4.3 at 10,000). `HTEX_RS_SCALE_SIM=zmq` runs libzmq DEALERs instead.
 //! `HTEX_RS_SCALE_SIM_THREADS=4` spreads each process of simulated pools over 4 threads
 //! (default 1, the cheapest; docs/benchmarks.md, session 12, compares them).
 
@@ -26,6 +30,8 @@ use htex_rs::interchange::{Config, Event, Handle, NewTask};
 use htex_rs::protocol::{header, Kind};
 
 mod common;
+#[path = "common/zmtp.rs"]
+mod zmtp;
 
 /// Threads per process of simulated pools: one thread and one libzmq context per
 /// process is the cheapest simulator (CPU per task 2.2-2.5 us at 10 pools, 4.1-4.9 at
@@ -107,8 +113,12 @@ fn fake_pools_main(spec: &str) {
     let v: Vec<usize> = spec.split(',').map(|x| x.parse().unwrap()).collect();
     let (port, first, count, capacity) = (u16::try_from(v[0]).unwrap(), v[1], v[2], v[3] as u32);
     let stop = Arc::new(AtomicBool::new(false));
-    let ctx = Arc::new(SimContext::new(count));
-    let threads = start_pools(port, first..first + count, capacity, &stop, &ctx);
+    let ctx = Arc::new(SimContext::new(if libzmq_simulator() { count } else { 0 }));
+    let threads = if libzmq_simulator() {
+        start_pools(port, first..first + count, capacity, &stop, &ctx)
+    } else {
+        start_tcp_pools(port, first..first + count, capacity, &stop)
+    };
     let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
@@ -116,7 +126,100 @@ fn fake_pools_main(spec: &str) {
     }
 }
 
-/// Fake pools (numbered `pools`) spread over a few threads; each echoes every task batch.
+/// `HTEX_RS_SCALE_SIM=zmq`: simulated pools are libzmq DEALERs (the default is plain TCP
+/// sockets speaking ZMTP, `zmtp.rs`).
+fn libzmq_simulator() -> bool {
+    std::env::var("HTEX_RS_SCALE_SIM").is_ok_and(|v| v == "zmq")
+}
+
+/// Fake pools (numbered `pools`) as plain TCP connections speaking ZMTP, spread over a
+/// few threads, each thread one epoll; each echoes every task batch.
+fn start_tcp_pools(
+    port: u16,
+    pools: std::ops::Range<usize>,
+    capacity: u32,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let threads = sim_threads();
+    (0..threads)
+        .map(|t| {
+            let stop = stop.clone();
+            let pools = pools.clone();
+            std::thread::spawn(move || {
+                let mut peers: Vec<zmtp::Peer> = (pools.start + t..pools.end)
+                    .step_by(threads)
+                    .map(|i| {
+                        let uid = format!("pool-{i}");
+                        let reg = common::registration(&uid, &(i % 64).to_string(), capacity);
+                        zmtp::Peer::connect(port, uid.as_bytes(), &reg)
+                    })
+                    .collect();
+                // SAFETY: plain epoll calls on fds owned by the peers above.
+                let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+                assert!(ep >= 0, "epoll_create1");
+                for (n, p) in peers.iter().enumerate() {
+                    let mut ev = libc::epoll_event {
+                        events: libc::EPOLLIN as u32,
+                        u64: n as u64,
+                    };
+                    // SAFETY: ep and the fd are open; ev lives across the call.
+                    assert_eq!(
+                        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, p.fd(), &raw mut ev) },
+                        0
+                    );
+                }
+                let echo = |frames: Vec<Vec<u8>>, out: &mut Vec<u8>| {
+                    if let Some((_, msg)) = common::echo(frames) {
+                        zmtp::put_message(out, &msg);
+                    }
+                };
+                let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+                let mut last_beat = Instant::now();
+                // Peers holding bytes their socket would not take yet.
+                let mut pending: Vec<usize> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if last_beat.elapsed() > HEARTBEAT_PERIOD {
+                        // Heartbeats every 30 s (Parsl's heartbeat_period).
+                        last_beat = Instant::now();
+                        for (n, p) in peers.iter_mut().enumerate() {
+                            zmtp::put_message(&mut p.outbuf, &[&header(Kind::Heartbeat)[..]]);
+                            pending.push(n);
+                        }
+                    }
+                    pending.retain(|&n| {
+                        peers[n].flush();
+                        !peers[n].outbuf.is_empty()
+                    });
+                    let wait_ms = if pending.is_empty() { 50 } else { 1 };
+                    // SAFETY: events has room for 256 entries.
+                    let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, wait_ms) };
+                    for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+                        let n = e.u64 as usize;
+                        let p = &mut peers[n];
+                        if !p.read(echo) {
+                            // SAFETY: as above; a closed peer leaves the epoll set.
+                            unsafe {
+                                libc::epoll_ctl(
+                                    ep,
+                                    libc::EPOLL_CTL_DEL,
+                                    p.fd(),
+                                    std::ptr::null_mut(),
+                                )
+                            };
+                        } else if !p.outbuf.is_empty() && !pending.contains(&n) {
+                            pending.push(n);
+                        }
+                    }
+                }
+                // SAFETY: ep is ours.
+                unsafe { libc::close(ep) };
+            })
+        })
+        .collect()
+}
+
+/// Fake pools (numbered `pools`) as libzmq DEALERs spread over a few threads; each
+/// echoes every task batch.
 fn start_pools(
     port: u16,
     pools: std::ops::Range<usize>,

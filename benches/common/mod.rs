@@ -36,6 +36,13 @@ pub fn register_socket(
     s.set_linger(0).unwrap();
     s.set_identity(uid.as_bytes()).unwrap();
     s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    s.send_multipart(registration(uid, block_id, capacity), 0)
+        .unwrap();
+    s
+}
+
+/// The frames of a registration as `uid` with `capacity` slots.
+pub fn registration(uid: &str, block_id: &str, capacity: u32) -> [Vec<u8>; 2] {
     let reg = Registration {
         protocol_version: PROTOCOL_VERSION,
         uid: uid.into(),
@@ -44,15 +51,10 @@ pub fn register_socket(
         max_capacity: capacity,
         ..Registration::default()
     };
-    s.send_multipart(
-        [
-            &header(Kind::Register)[..],
-            &serde_json::to_vec(&reg).unwrap(),
-        ],
-        0,
-    )
-    .unwrap();
-    s
+    [
+        header(Kind::Register).to_vec(),
+        serde_json::to_vec(&reg).unwrap(),
+    ]
 }
 
 /// For a task batch: its task ids and the results message that echoes it. `None` for
