@@ -5,7 +5,9 @@
 //! `RandomManagerSelector` does); block-id order is a sorted set walked from its top
 //! (Parsl's `BlockIdManagerSelector`: highest block id first, managers without one last).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::managers::Selector;
 

@@ -1,7 +1,9 @@
 //! The manager table: registered worker pools, their outstanding tasks, capacity,
 //! heartbeats, drain and hold state, and the order in which they are offered tasks.
 
-use std::collections::{HashMap, HashSet};
+// foldhash: the table is looked up several times per message and per task (SipHash was
+// a visible share of the interchange thread at 10,000 pools); seeded per process.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::candidates::Candidates;
@@ -704,7 +706,7 @@ mod tests {
             Placement::Wait(Some(b"a".to_vec()))
         );
         assert_eq!(m.place(&want(2, 0), &none), Placement::Fits(b"b".to_vec()));
-        let kept: HashSet<Vec<u8>> = [b"b".to_vec()].into();
+        let kept: HashSet<Vec<u8>> = [b"b".to_vec()].into_iter().collect();
         assert_eq!(
             m.place(&want(2, 0), &kept),
             Placement::Fits(b"a".to_vec()),

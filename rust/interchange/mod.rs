@@ -23,7 +23,7 @@ use crate::protocol::{
 };
 use crate::resources::{self, FLAG_RESOURCES};
 use crate::socket_thread::{self, SocketThread};
-use crate::transport::{recv_frames, send_frames, Mailbox};
+use crate::transport::{recv_frames_into, send_frames, Mailbox};
 pub use managers::{ManagerInfo, Selector};
 use managers::{Managers, Placement};
 use queue::{PendingTask, TaskQueue};
@@ -264,6 +264,7 @@ impl Handle {
             warned_peers: FirstSeen::default(),
             refused_peers: FirstSeen::default(),
             results: Vec::new(),
+            frames: Vec::new(),
             stop: false,
         };
         let bound = format!(
@@ -393,6 +394,8 @@ struct Interchange {
     /// trip through the events lock and one wake-up of the submit side per turn, not per
     /// message (with thousands of pools a turn reads many one-result-batch messages).
     results: Vec<Event>,
+    /// The frames of the message being handled, reused from one message to the next.
+    frames: Vec<zmq::Message>,
     stop: bool,
 }
 
@@ -441,12 +444,14 @@ impl Interchange {
                 self.take_inbox();
             }
             if router_ready {
+                let mut frames = std::mem::take(&mut self.frames);
                 for _ in 0..BATCH {
-                    match recv_frames(&self.router) {
-                        Some(frames) => self.on_manager_message(frames),
-                        None => break,
+                    if !recv_frames_into(&self.router, &mut frames) {
+                        break;
                     }
+                    self.on_manager_message(&mut frames);
                 }
+                self.frames = frames;
                 if !self.results.is_empty() {
                     self.shared.emit(self.results.drain(..));
                 }
@@ -555,7 +560,7 @@ impl Interchange {
         send_frames(&self.router, frames.iter().copied())
     }
 
-    fn on_manager_message(&mut self, frames: Vec<zmq::Message>) {
+    fn on_manager_message(&mut self, frames: &mut Vec<zmq::Message>) {
         let identity = frames[0].to_vec();
         if frames.len() < 2 {
             self.drop_junk(&identity, "no payload frame");
@@ -576,7 +581,7 @@ impl Interchange {
             Kind::Probe => {
                 let _ = self.send(&[&identity, &header(Kind::ProbeAck)]);
             }
-            Kind::Register => self.on_register(identity, &frames),
+            Kind::Register => self.on_register(identity, frames),
             Kind::Heartbeat => {
                 if self.managers.touch(&identity) {
                     let _ = self.send(&[&identity, &header(Kind::HeartbeatReply)]);
@@ -652,15 +657,14 @@ impl Interchange {
         self.managers.register(identity, reg);
     }
 
-    fn on_results(&mut self, identity: &[u8], mut frames: Vec<zmq::Message>) {
+    fn on_results(&mut self, identity: &[u8], frames: &mut Vec<zmq::Message>) {
         if self.managers.get(identity).is_none() {
             return self.drop_junk(identity, "results from an unregistered manager");
         }
         if frames.len() < 3 {
             return self.drop_junk(identity, "results without a meta frame");
         }
-        let payloads = frames.split_off(3);
-        let meta = match decode_meta(&frames[2], payloads.len()) {
+        let meta = match decode_meta(&frames[2], frames.len() - 3) {
             Ok(m) => m,
             Err(e) => return self.drop_junk(identity, &e.to_string()),
         };
@@ -673,7 +677,7 @@ impl Interchange {
             .fetch_add(meta.len() as u64, Ordering::Relaxed);
         self.results.extend(
             meta.into_iter()
-                .zip(payloads)
+                .zip(frames.drain(3..))
                 .map(|((task_id, status), payload)| Event::Result {
                     task_id,
                     status,
@@ -732,7 +736,7 @@ impl Interchange {
             return;
         }
         let now = Instant::now();
-        let mut kept: HashSet<Vec<u8>> = HashSet::new();
+        let mut kept: foldhash::HashSet<Vec<u8>> = foldhash::HashSet::default();
         let mut waiting: Vec<PendingTask> = Vec::new();
         let mut batches: Vec<(Vec<u8>, Vec<PendingTask>)> = Vec::new();
         for _ in 0..TYPED_SCAN {
@@ -793,7 +797,8 @@ impl Interchange {
                 .get(&id)
                 .map_or(0, managers::Manager::free_capacity);
             let n = free.min(self.queue.len());
-            let batch: Vec<PendingTask> = (0..n).filter_map(|_| self.queue.pop()).collect();
+            let mut batch = Vec::with_capacity(n);
+            batch.extend((0..n).map_while(|_| self.queue.pop()));
             let meta: Vec<(u64, u8)> = batch.iter().map(|t| (t.task_id, t.flags)).collect();
             let ids: Vec<u64> = meta.iter().map(|(i, _)| *i).collect();
             match self.send_tasks(&id, &meta, batch) {
