@@ -13,7 +13,7 @@
 //! growth (and per registered pool), and how long the storm of registrations took to
 //! be admitted (all pools connect and register at once).
 //!
-//!     cargo bench --bench scale            (HTEX_RS_SCALE_TASKS=200000 to change N)
+//!     cargo bench --bench scale            (1,000,000 tasks; HTEX_RS_SCALE_TASKS to change N)
 //!
 //! The simulated pools are plain TCP sockets speaking ZMTP 3.0 as DEALERs (`zmtp.rs`),
 //! one epoll per thread: the interchange cannot tell them from libzmq DEALERs, and they
@@ -481,7 +481,7 @@ fn main() {
     let tasks: u64 = std::env::var("HTEX_RS_SCALE_TASKS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if quick { 5_000 } else { 200_000 });
+        .unwrap_or(if quick { 5_000 } else { 1_000_000 });
     // HTEX_RS_SCALE_ONLY=pools,capacity: one run (for profiling).
     if let Ok(only) = std::env::var("HTEX_RS_SCALE_ONLY") {
         let v: Vec<u32> = only.split(',').map(|x| x.parse().unwrap()).collect();
