@@ -126,6 +126,41 @@ fn fake_pools_main(spec: &str) {
     }
 }
 
+/// Run `body` on `sim_threads()` threads, each given its share of the pool numbers.
+fn on_threads(
+    pools: std::ops::Range<usize>,
+    body: impl Fn(Vec<usize>) + Send + Sync + 'static,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let threads = sim_threads();
+    let body = Arc::new(body);
+    (0..threads)
+        .map(|t| {
+            let body = body.clone();
+            let mine: Vec<usize> = (pools.start + t..pools.end).step_by(threads).collect();
+            std::thread::spawn(move || body(mine))
+        })
+        .collect()
+}
+
+/// An epoll watching `fds` for input, each event carrying its fd's index in `fds`.
+fn epoll_over(fds: impl Iterator<Item = i32>) -> i32 {
+    // SAFETY: plain epoll calls on open fds owned by the caller.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(ep >= 0, "epoll_create1");
+    for (n, fd) in fds.enumerate() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: n as u64,
+        };
+        // SAFETY: ep and fd are open; ev lives across the call.
+        assert_eq!(
+            unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &raw mut ev) },
+            0
+        );
+    }
+    ep
+}
+
 /// `HTEX_RS_SCALE_SIM=zmq`: simulated pools are libzmq DEALERs (the default is plain TCP
 /// sockets speaking ZMTP, `zmtp.rs`).
 fn libzmq_simulator() -> bool {
@@ -140,82 +175,58 @@ fn start_tcp_pools(
     capacity: u32,
     stop: &Arc<AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<()>> {
-    let threads = sim_threads();
-    (0..threads)
-        .map(|t| {
-            let stop = stop.clone();
-            let pools = pools.clone();
-            std::thread::spawn(move || {
-                let mut peers: Vec<zmtp::Peer> = (pools.start + t..pools.end)
-                    .step_by(threads)
-                    .map(|i| {
-                        let uid = format!("pool-{i}");
-                        let reg = common::registration(&uid, &(i % 64).to_string(), capacity);
-                        zmtp::Peer::connect(port, uid.as_bytes(), &reg)
-                    })
-                    .collect();
-                // SAFETY: plain epoll calls on fds owned by the peers above.
-                let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-                assert!(ep >= 0, "epoll_create1");
-                for (n, p) in peers.iter().enumerate() {
-                    let mut ev = libc::epoll_event {
-                        events: libc::EPOLLIN as u32,
-                        u64: n as u64,
-                    };
-                    // SAFETY: ep and the fd are open; ev lives across the call.
-                    assert_eq!(
-                        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, p.fd(), &raw mut ev) },
-                        0
-                    );
-                }
-                let echo = |frames: Vec<Vec<u8>>, out: &mut Vec<u8>| {
-                    if let Some((_, msg)) = common::echo(frames) {
-                        zmtp::put_message(out, &msg);
-                    }
-                };
-                let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
-                let mut last_beat = Instant::now();
-                // Peers holding bytes their socket would not take yet.
-                let mut pending: Vec<usize> = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    if last_beat.elapsed() > HEARTBEAT_PERIOD {
-                        // Heartbeats every 30 s (Parsl's heartbeat_period).
-                        last_beat = Instant::now();
-                        for (n, p) in peers.iter_mut().enumerate() {
-                            zmtp::put_message(&mut p.outbuf, &[&header(Kind::Heartbeat)[..]]);
-                            pending.push(n);
-                        }
-                    }
-                    pending.retain(|&n| {
-                        peers[n].flush();
-                        !peers[n].outbuf.is_empty()
-                    });
-                    let wait_ms = if pending.is_empty() { 50 } else { 1 };
-                    // SAFETY: events has room for 256 entries.
-                    let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, wait_ms) };
-                    for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
-                        let n = e.u64 as usize;
-                        let p = &mut peers[n];
-                        if !p.read(echo) {
-                            // SAFETY: as above; a closed peer leaves the epoll set.
-                            unsafe {
-                                libc::epoll_ctl(
-                                    ep,
-                                    libc::EPOLL_CTL_DEL,
-                                    p.fd(),
-                                    std::ptr::null_mut(),
-                                )
-                            };
-                        } else if !p.outbuf.is_empty() && !pending.contains(&n) {
-                            pending.push(n);
-                        }
-                    }
-                }
-                // SAFETY: ep is ours.
-                unsafe { libc::close(ep) };
+    let stop = stop.clone();
+    on_threads(pools, move |mine| {
+        let mut peers: Vec<zmtp::Peer> = mine
+            .into_iter()
+            .map(|i| {
+                let uid = format!("pool-{i}");
+                let reg = common::registration(&uid, &(i % 64).to_string(), capacity);
+                zmtp::Peer::connect(port, uid.as_bytes(), &reg)
             })
-        })
-        .collect()
+            .collect();
+        let ep = epoll_over(peers.iter().map(zmtp::Peer::fd));
+        let echo = |frames: Vec<Vec<u8>>, out: &mut Vec<u8>| {
+            if let Some((_, msg)) = common::echo(frames) {
+                zmtp::put_message(out, &msg);
+            }
+        };
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut last_beat = Instant::now();
+        // Peers holding bytes their socket would not take yet.
+        let mut pending: Vec<usize> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if last_beat.elapsed() > HEARTBEAT_PERIOD {
+                // Heartbeats every 30 s (Parsl's heartbeat_period).
+                last_beat = Instant::now();
+                for (n, p) in peers.iter_mut().enumerate() {
+                    zmtp::put_message(&mut p.outbuf, &[&header(Kind::Heartbeat)[..]]);
+                    pending.push(n);
+                }
+            }
+            pending.retain(|&n| {
+                peers[n].flush();
+                !peers[n].outbuf.is_empty()
+            });
+            let wait_ms = if pending.is_empty() { 50 } else { 1 };
+            // SAFETY: events has room for 256 entries.
+            let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, wait_ms) };
+            for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+                let n = e.u64 as usize;
+                let p = &mut peers[n];
+                if !p.read(echo) {
+                    // SAFETY: as above; a closed peer leaves the epoll set.
+                    unsafe {
+                        libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, p.fd(), std::ptr::null_mut())
+                    };
+                } else if !p.outbuf.is_empty() && !pending.contains(&n) {
+                    pending.push(n);
+                }
+            }
+        }
+        // SAFETY: ep is ours.
+        unsafe { libc::close(ep) };
+    })
 }
 
 /// Fake pools (numbered `pools`) as libzmq DEALERs spread over a few threads; each
@@ -227,82 +238,62 @@ fn start_pools(
     stop: &Arc<AtomicBool>,
     ctx: &Arc<SimContext>,
 ) -> Vec<std::thread::JoinHandle<()>> {
-    let threads = sim_threads();
-    (0..threads)
-        .map(|t| {
-            let stop = stop.clone();
-            let pools = pools.clone();
-            let ctx = ctx.clone();
-            std::thread::spawn(move || {
-                let socks: Vec<zmq::Socket> = (pools.start + t..pools.end)
-                    .step_by(threads)
-                    .map(|i| {
-                        common::register_socket(
-                            ctx.socket(),
-                            port,
-                            &format!("pool-{i}"),
-                            &(i % 64).to_string(),
-                            capacity,
-                        )
-                    })
-                    .collect();
-                // epoll over each socket's ZMQ_FD: a wake-up costs O(ready sockets), not
-                // O(sockets), so the simulator does not drown the interchange it measures.
-                // SAFETY: plain epoll calls on fds owned by the sockets above.
-                let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-                assert!(ep >= 0, "epoll_create1");
-                for (n, s) in socks.iter().enumerate() {
-                    let mut ev = libc::epoll_event {
-                        events: libc::EPOLLIN as u32,
-                        u64: n as u64,
-                    };
-                    let fd = s.get_fd().unwrap();
-                    // SAFETY: ep and fd are open; ev lives across the call.
-                    assert_eq!(
-                        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &raw mut ev) },
-                        0
-                    );
-                }
-                let echo = |s: &zmq::Socket| {
-                    // ZMQ_FD is edge-like: drain until ZMQ_EVENTS says nothing is left.
-                    while s.get_events().is_ok_and(|e| e.contains(zmq::POLLIN)) {
-                        while let Ok(frames) = s.recv_multipart(zmq::DONTWAIT) {
-                            if let Some((_, msg)) = common::echo(frames) {
-                                let _ = s.send_multipart(msg, 0);
-                            }
-                        }
-                    }
-                };
-                let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
-                let mut last_beat = Instant::now();
-                let mut last_sweep = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    if last_sweep.elapsed() > Duration::from_secs(1) {
-                        // Heartbeats every 30 s (Parsl's heartbeat_period): at 10,000 pools a
-                        // 1 s period would be 10,000 messages a second of their own.
-                        let beat = last_beat.elapsed() > HEARTBEAT_PERIOD;
-                        for s in &socks {
-                            if beat {
-                                let _ = s.send(&header(Kind::Heartbeat)[..], 0);
-                            }
-                            echo(s); // a sweep for any edge missed
-                        }
-                        if beat {
-                            last_beat = Instant::now();
-                        }
-                        last_sweep = Instant::now();
-                    }
-                    // SAFETY: events has room for 256 entries.
-                    let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, 50) };
-                    for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
-                        echo(&socks[e.u64 as usize]);
-                    }
-                }
-                // SAFETY: ep is ours.
-                unsafe { libc::close(ep) };
+    let stop = stop.clone();
+    let ctx = ctx.clone();
+    on_threads(pools, move |mine| {
+        let socks: Vec<zmq::Socket> = mine
+            .into_iter()
+            .map(|i| {
+                common::register_socket(
+                    ctx.socket(),
+                    port,
+                    &format!("pool-{i}"),
+                    &(i % 64).to_string(),
+                    capacity,
+                )
             })
-        })
-        .collect()
+            .collect();
+        // epoll over each socket's ZMQ_FD: a wake-up costs O(ready sockets), not
+        // O(sockets), so the simulator does not drown the interchange it measures.
+        let ep = epoll_over(socks.iter().map(|s| s.get_fd().unwrap()));
+        let echo = |s: &zmq::Socket| {
+            // ZMQ_FD is edge-like: drain until ZMQ_EVENTS says nothing is left.
+            while s.get_events().is_ok_and(|e| e.contains(zmq::POLLIN)) {
+                while let Ok(frames) = s.recv_multipart(zmq::DONTWAIT) {
+                    if let Some((_, msg)) = common::echo(frames) {
+                        let _ = s.send_multipart(msg, 0);
+                    }
+                }
+            }
+        };
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut last_beat = Instant::now();
+        let mut last_sweep = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if last_sweep.elapsed() > Duration::from_secs(1) {
+                // Heartbeats every 30 s (Parsl's heartbeat_period): at 10,000 pools a
+                // 1 s period would be 10,000 messages a second of their own.
+                let beat = last_beat.elapsed() > HEARTBEAT_PERIOD;
+                for s in &socks {
+                    if beat {
+                        let _ = s.send(&header(Kind::Heartbeat)[..], 0);
+                    }
+                    echo(s); // a sweep for any edge missed
+                }
+                if beat {
+                    last_beat = Instant::now();
+                }
+                last_sweep = Instant::now();
+            }
+            // SAFETY: events has room for 256 entries.
+            let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, 50) };
+            for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+                echo(&socks[e.u64 as usize]);
+            }
+        }
+        // SAFETY: ep is ours.
+        unsafe { libc::close(ep) };
+    })
 }
 
 struct Figures {

@@ -675,15 +675,16 @@ impl Interchange {
             .stats
             .results_forwarded
             .fetch_add(meta.len() as u64, Ordering::Relaxed);
-        self.results.extend(
-            meta.into_iter()
-                .zip(frames.drain(3..))
-                .map(|((task_id, status), payload)| Event::Result {
-                    task_id,
-                    status,
-                    payload,
-                }),
-        );
+        self.results
+            .extend(
+                meta.into_iter()
+                    .zip(frames.drain(3..))
+                    .map(|((task_id, status), payload)| Event::Result {
+                        task_id,
+                        status,
+                        payload,
+                    }),
+            );
     }
 
     fn expire(&mut self) {
