@@ -451,6 +451,7 @@ impl Interchange {
                     }
                     self.on_manager_message(&mut frames);
                 }
+                frames.clear(); // holds nothing of libzmq's between turns
                 self.frames = frames;
                 if !self.results.is_empty() {
                     self.shared.emit(self.results.drain(..));
