@@ -17,8 +17,8 @@
 //!
 //! The simulated pools are plain TCP sockets speaking ZMTP 3.0 as DEALERs (`zmtp.rs`),
 //! one epoll per thread: the interchange cannot tell them from libzmq DEALERs, and they
-//! cost the 2 shared cores a third of what libzmq DEALERs did (1.0 vs 2.9 us per task at 10
-//! pools, 2.4 vs 4.3 at 10,000). `HTEX_RS_SCALE_SIM=zmq` runs libzmq DEALERs instead.
+//! cost the 2 shared cores about half of what libzmq DEALERs did (0.8 vs 2.1 us per task
+//! at 10 pools, 1.9 vs 3.9 at 10,000). `HTEX_RS_SCALE_SIM=zmq` runs libzmq DEALERs instead.
 //! `HTEX_RS_SCALE_SIM_THREADS=4` spreads each process of simulated pools over 4 threads
 //! (default 1, the cheapest; docs/benchmarks.md, session 12, compares them).
 
@@ -113,11 +113,11 @@ fn fake_pools_main(spec: &str) {
     let v: Vec<usize> = spec.split(',').map(|x| x.parse().unwrap()).collect();
     let (port, first, count, capacity) = (u16::try_from(v[0]).unwrap(), v[1], v[2], v[3] as u32);
     let stop = Arc::new(AtomicBool::new(false));
-    let ctx = Arc::new(SimContext::new(if libzmq_simulator() { count } else { 0 }));
-    let threads = if libzmq_simulator() {
-        start_pools(port, first..first + count, capacity, &stop, &ctx)
-    } else {
-        start_tcp_pools(port, first..first + count, capacity, &stop)
+    // Kept here until every thread is joined (see SimContext's drop).
+    let ctx = libzmq_simulator().then(|| Arc::new(SimContext::new(count)));
+    let threads = match &ctx {
+        Some(ctx) => start_pools(port, first..first + count, capacity, &stop, ctx),
+        None => start_tcp_pools(port, first..first + count, capacity, &stop),
     };
     let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
     stop.store(true, Ordering::Relaxed);
@@ -192,6 +192,7 @@ fn start_tcp_pools(
             }
         };
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut scratch = vec![0u8; 65_536];
         let mut last_beat = Instant::now();
         // Peers holding bytes their socket would not take yet.
         let mut pending: Vec<usize> = Vec::new();
@@ -214,7 +215,7 @@ fn start_tcp_pools(
             for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
                 let n = e.u64 as usize;
                 let p = &mut peers[n];
-                if !p.read(echo) {
+                if !p.read(&mut scratch, echo) {
                     // SAFETY: as above; a closed peer leaves the epoll set.
                     unsafe {
                         libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, p.fd(), std::ptr::null_mut())
