@@ -7,6 +7,9 @@ medians of each build's ratios to Parsl.
     mkdir -p /tmp/old/site && pip install --no-deps --target /tmp/old/site /tmp/old/dist/*.whl
     python benches/ab.py --old-site /tmp/old/site --rounds 3 --prefetch 0 64
 
+Or B is this same build with other settings, ``--old-env HTEX_RS_SCHED_BATCH=0`` (each
+``KEY=VALUE`` set for the B side only, its pools included, without ``--old-site``).
+
 The older build's pools must be the older code too: a wrapper ``htex-rs-worker-pool`` that
 runs ``python -m htex_rs.worker_pool`` is put first on PATH, with PYTHONPATH set to the
 older package (its workers inherit both).
@@ -46,15 +49,21 @@ def one_round(env: dict[str, str], prefetch: int, tasks: int, latency_tasks: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--old-site", required=True, help="a directory holding the older htex_rs package")
+    p.add_argument("--old-site", help="a directory holding the older htex_rs package")
+    p.add_argument("--old-env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="environment for the B side only (without --old-site: this build, other settings)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prefetch", type=int, nargs="+", default=[0, 64])
     p.add_argument("--tasks", type=int, default=10000)
     p.add_argument("--latency-tasks", type=int, default=500)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    bindir = tempfile.mkdtemp(prefix="htex-rs-ab-")
-    envs = {"new": dict(os.environ), "old": old_env(os.path.abspath(args.old_site), bindir)}
+    if not args.old_site and not args.old_env:
+        p.error("give --old-site (an older build) or --old-env (this build, other settings)")
+    old = (old_env(os.path.abspath(args.old_site), tempfile.mkdtemp(prefix="htex-rs-ab-"))
+           if args.old_site else dict(os.environ))
+    old.update(kv.split("=", 1) for kv in args.old_env)
+    envs = {"new": dict(os.environ), "old": old}
     raw: dict = {}
     for r in range(args.rounds):
         for pf in args.prefetch:

@@ -11,6 +11,7 @@ pub mod manager;
 pub mod planner;
 pub mod protocol;
 pub mod resources;
+pub mod sched;
 pub mod socket_thread;
 pub mod stream;
 pub mod transport;

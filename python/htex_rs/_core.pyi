@@ -4,6 +4,9 @@ from typing import Optional, TypedDict, final
 
 VERSION: str
 HAS_CURVE: bool
+
+def batch_scheduling() -> bool: ...
+
 #: How long a query to the interchange thread may take before CommandTimeout.
 COMMAND_TIMEOUT_S: float
 

@@ -387,14 +387,16 @@ class Pool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = arg_parser().parse_args(argv)
+    # Before any thread or worker process starts: they inherit it (rust/sched.rs says why).
+    batch = _core.batch_scheduling()
     try:
         pool = Pool(args)
     except ValueError as e:  # an affinity plan that cannot work on this node
         print(f"htex-rs-worker-pool: {e}", file=sys.stderr)
         return 2
     logs.setup(pool.logdir, "manager", args.debug, args.logconf)
-    logger.info("htex-rs-worker-pool %s (protocol v%s) starting: %s", _core.VERSION, _core.PROTOCOL_VERSION,
-                " ".join(sys.argv))
+    logger.info("htex-rs-worker-pool %s (protocol v%s) starting (SCHED_BATCH=%s): %s", _core.VERSION,
+                _core.PROTOCOL_VERSION, batch, " ".join(sys.argv))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
     try:
         return pool.run()

@@ -192,6 +192,9 @@ impl Handle {
     /// Bind the worker port and start the interchange thread.
     pub fn start(config: Config) -> Result<Handle, String> {
         let ctx = zmq::Context::new();
+        // libzmq starts the context's I/O threads with its first socket, from this
+        // (the caller's) thread, and they inherit its policy.
+        let batch = crate::sched::BatchScope::enter();
         let zap = match &config.curve {
             Some(_) => {
                 let rep = ctx.socket(zmq::REP).map_err(|e| e.to_string())?;
@@ -204,6 +207,7 @@ impl Handle {
             None => None,
         };
         let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
+        drop(batch);
         let setup = || -> zmq::Result<()> {
             router.set_linger(500)?; // lets the final Shutdown messages out
             router.set_router_mandatory(true)?;
@@ -279,7 +283,8 @@ impl Handle {
             || Input::Command(Command::Stop),
             move || {
                 logging::attach(log);
-                log::info!("{bound}");
+                let batch = crate::sched::batch_this_thread();
+                log::info!("{bound}; SCHED_BATCH={batch}");
                 ix.run();
             },
             // However the thread ends, panics included, the submit side learns it is

@@ -54,6 +54,13 @@ impl<T> Running<T> {
     }
 }
 
+/// Put the calling thread under `SCHED_BATCH` (see `crate::sched`): a worker pool calls
+/// this first, so its threads and worker processes inherit it. Returns whether it took.
+#[pyfunction]
+fn batch_scheduling() -> bool {
+    crate::sched::batch_this_thread()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -66,6 +73,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("VERSION", crate::interchange::HTEX_RS_VERSION)?;
     m.add("HAS_CURVE", zmq::has("curve") == Some(true))?;
+    m.add_function(wrap_pyfunction!(batch_scheduling, m)?)?;
     interchange::register(m)?;
     pool::register(m)?;
     planner::register(m)?;
