@@ -1,6 +1,7 @@
 """The DataFlowKernel path, side by side: N no-op ``@python_app`` through the DFK with
 Parsl's ThreadPoolExecutor (no executor hop: the DFK's own ceiling), Parsl's HTEX and
-htex_rs, with parsl.log on (the Config default, as parsl-perf runs it) and off.
+htex_rs, with parsl.log on (the Config default, as parsl-perf runs it) and off; and htex_rs
+again with ``HTEX_RS_SCHED_BATCH=0`` (its threads and pools under the normal policy).
 
     python benches/dfk_path.py --rounds 5 --tasks 8000 --json docs/benchmarks_dfk.json
 
@@ -26,8 +27,9 @@ import tempfile
 import time
 from typing import Any
 
-KINDS = ("threads", "parsl", "htex_rs")
-NAMES = {"threads": "DFK ceiling", "parsl": "Parsl HTEX", "htex_rs": "htex_rs"}
+KINDS = ("threads", "parsl", "htex_rs", "htex_rs_normal")
+NAMES = {"threads": "DFK ceiling", "parsl": "Parsl HTEX", "htex_rs": "htex_rs",
+         "htex_rs_normal": "htex_rs, HTEX_RS_SCHED_BATCH=0"}
 LOGS = (("on", True), ("off", False))
 
 
@@ -85,9 +87,12 @@ def one(kind: str, log: bool, tasks: int, workers: int, pin: bool = False) -> fl
 
 
 def measure(kind: str, log: bool, args: argparse.Namespace) -> float:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, "--log", "on" if log else "off",
-           "--tasks", str(args.tasks), "--workers", str(args.workers)] + (["--pin"] if args.pin else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
+    # htex_rs_normal: the same build with its threads and pools under the normal policy.
+    env = dict(os.environ, HTEX_RS_SCHED_BATCH="0") if kind == "htex_rs_normal" else None
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", kind.removesuffix("_normal"),
+           "--log", "on" if log else "off", "--tasks", str(args.tasks), "--workers", str(args.workers)]
+    cmd += ["--pin"] if args.pin else []
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     if out.returncode != 0:
         raise RuntimeError(f"{kind} (log {log}) failed:\n{out.stderr[-3000:]}")
@@ -95,12 +100,14 @@ def measure(kind: str, log: bool, args: argparse.Namespace) -> float:
 
 
 def table(med: dict[str, dict[str, float]], ratio: dict[str, float]) -> str:
-    rows = ["| parsl.log | DFK ceiling | Parsl HTEX | htex_rs | htex_rs / ceiling | htex_rs / Parsl |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| parsl.log | DFK ceiling | Parsl HTEX | htex_rs | htex_rs / ceiling | htex_rs / Parsl "
+            "| htex_rs, SCHED_BATCH off | its / ceiling |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, _ in LOGS:
         m = med[name]
         rows.append(f"| {name} | {m['threads']:,.0f}/s | {m['parsl']:,.0f}/s | {m['htex_rs']:,.0f}/s | "
-                    f"{ratio[name]:.2f} | {ratio[name + '_parsl']:.1f}x |")
+                    f"{ratio[name]:.2f} | {ratio[name + '_parsl']:.1f}x | {m['htex_rs_normal']:,.0f}/s | "
+                    f"{ratio[name + '_normal']:.2f} |")
     return "\n".join(rows)
 
 
@@ -112,8 +119,8 @@ def plot(med: dict[str, dict[str, float]], ratio: dict[str, float], dst: str) ->
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, kind in enumerate(KINDS):
-        xs = [j + (i - 1) * 0.27 for j in range(len(LOGS))]
-        ax.bar(xs, [med[name][kind] for name, _ in LOGS], 0.27, label=NAMES[kind])
+        xs = [j + (i - 1.5) * 0.21 for j in range(len(LOGS))]
+        ax.bar(xs, [med[name][kind] for name, _ in LOGS], 0.21, label=NAMES[kind])
     ax.set_xticks(range(len(LOGS)), [f"parsl.log {name}\nhtex_rs = {ratio[name]:.2f} of ceiling"
                                      for name, _ in LOGS])
     ax.set_ylabel("no-op apps / s through the DFK (median)")
@@ -157,6 +164,7 @@ def main() -> None:
                 done += 1
             ratios.setdefault(name, []).append(got["htex_rs"] / got["threads"])
             ratios.setdefault(name + "_parsl", []).append(got["htex_rs"] / got["parsl"])
+            ratios.setdefault(name + "_normal", []).append(got["htex_rs_normal"] / got["threads"])
     sys.stderr.write(f"\r[{done}/{steps}, {time.perf_counter() - t0:4.0f} s] done{' ' * 50}\n")
     med = {name: {k: statistics.median(v) for k, v in cell.items()} for name, cell in raw.items()}
     ratio = {k: statistics.median(v) for k, v in ratios.items()}
