@@ -60,6 +60,8 @@ def main() -> None:
     args = p.parse_args()
     if not args.old_site and not args.old_env:
         p.error("give --old-site (an older build) or --old-env (this build, other settings)")
+    if any("=" not in kv for kv in args.old_env):
+        p.error("--old-env takes KEY=VALUE pairs, e.g. HTEX_RS_SCHED_BATCH=0")
     old = (old_env(os.path.abspath(args.old_site), tempfile.mkdtemp(prefix="htex-rs-ab-"))
            if args.old_site else dict(os.environ))
     old.update(kv.split("=", 1) for kv in args.old_env)

@@ -56,9 +56,17 @@ fn set_policy(policy: i32) -> std::io::Result<()> {
 /// whether the thread is now under `SCHED_BATCH`.
 #[must_use]
 pub fn batch_this_thread() -> bool {
+    batch_this_thread_if(wanted())
+}
+
+/// [`batch_this_thread`] with [`wanted`] read before, on another thread: a thread of ours
+/// running beside the user's code should not read the environment while a user thread
+/// may be setting it (`setenv` in another thread races with `getenv`).
+#[must_use]
+pub fn batch_this_thread_if(wanted: bool) -> bool {
     #[cfg(target_os = "linux")]
     {
-        if !wanted() {
+        if !wanted {
             return false;
         }
         match current_policy() {
@@ -74,7 +82,10 @@ pub fn batch_this_thread() -> bool {
         }
     }
     #[cfg(not(target_os = "linux"))]
-    false
+    {
+        let _ = wanted;
+        false
+    }
 }
 
 /// `SCHED_BATCH` for the calling thread until this is dropped, then its policy before:
@@ -85,10 +96,18 @@ pub struct BatchScope {
 }
 
 impl BatchScope {
+    /// [`BatchScope::enter`] with [`wanted`], read here; also returns it, for threads
+    /// started later to use.
     #[must_use]
-    pub fn enter() -> Self {
+    pub fn enter_if_wanted() -> (bool, Self) {
+        let wanted = wanted();
+        (wanted, BatchScope::enter(wanted))
+    }
+
+    #[must_use]
+    pub fn enter(wanted: bool) -> Self {
         let before = current_policy();
-        let changed = batch_this_thread() && before != current_policy();
+        let changed = batch_this_thread_if(wanted) && before != current_policy();
         BatchScope {
             restore: if changed { before } else { None },
         }
@@ -123,9 +142,11 @@ mod tests {
     #[test]
     fn a_scope_batches_this_thread_and_its_new_threads_then_restores() {
         std::thread::spawn(|| {
-            assert_eq!(current_policy(), Some(libc::SCHED_OTHER));
+            if current_policy() != Some(libc::SCHED_OTHER) {
+                return; // started under another policy (chrt): nothing to show here
+            }
             {
-                let _scope = BatchScope::enter();
+                let _scope = BatchScope::enter(true);
                 assert_eq!(current_policy(), Some(libc::SCHED_BATCH));
                 let child = std::thread::spawn(current_policy).join().unwrap();
                 assert_eq!(
@@ -135,6 +156,12 @@ mod tests {
                 );
             }
             assert_eq!(current_policy(), Some(libc::SCHED_OTHER), "restored");
+            let _off = BatchScope::enter(false);
+            assert_eq!(
+                current_policy(),
+                Some(libc::SCHED_OTHER),
+                "not wanted: untouched"
+            );
         })
         .join()
         .unwrap();

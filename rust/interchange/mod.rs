@@ -192,9 +192,8 @@ impl Handle {
     /// Bind the worker port and start the interchange thread.
     pub fn start(config: Config) -> Result<Handle, String> {
         let ctx = zmq::Context::new();
-        // libzmq starts the context's I/O threads with its first socket, from this
-        // (the caller's) thread, and they inherit its policy.
-        let batch = crate::sched::BatchScope::enter();
+        // libzmq starts its I/O threads with the first socket, from here: they inherit this.
+        let (batch_wanted, batch) = crate::sched::BatchScope::enter_if_wanted();
         let zap = match &config.curve {
             Some(_) => {
                 let rep = ctx.socket(zmq::REP).map_err(|e| e.to_string())?;
@@ -283,7 +282,7 @@ impl Handle {
             || Input::Command(Command::Stop),
             move || {
                 logging::attach(log);
-                let batch = crate::sched::batch_this_thread();
+                let batch = crate::sched::batch_this_thread_if(batch_wanted);
                 log::info!("{bound}; SCHED_BATCH={batch}");
                 ix.run();
             },
