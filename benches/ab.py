@@ -65,7 +65,9 @@ def main() -> None:
     old = (old_env(os.path.abspath(args.old_site), tempfile.mkdtemp(prefix="htex-rs-ab-"))
            if args.old_site else dict(os.environ))
     old.update(kv.split("=", 1) for kv in args.old_env)
-    envs = {"new": dict(os.environ), "old": old}
+    # The A side runs with those variables unset, whatever the caller exported.
+    new = {k: v for k, v in os.environ.items() if k not in {kv.split("=", 1)[0] for kv in args.old_env}}
+    envs = {"new": new, "old": old}
     raw: dict = {}
     for r in range(args.rounds):
         for pf in args.prefetch:
