@@ -30,6 +30,8 @@ use htex_rs::interchange::{Config, Event, Handle, NewTask};
 use htex_rs::protocol::{header, Kind};
 
 mod common;
+#[path = "common/floor.rs"]
+mod floor;
 #[path = "common/zmtp.rs"]
 mod zmtp;
 
@@ -335,7 +337,105 @@ fn cpu_seconds() -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
+/// Start the processes of simulated pools for `pools` pools on `port`.
+fn spawn_pools(port: u16, pools: usize, capacity: u32) -> Vec<std::process::Child> {
+    // Each process of pools stays within an fd limit a container may not let us raise
+    // (~2 fds per pool: TCP and the socket's mailbox).
+    (0..pools)
+        .step_by(POOLS_PER_PROCESS)
+        .map(|first| {
+            let count = POOLS_PER_PROCESS.min(pools - first);
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .env(
+                    "HTEX_RS_SCALE_CHILD",
+                    format!("{port},{first},{count},{capacity}"),
+                )
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("re-executing the bench for the fake pools")
+        })
+        .collect()
+}
+
+/// A process of simulated pools that ended early fails the run.
+fn check_children(children: &mut [std::process::Child]) {
+    for child in children {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("a process of simulated pools ended early ({status})");
+        }
+    }
+}
+
+/// utime + stime of the simulated pools' processes, in seconds.
+fn sim_cpu(children: &[std::process::Child]) -> f64 {
+    children.iter().map(|c| proc_cpu_seconds(c.id())).sum()
+}
+
+/// Latency samples (us) to a median.
+fn median_of(mut lat: Vec<f64>) -> f64 {
+    lat.sort_by(f64::total_cmp);
+    lat[lat.len() / 2]
+}
+
+/// [`run`] against the floor router (`floor.rs`) instead of the interchange.
+fn run_floor(pools: usize, capacity: u32, tasks: u64) -> Figures {
+    let before = rss_kib();
+    let mut ix = floor::Floor::bind(capacity);
+    let spawned = Instant::now();
+    let mut children = spawn_pools(ix.port, pools, capacity);
+    while ix.registered < pools {
+        ix.turn(20);
+        assert!(
+            spawned.elapsed() < Duration::from_secs(300),
+            "not every registration was admitted"
+        );
+        check_children(&mut children);
+    }
+    let admit_s = spawned.elapsed().as_secs_f64();
+    let rss_per_pool_kib = rss_kib().saturating_sub(before) as f64 / pools as f64;
+    let start = Instant::now();
+    let cpu0 = cpu_seconds();
+    let sim0 = sim_cpu(&children);
+    ix.start(tasks);
+    while ix.results < tasks {
+        ix.turn(50);
+    }
+    let throughput = tasks as f64 / start.elapsed().as_secs_f64();
+    let ix_cpu_us = (cpu_seconds() - cpu0) / tasks as f64 * 1e6;
+    let sim_cpu_us = (sim_cpu(&children) - sim0) / tasks as f64 * 1e6;
+    let rss_mib = (rss_kib().saturating_sub(before)) as f64 / 1024.0;
+    let mut lat = Vec::new();
+    for i in 0..500 {
+        let t = Instant::now();
+        let want = ix.results + 1;
+        ix.one(i % pools);
+        while ix.results < want {
+            ix.turn(50);
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    for child in &mut children {
+        drop(child.stdin.take()); // EOF: the fake pools stop
+    }
+    for mut child in children {
+        child.wait().unwrap();
+    }
+    drop(ix);
+    Figures {
+        throughput,
+        latency_us: median_of(lat),
+        rss_mib,
+        rss_per_pool_kib,
+        admit_s,
+        ix_cpu_us,
+        sim_cpu_us,
+    }
+}
+
 fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
+    if std::env::var("HTEX_RS_SCALE_IX").is_ok_and(|v| v == "floor") {
+        return run_floor(pools, capacity, tasks);
+    }
     let before = rss_kib();
     let h = Handle::start(Config {
         heartbeat_threshold: Duration::from_secs(120), // Parsl's default
@@ -343,22 +443,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     })
     .unwrap();
     let spawned = Instant::now();
-    // Each process of pools stays within an fd limit a container may not let us raise
-    // (~2 fds per pool: TCP and the socket's mailbox).
-    let mut children: Vec<std::process::Child> = (0..pools)
-        .step_by(POOLS_PER_PROCESS)
-        .map(|first| {
-            let count = POOLS_PER_PROCESS.min(pools - first);
-            std::process::Command::new(std::env::current_exe().unwrap())
-                .env(
-                    "HTEX_RS_SCALE_CHILD",
-                    format!("{},{first},{count},{capacity}", h.port),
-                )
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .expect("re-executing the bench for the fake pools")
-        })
-        .collect();
+    let mut children = spawn_pools(h.port, pools, capacity);
     // Wait for every registration.
     loop {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -370,11 +455,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
             spawned.elapsed() < Duration::from_secs(300),
             "not every registration was admitted"
         );
-        for child in &mut children {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("a process of simulated pools ended early ({status})");
-            }
-        }
+        check_children(&mut children);
         std::thread::sleep(Duration::from_millis(20));
     }
     let admit_s = spawned.elapsed().as_secs_f64();
@@ -391,8 +472,6 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     };
     let start = Instant::now();
     let cpu0 = cpu_seconds();
-    let sim_cpu =
-        |cs: &[std::process::Child]| cs.iter().map(|c| proc_cpu_seconds(c.id())).sum::<f64>();
     let sim0 = sim_cpu(&children);
     h.submit((1..=tasks).map(|i| NewTask {
         task_id: i,

@@ -15,13 +15,29 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
-const MORE: u8 = 0x01;
+pub const MORE: u8 = 0x01;
 const LONG: u8 = 0x02;
-const COMMAND: u8 = 0x04;
-const GREETING: usize = 64;
+pub const COMMAND: u8 = 0x04;
+pub const GREETING: usize = 64;
+
+/// The frame at the start of `b`, if all of it is there: its flags, header length and
+/// body length.
+pub fn next_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
+    let flags = *b.first()?;
+    let (head, size) = if flags & LONG == 0 {
+        (2, usize::from(*b.get(1)?))
+    } else {
+        let s = b.get(1..9)?;
+        (
+            9,
+            usize::try_from(u64::from_be_bytes(s.try_into().ok()?)).ok()?,
+        )
+    };
+    (b.len() >= head + size).then_some((flags, head, size))
+}
 
 /// Append one frame to `out`.
-fn put_frame(out: &mut Vec<u8>, flags: u8, body: &[u8]) {
+pub fn put_frame(out: &mut Vec<u8>, flags: u8, body: &[u8]) {
     if let Ok(short) = u8::try_from(body.len()) {
         out.extend_from_slice(&[flags, short]);
     } else {
@@ -150,24 +166,9 @@ impl Peer {
         }
         loop {
             let b = &self.inbuf[self.start..];
-            let Some(&flags) = b.first() else { break };
-            let (head, size) = if flags & LONG == 0 {
-                match b.get(1) {
-                    Some(&s) => (2, usize::from(s)),
-                    None => break,
-                }
-            } else {
-                match b.get(1..9) {
-                    Some(s) => (
-                        9,
-                        usize::try_from(u64::from_be_bytes(s.try_into().unwrap())).unwrap(),
-                    ),
-                    None => break,
-                }
-            };
-            if b.len() < head + size {
+            let Some((flags, head, size)) = next_frame(b) else {
                 break;
-            }
+            };
             if flags & COMMAND != 0 {
                 if b[head..head + size].starts_with(b"\x05READY") {
                     self.outbuf.append(&mut self.held);
