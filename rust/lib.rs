@@ -16,6 +16,7 @@ pub mod socket_thread;
 pub mod stream;
 pub mod transport;
 pub mod worker_inbox;
+pub mod zmtp;
 
 #[cfg(feature = "python")]
 mod python;

@@ -88,42 +88,6 @@ pub fn batch_this_thread_if(wanted: bool) -> bool {
     }
 }
 
-/// `SCHED_BATCH` for the calling thread until this is dropped, then its policy before:
-/// for a caller's thread that is about to start threads of ours (libzmq starts its I/O
-/// threads with the first socket of a context, from the thread that makes it).
-pub struct BatchScope {
-    restore: Option<i32>,
-}
-
-impl BatchScope {
-    /// [`BatchScope::enter`] with [`wanted`], read here; also returns it, for threads
-    /// started later to use.
-    #[must_use]
-    pub fn enter_if_wanted() -> (bool, Self) {
-        let wanted = wanted();
-        (wanted, BatchScope::enter(wanted))
-    }
-
-    #[must_use]
-    pub fn enter(wanted: bool) -> Self {
-        let before = current_policy();
-        let changed = batch_this_thread_if(wanted) && before != current_policy();
-        BatchScope {
-            restore: if changed { before } else { None },
-        }
-    }
-}
-
-impl Drop for BatchScope {
-    fn drop(&mut self) {
-        if let Some(p) = self.restore {
-            if let Err(e) = set_policy(p) {
-                log::warn!("could not restore this thread's scheduling policy {p}: {e}");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,27 +104,24 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn a_scope_batches_this_thread_and_its_new_threads_then_restores() {
+    fn a_batched_thread_s_new_threads_inherit_it_and_off_leaves_a_thread_alone() {
         std::thread::spawn(|| {
             if current_policy() != Some(libc::SCHED_OTHER) {
                 return; // started under another policy (chrt): nothing to show here
             }
-            {
-                let _scope = BatchScope::enter(true);
-                assert_eq!(current_policy(), Some(libc::SCHED_BATCH));
-                let child = std::thread::spawn(current_policy).join().unwrap();
-                assert_eq!(
-                    child,
-                    Some(libc::SCHED_BATCH),
-                    "threads started inside inherit it"
-                );
-            }
-            assert_eq!(current_policy(), Some(libc::SCHED_OTHER), "restored");
-            let _off = BatchScope::enter(false);
+            assert!(!batch_this_thread_if(false));
             assert_eq!(
                 current_policy(),
                 Some(libc::SCHED_OTHER),
                 "not wanted: untouched"
+            );
+            assert!(batch_this_thread_if(true));
+            assert_eq!(current_policy(), Some(libc::SCHED_BATCH));
+            let child = std::thread::spawn(current_policy).join().unwrap();
+            assert_eq!(
+                child,
+                Some(libc::SCHED_BATCH),
+                "threads started after inherit it"
             );
         })
         .join()

@@ -1,4 +1,5 @@
-//! The interchange: a thread that owns the ROUTER socket worker pools connect to,
+//! The interchange: a thread that owns the worker port pools connect to (a ZMTP ROUTER of
+//! our own, `crate::zmtp::router`, served from this thread's epoll),
 //! queues tasks by priority, offers them to managers with free capacity in batches,
 //! forwards results, and declares silent managers lost. It never touches Python:
 //! the submit side hands it tasks through [`Handle::submit`] and collects
@@ -7,9 +8,8 @@
 pub mod candidates;
 pub mod managers;
 pub mod queue;
-pub mod zap;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, Sender};
@@ -23,7 +23,8 @@ use crate::protocol::{
 };
 use crate::resources::{self, FLAG_RESOURCES};
 use crate::socket_thread::{self, SocketThread};
-use crate::transport::{recv_frames_into, send_frames, Mailbox};
+use crate::transport::Mailbox;
+use crate::zmtp::{curve, router};
 pub use managers::{ManagerInfo, Selector};
 use managers::{Managers, Placement};
 use queue::{PendingTask, TaskQueue};
@@ -53,8 +54,8 @@ pub struct Config {
     /// `major.minor` of the submit side's Python; pools must match unless `check_python` is off.
     pub python_version: String,
     pub check_python: bool,
-    /// Largest payload (task or result) in bytes; a peer sending a message larger than
-    /// this plus its framing is disconnected by libzmq before the message is buffered.
+    /// Largest payload (task or result) in bytes; a peer sending a frame larger than
+    /// this plus its framing is disconnected before the frame is buffered.
     /// `None`: unlimited.
     pub max_message_bytes: Option<usize>,
     /// Emit `Event::Node` for Parsl's monitoring `node` table.
@@ -155,21 +156,11 @@ pub struct Handle {
     thread: SocketThread<Input>,
 }
 
-fn tcp_url(address: &str, port: u16) -> String {
-    if address.contains(':') {
-        format!("tcp://[{address}]:{port}")
-    } else {
-        format!("tcp://{address}:{port}")
-    }
-}
-
-fn bind_router(router: &zmq::Socket, config: &Config) -> Result<u16, String> {
+fn bind_worker_port(config: &Config) -> Result<std::net::TcpListener, String> {
     let addr = &config.bind_address;
     if let Some(port) = config.worker_port {
-        router
-            .bind(&tcp_url(addr, port))
-            .map_err(|e| format!("cannot bind worker port {addr}:{port}: {e}"))?;
-        return Ok(port);
+        return router::bind(addr, port, LISTEN_BACKLOG)
+            .map_err(|e| format!("cannot bind worker port {addr}:{port}: {e}"));
     }
     let (lo, hi) = config.port_range;
     if lo >= hi {
@@ -178,58 +169,43 @@ fn bind_router(router: &zmq::Socket, config: &Config) -> Result<u16, String> {
     let mut last = String::new();
     for _ in 0..100 {
         let port = fastrand::u16(lo..hi);
-        match router.bind(&tcp_url(addr, port)) {
-            Ok(()) => return Ok(port),
+        match router::bind(addr, port, LISTEN_BACKLOG) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return Err(format!("cannot bind the worker port on {addr}: {e}"))
+            }
             Err(e) => last = e.to_string(),
         }
     }
     Err(format!(
-        "no free port for the worker ROUTER on {addr} in {lo}..{hi} after 100 tries: {last}"
+        "no free port for the worker port on {addr} in {lo}..{hi} after 100 tries: {last}"
     ))
 }
 
 impl Handle {
     /// Bind the worker port and start the interchange thread.
     pub fn start(config: Config) -> Result<Handle, String> {
-        let ctx = zmq::Context::new();
-        // libzmq starts its I/O threads with the first socket, from here: they inherit this.
-        let (batch_wanted, batch) = crate::sched::BatchScope::enter_if_wanted();
-        let zap = match &config.curve {
-            Some(_) => {
-                let rep = ctx.socket(zmq::REP).map_err(|e| e.to_string())?;
-                rep.set_linger(0).map_err(|e| e.to_string())?;
-                // Must exist before the CURVE socket binds, or handshakes bypass it.
-                rep.bind(zap::ZAP_ENDPOINT)
-                    .map_err(|e| format!("cannot bind the ZAP handler: {e}"))?;
-                Some(rep)
-            }
+        let batch_wanted = crate::sched::wanted();
+        let curve = match &config.curve {
+            Some(c) => Some(curve::Server::new(
+                curve::decode_key(&c.server_secret)
+                    .map_err(|e| format!("the CURVE server secret key: {e}"))?,
+                c.allowed_clients.iter().copied(),
+            )),
             None => None,
         };
-        let router = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
-        drop(batch);
-        let setup = || -> zmq::Result<()> {
-            router.set_linger(500)?; // lets the final Shutdown messages out
-            router.set_router_mandatory(true)?;
-            router.set_ipv6(true)?;
-            router.set_sndhwm(0)?;
-            router.set_rcvhwm(0)?;
-            // libzmq listens with a backlog of 100: a storm of thousands of pools starting
-            // at once overflows it, and each refused SYN waits out TCP's 1, 3, 7 s retries
-            // (10,000 pools took 32 s to register). The kernel caps this at somaxconn.
-            router.set_backlog(LISTEN_BACKLOG)?;
-            if let Some(limit) = config.max_message_bytes {
-                let limit = i64::try_from(message_limit(limit)).unwrap_or(i64::MAX);
-                router.set_maxmsgsize(limit)?;
-            }
-            if let Some(c) = &config.curve {
-                router.set_curve_server(true)?;
-                router.set_curve_secretkey(&c.server_secret)?;
-                router.set_zap_domain("htex_rs")?;
-            }
-            Ok(())
-        };
-        setup().map_err(|e| format!("cannot configure the worker socket: {e}"))?;
-        let port = bind_router(&router, &config)?;
+        let max_frame = config.max_message_bytes.map(message_limit);
+        let listener = bind_worker_port(&config)?;
+        let router = router::Router::new(
+            listener,
+            router::Options {
+                curve,
+                max_frame,
+                backlog: LISTEN_BACKLOG,
+            },
+        )
+        .map_err(|e| format!("cannot serve the worker port: {e}"))?;
+        let port = router.port;
 
         let inbox = Arc::new(Mailbox::new().map_err(|e| e.to_string())?);
         let shared = Arc::new(Shared {
@@ -246,19 +222,12 @@ impl Handle {
             ),
             None => None,
         };
-        let allowed: HashSet<[u8; 32]> = config
-            .curve
-            .as_ref()
-            .map(|c| c.allowed_clients.iter().copied().collect())
-            .unwrap_or_default();
         let node_events = config.node_events;
         let managers = Managers::new(config.selector, node_events);
         let mut ix = Interchange {
             config,
-            ctx,
             router,
-            zap,
-            allowed,
+            refused_seen: 0,
             shared: shared.clone(),
             queue: TaskQueue::new(),
             typed: TaskQueue::new(),
@@ -380,11 +349,9 @@ impl std::fmt::Display for AskError {
 
 struct Interchange {
     config: Config,
-    #[allow(dead_code)] // keeps the context alive as long as its sockets
-    ctx: zmq::Context,
-    router: zmq::Socket,
-    zap: Option<zmq::Socket>,
-    allowed: HashSet<[u8; 32]>,
+    router: router::Router,
+    /// The router's refused CURVE clients already counted in `Stats::dropped`.
+    refused_seen: u64,
     shared: Arc<Shared>,
     queue: TaskQueue,
     /// Tasks that ask for resources: matched to pools with room, before `queue`.
@@ -403,7 +370,9 @@ struct Interchange {
     stop: bool,
 }
 
-/// The worker port's listen backlog (see `Handle::start`).
+/// The worker port's listen backlog: a storm of thousands of pools starting at once
+/// overflows a small one, and each refused SYN waits out TCP's 1, 3, 7 s retries (10,000
+/// pools took 32 s to register behind libzmq's 100). The kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 65_535;
 
 /// How long a task that asks for resources lets later ones take the room it waits for.
@@ -421,52 +390,57 @@ impl Interchange {
         let poll_ms = self.config.poll_period.as_millis().clamp(1, 1000) as i64;
         while !self.stop {
             let wake_fd = self.shared.inbox.fd();
-            let (router_ready, wake_ready, zap_ready) = {
-                let mut items = vec![
-                    self.router.as_poll_item(zmq::POLLIN),
+            let (router_ready, wake_ready) = {
+                let mut items = [
+                    zmq::PollItem::from_fd(self.router.fd(), zmq::POLLIN),
                     zmq::PollItem::from_fd(wake_fd, zmq::POLLIN),
                 ];
-                if let Some(z) = &self.zap {
-                    items.push(z.as_poll_item(zmq::POLLIN));
-                }
-                if let Err(e) = socket_thread::poll(&mut items, poll_ms) {
+                let wait = if self.router.pending() { 0 } else { poll_ms };
+                if let Err(e) = socket_thread::poll(&mut items, wait) {
                     let msg = format!("the interchange cannot poll its sockets: {e}");
                     log::error!("{msg}");
                     self.shared.emit([Event::Fatal(msg)]);
                     break;
                 }
                 (
-                    items[0].is_readable(),
+                    items[0].is_readable() || self.router.pending(),
                     items[1].is_readable(),
-                    items.get(2).is_some_and(zmq::PollItem::is_readable),
                 )
             };
-            if zap_ready {
-                self.serve_zap();
-            }
             if wake_ready {
                 self.take_inbox();
             }
             if router_ready {
                 let mut frames = std::mem::take(&mut self.frames);
                 for _ in 0..BATCH {
-                    if !recv_frames_into(&self.router, &mut frames) {
+                    if !self.router.read_into(&mut frames) {
                         break;
                     }
                     self.on_manager_message(&mut frames);
                 }
-                frames.clear(); // holds nothing of libzmq's between turns
+                frames.clear();
                 self.frames = frames;
                 if !self.results.is_empty() {
                     self.shared.emit(self.results.drain(..));
+                }
+                let refused = self.router.counts.refused;
+                if refused > self.refused_seen {
+                    self.shared
+                        .stats
+                        .dropped
+                        .fetch_add(refused - self.refused_seen, Ordering::Relaxed);
+                    self.refused_seen = refused;
                 }
             }
             if last_timers.elapsed() >= timer_period {
                 last_timers = Instant::now();
                 self.expire();
+                self.router.expire_handshakes();
                 self.managers.report_changed();
             }
             self.dispatch();
+            // One write per connection for everything this turn sent it.
+            self.router.flush();
             // Not through emit() unconditionally: that takes the events lock every round.
             let nodes = self.managers.take_node_changes();
             if !nodes.is_empty() {
@@ -475,8 +449,9 @@ impl Interchange {
         }
         // Tell every pool to exit now rather than after heartbeat_threshold of silence.
         for id in self.managers.identities() {
-            let _ = self.send(&[&id, &header(Kind::Shutdown)]);
+            let _ = self.router.send(&id, [&header(Kind::Shutdown)[..]]);
         }
+        self.router.linger(Duration::from_millis(500));
         log::info!("interchange stopped");
     }
 
@@ -535,22 +510,6 @@ impl Interchange {
         }
     }
 
-    fn serve_zap(&mut self) {
-        let Some(z) = &self.zap else { return };
-        while let Ok(req) = z.recv_multipart(zmq::DONTWAIT) {
-            let reply = zap::decide(&req, &self.allowed);
-            if reply[2] != b"200" {
-                self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "refused a CURVE client from {}: {}",
-                    String::from_utf8_lossy(req.get(3).map_or(&[][..], |v| v)),
-                    String::from_utf8_lossy(&reply[3])
-                );
-            }
-            let _ = z.send_multipart(reply, 0);
-        }
-    }
-
     fn drop_junk(&mut self, identity: &[u8], why: &str) {
         self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
         if self.warned_peers.first(identity.to_vec()) {
@@ -561,8 +520,9 @@ impl Interchange {
         }
     }
 
-    fn send(&self, frames: &[&[u8]]) -> zmq::Result<()> {
-        send_frames(&self.router, frames.iter().copied())
+    /// Send `frames` to the peer `identity` (dropped if it is not connected).
+    fn send(&mut self, frames: &[&[u8]]) -> Result<(), router::NotConnected> {
+        self.router.send(frames[0], frames[1..].iter().copied())
     }
 
     fn on_manager_message(&mut self, frames: &mut Vec<zmq::Message>) {
@@ -819,7 +779,7 @@ impl Interchange {
         }
     }
 
-    /// The peer is gone (ROUTER_MANDATORY refused a send; its batch was requeued):
+    /// The peer is gone (the router refused a send; its batch was requeued):
     /// forget it; its outstanding tasks are lost with it.
     fn forget_unreachable(&mut self, id: &[u8]) {
         if let Some(m) = self.managers.remove(id) {
@@ -835,24 +795,22 @@ impl Interchange {
     }
 
     fn send_tasks(
-        &self,
+        &mut self,
         identity: &[u8],
         meta: &[(u64, u8)],
         batch: Vec<PendingTask>,
     ) -> Result<(), Vec<PendingTask>> {
-        // ROUTER_MANDATORY refuses an unknown peer on the first frame, before any
-        // payload has been handed over, so the batch can still be returned whole.
-        if self.router.send(identity, zmq::SNDMORE).is_err() {
+        let head = [&header(Kind::Tasks)[..], &encode_meta(meta)[..]];
+        let payloads = batch.iter().map(|t| &t.payload[..]);
+        // Refused for a peer that is not connected, before anything is queued, so the
+        // batch can be returned whole.
+        if self
+            .router
+            .send(identity, head.iter().copied().chain(payloads))
+            .is_err()
+        {
             return Err(batch);
         }
-        let head = [
-            zmq::Message::from(&header(Kind::Tasks)[..]),
-            zmq::Message::from(encode_meta(meta)),
-        ];
-        let _ = send_frames(
-            &self.router,
-            head.into_iter().chain(batch.into_iter().map(|t| t.payload)),
-        );
         Ok(())
     }
 }

@@ -8,9 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::{CommandTimeout, InterchangeStopped, Running};
-use crate::interchange::{
-    self, zap, AskError, Command, CurveConfig, Event, Handle, NewTask, Selector,
-};
+use crate::interchange::{self, AskError, Command, CurveConfig, Event, Handle, NewTask, Selector};
 
 /// A running interchange thread owned by one executor. Frozen, so calls from
 /// several Python threads (result thread, strategy, user) never conflict on a borrow.
@@ -149,7 +147,7 @@ impl Interchange {
                 server_secret: secret,
                 allowed_clients: allowed_clients
                     .iter()
-                    .map(|k| zap::decode_key(k))
+                    .map(|k| crate::zmtp::curve::decode_key(k))
                     .collect::<Result<_, _>>()
                     .map_err(PyValueError::new_err)?,
             }),

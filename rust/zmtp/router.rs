@@ -1,0 +1,910 @@
+//! A ZMTP ROUTER served from the caller's thread: a listening TCP socket and its
+//! connections in one epoll, each connection's bytes parsed and written here. Messages
+//! come out as libzmq's ROUTER gives them (the peer's routing identity, then the frames)
+//! and go out addressed the same way; a send to an identity that is not connected is
+//! refused, as with `ZMQ_ROUTER_MANDATORY`.
+//!
+//! Nothing blocks: [`Router::read_into`] takes what the sockets have, [`Router::send`]
+//! queues bytes and [`Router::flush`] writes them (the caller flushes once per loop turn,
+//! so a turn's messages to one connection leave in one write). Poll [`Router::fd`] for
+//! input, with a zero timeout while [`Router::pending`] says messages are parsed and
+//! waiting.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use super::curve::{self, Handshake, Refusal, Session};
+use super::{
+    check_greeting, command, command_body, greeting, metadata, next_frame, parse_metadata,
+    put_frame,
+};
+use super::{COMMAND, GREETING, MORE};
+
+/// How the router listens and whom it admits.
+pub struct Options {
+    /// CurveZMQ server key and admitted clients; `None`: the NULL mechanism.
+    pub curve: Option<curve::Server>,
+    /// A peer sending a frame larger than this is disconnected (`ZMQ_MAXMSGSIZE`).
+    pub max_frame: Option<usize>,
+    pub backlog: i32,
+}
+
+enum State {
+    Greeting,
+    /// Greeted; NULL waits for the peer's READY.
+    Null,
+    Curve(Handshake),
+    Ready,
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    gen: u32,
+    state: State,
+    session: Option<Session>,
+    identity: Vec<u8>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    /// POLLOUT is armed (bytes are left that the socket would not take).
+    armed: bool,
+    /// The message being read: its routing identity, then its frames so far.
+    frames: Vec<zmq::Message>,
+    /// Bytes still missing of the frame being read (to size the next read).
+    need: usize,
+}
+
+/// A send to a routing identity with no connection (`ZMQ_ROUTER_MANDATORY`'s refusal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotConnected;
+
+/// Counters for the interchange's statistics and logs.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Counts {
+    pub accepted: u64,
+    pub closed: u64,
+    /// CURVE clients whose key is not admitted.
+    pub refused: u64,
+}
+
+pub struct Router {
+    ep: OwnedFd,
+    listeners: Vec<TcpListener>,
+    pub port: u16,
+    options: Options,
+    mechanism: &'static [u8],
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    next_gen: u32,
+    by_identity: foldhash::HashMap<Vec<u8>, usize>,
+    incoming: VecDeque<Vec<zmq::Message>>,
+    dirty: Vec<usize>,
+    next_anonymous: u32,
+    /// Connections still in their handshake, oldest first, with their deadlines.
+    handshakes: VecDeque<(Instant, usize, u32)>,
+    pub counts: Counts,
+}
+
+/// Our READY's metadata (libzmq's ROUTER sends an empty Identity too).
+fn ready_metadata() -> Vec<u8> {
+    metadata(&[(b"Socket-Type", b"ROUTER"), (b"Identity", b"")])
+}
+
+/// A connection that has not finished its handshake by then is dropped (libzmq's
+/// `ZMQ_HANDSHAKE_IVL` default).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Epoll tokens at and above this are listeners.
+const LISTENER: u64 = u64::MAX - 16;
+/// Most bytes read from one connection per pass (others get their turn).
+const READ_CHUNK: usize = 256 * 1024;
+
+fn epoll_ctl(ep: &OwnedFd, op: i32, fd: i32, events: u32, token: u64) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: ep and fd are open descriptors; ev lives across the call.
+    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &raw mut ev) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Bind `address` (an IP literal, or `*` for every interface) on `port`.
+pub fn bind(address: &str, port: u16, backlog: i32) -> std::io::Result<TcpListener> {
+    let listener = if address == "*" {
+        // [::] takes IPv4 too (dual stack) where the host has IPv6 at all.
+        TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+            .or_else(|_| TcpListener::bind(("0.0.0.0", port)))?
+    } else {
+        let ip: IpAddr = address.parse().map_err(|e| {
+            std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("{address:?} is not an IP address: {e}"),
+            )
+        })?;
+        TcpListener::bind((ip, port))?
+    };
+    // std listens with a smaller backlog; a storm of pools starting at once overflows it
+    // and each refused SYN waits out TCP's retries. Linux takes a second listen() as a
+    // resize (capped at somaxconn).
+    // SAFETY: listen on our own bound socket.
+    unsafe { libc::listen(listener.as_raw_fd(), backlog) };
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+impl Router {
+    /// Serve on `listener` (see [`bind`]).
+    pub fn new(listener: TcpListener, options: Options) -> std::io::Result<Router> {
+        // SAFETY: epoll_create1 has no preconditions; the fd is owned from here on.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: ep is a fresh descriptor nobody else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        epoll_ctl(
+            &ep,
+            libc::EPOLL_CTL_ADD,
+            listener.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            LISTENER,
+        )?;
+        let port = listener.local_addr()?.port();
+        let mechanism: &'static [u8] = if options.curve.is_some() {
+            b"CURVE"
+        } else {
+            b"NULL"
+        };
+        Ok(Router {
+            ep,
+            listeners: vec![listener],
+            port,
+            options,
+            mechanism,
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_gen: 0,
+            by_identity: foldhash::HashMap::default(),
+            incoming: VecDeque::new(),
+            dirty: Vec::new(),
+            next_anonymous: fastrand::u32(..),
+            handshakes: VecDeque::new(),
+            counts: Counts::default(),
+        })
+    }
+
+    /// Readable when a connection or the listener has something.
+    #[must_use]
+    pub fn fd(&self) -> i32 {
+        self.ep.as_raw_fd()
+    }
+
+    /// Messages are parsed and waiting: poll without blocking.
+    #[must_use]
+    pub fn pending(&self) -> bool {
+        !self.incoming.is_empty()
+    }
+
+    /// Connections that have finished their handshake.
+    #[must_use]
+    pub fn peers(&self) -> usize {
+        self.by_identity.len()
+    }
+
+    /// The next message (routing identity first) into `frames`; false when none waits.
+    pub fn read_into(&mut self, frames: &mut Vec<zmq::Message>) -> bool {
+        if self.incoming.is_empty() {
+            self.pump();
+        }
+        match self.incoming.pop_front() {
+            Some(m) => {
+                *frames = m;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queue a message to `identity`; `Err` if no such peer is connected. Written by
+    /// the next [`Router::flush`].
+    pub fn send<B: AsRef<[u8]>>(
+        &mut self,
+        identity: &[u8],
+        frames: impl IntoIterator<Item = B>,
+    ) -> Result<(), NotConnected> {
+        let Some(&c) = self.by_identity.get(identity) else {
+            return Err(NotConnected);
+        };
+        let conn = self.conns[c].as_mut().expect("a mapped connection");
+        let was_empty = conn.out.is_empty();
+        let mut frames = frames.into_iter().peekable();
+        while let Some(f) = frames.next() {
+            let flags = if frames.peek().is_some() { MORE } else { 0 };
+            match conn.session.as_mut() {
+                Some(s) => s.encode(flags, f.as_ref(), &mut conn.out),
+                None => put_frame(&mut conn.out, flags, f.as_ref()),
+            }
+        }
+        if was_empty && !conn.armed {
+            self.dirty.push(c);
+        }
+        Ok(())
+    }
+
+    /// Write what [`Router::send`] queued.
+    pub fn flush(&mut self) {
+        for c in std::mem::take(&mut self.dirty) {
+            self.write(c);
+        }
+    }
+
+    /// Flush until every queued byte is written or `linger` has passed (at stop).
+    pub fn linger(&mut self, linger: Duration) {
+        let deadline = Instant::now() + linger;
+        self.flush();
+        while Instant::now() < deadline && self.conns.iter().flatten().any(|c| !c.out.is_empty()) {
+            std::thread::sleep(Duration::from_millis(1));
+            for c in 0..self.conns.len() {
+                if self.conns[c].as_ref().is_some_and(|c| !c.out.is_empty()) {
+                    self.write(c);
+                }
+            }
+        }
+    }
+
+    fn token(c: usize, gen: u32) -> u64 {
+        (u64::from(gen) << 32) | c as u64
+    }
+
+    /// Take what the sockets have: accept, read, parse, write what POLLOUT allows.
+    fn pump(&mut self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        // SAFETY: events has room for 256 entries.
+        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), 256, 0) };
+        for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+            let (token, flags) = (e.u64, e.events);
+            if token >= LISTENER {
+                self.accept((token - LISTENER) as usize);
+                continue;
+            }
+            let c = (token & 0xffff_ffff) as usize;
+            let gen = (token >> 32) as u32;
+            if self
+                .conns
+                .get(c)
+                .and_then(Option::as_ref)
+                .is_none_or(|x| x.gen != gen)
+            {
+                continue; // closed since (and perhaps the slot reused)
+            }
+            if flags & libc::EPOLLOUT as u32 != 0 {
+                self.write(c);
+            }
+            if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                self.read(c);
+            }
+        }
+        self.flush();
+    }
+
+    fn accept(&mut self, l: usize) {
+        loop {
+            let (stream, peer) = match self.listeners[l].accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != ErrorKind::WouldBlock {
+                        log::warn!("worker port: accept failed: {e}");
+                    }
+                    return;
+                }
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let c = self.free.pop().unwrap_or_else(|| {
+                self.conns.push(None);
+                self.conns.len() - 1
+            });
+            self.next_gen = self.next_gen.wrapping_add(1);
+            let gen = self.next_gen;
+            let token = Self::token(c, gen);
+            if let Err(e) = epoll_ctl(
+                &self.ep,
+                libc::EPOLL_CTL_ADD,
+                stream.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                token,
+            ) {
+                log::warn!("worker port: cannot watch a connection from {peer}: {e}");
+                self.free.push(c);
+                continue;
+            }
+            let mut out = greeting(self.mechanism).to_vec();
+            if self.options.curve.is_none() {
+                // NULL: our READY goes with the greeting (libzmq reads the greeting alone).
+                put_frame(&mut out, COMMAND, &command(b"READY", &ready_metadata()));
+            }
+            self.conns[c] = Some(Conn {
+                stream,
+                peer,
+                gen,
+                state: State::Greeting,
+                session: None,
+                identity: Vec::new(),
+                inbuf: Vec::new(),
+                out,
+                armed: false,
+                frames: Vec::new(),
+                need: 0,
+            });
+            self.handshakes
+                .push_back((Instant::now() + HANDSHAKE_TIMEOUT, c, gen));
+            self.counts.accepted += 1;
+            self.dirty.push(c);
+        }
+    }
+
+    fn close(&mut self, c: usize, why: &str) {
+        let Some(conn) = self.conns[c].take() else {
+            return;
+        };
+        if !why.is_empty() {
+            log::debug!(
+                "worker port: dropping {} ({:?}): {why}",
+                conn.peer,
+                String::from_utf8_lossy(&conn.identity)
+            );
+        }
+        if !conn.identity.is_empty() && self.by_identity.get(&conn.identity) == Some(&c) {
+            self.by_identity.remove(&conn.identity);
+        }
+        self.counts.closed += 1;
+        self.free.push(c);
+        drop(conn); // closing the fd takes it out of the epoll
+    }
+
+    fn write(&mut self, c: usize) {
+        let Some(conn) = self.conns[c].as_mut() else {
+            return;
+        };
+        let mut done = 0;
+        let mut failed = None;
+        while done < conn.out.len() {
+            match conn.stream.write(&conn.out[done..]) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return self.close(c, &format!("write failed: {e}"));
+        }
+        if done == conn.out.len() {
+            conn.out.clear();
+        } else {
+            conn.out.drain(..done);
+        }
+        let want = !conn.out.is_empty();
+        if want != conn.armed {
+            let events = if want {
+                libc::EPOLLIN | libc::EPOLLOUT
+            } else {
+                libc::EPOLLIN
+            } as u32;
+            let token = Self::token(c, conn.gen);
+            conn.armed = want;
+            if let Err(e) = epoll_ctl(
+                &self.ep,
+                libc::EPOLL_CTL_MOD,
+                conn.stream.as_raw_fd(),
+                events,
+                token,
+            ) {
+                self.close(c, &format!("epoll: {e}"));
+            }
+        }
+    }
+
+    /// Drop connections whose handshake has outlasted [`HANDSHAKE_TIMEOUT`] (call
+    /// now and then; it looks only at the oldest).
+    pub fn expire_handshakes(&mut self) {
+        let now = Instant::now();
+        while let Some(&(deadline, c, gen)) = self.handshakes.front() {
+            let live = self.conns[c].as_ref().filter(|x| x.gen == gen);
+            if live.is_none_or(|x| matches!(x.state, State::Ready)) {
+                self.handshakes.pop_front();
+                continue;
+            }
+            if deadline > now {
+                break;
+            }
+            self.handshakes.pop_front();
+            self.close(c, "no handshake within 30 s");
+        }
+    }
+
+    fn read(&mut self, c: usize) {
+        let Some(mut conn) = self.conns[c].take() else {
+            return;
+        };
+        let mut ended = None;
+        let mut total = 0;
+        loop {
+            let need = conn.need.max(64 * 1024);
+            if conn.inbuf.capacity() - conn.inbuf.len() < need / 2 {
+                conn.inbuf.reserve(need);
+            }
+            let spare = conn.inbuf.spare_capacity_mut();
+            // SAFETY: reading into the vector's spare capacity; set_len covers only the
+            // bytes the kernel wrote.
+            let n = unsafe {
+                libc::read(
+                    conn.stream.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                )
+            };
+            if n > 0 {
+                let n = n as usize;
+                let full = n == spare.len();
+                // SAFETY: see above.
+                unsafe { conn.inbuf.set_len(conn.inbuf.len() + n) };
+                total += n;
+                if full && total < READ_CHUNK {
+                    continue;
+                }
+                break;
+            }
+            if n == 0 {
+                ended = Some("closed by the peer".to_string());
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                ErrorKind::Interrupted => {}
+                ErrorKind::WouldBlock => break,
+                _ => {
+                    ended = Some(format!("read failed: {e}"));
+                    break;
+                }
+            }
+        }
+        let was_empty = conn.out.is_empty();
+        let parsed = self.parse(c, &mut conn);
+        let wants_write = was_empty && !conn.out.is_empty() && !conn.armed;
+        self.conns[c] = Some(conn);
+        if let Err(why) = parsed {
+            self.write(c); // an ERROR for a refused client, best effort
+            return self.close(c, &why);
+        }
+        if wants_write {
+            self.dirty.push(c);
+        }
+        if let Some(why) = ended {
+            self.close(c, &why);
+        }
+    }
+
+    /// Handle the whole frames in `conn.inbuf`.
+    fn parse(&mut self, c: usize, conn: &mut Conn) -> Result<(), String> {
+        let mut pos = 0;
+        if matches!(conn.state, State::Greeting) {
+            if conn.inbuf.first().is_some_and(|&b| b != 0xff) {
+                return Err("not a ZMTP peer".into());
+            }
+            if conn.inbuf.len() < GREETING {
+                return Ok(());
+            }
+            check_greeting(&conn.inbuf[..GREETING], self.mechanism)?;
+            pos = GREETING;
+            conn.state = if self.options.curve.is_some() {
+                State::Curve(Handshake::WaitHello)
+            } else {
+                State::Null
+            };
+        }
+        conn.need = 0;
+        let result = loop {
+            let Some((flags, head, size)) = next_frame(&conn.inbuf[pos..])? else {
+                if let Ok(Some(h)) = next_frame_head(&conn.inbuf[pos..]) {
+                    conn.need = h - (conn.inbuf.len() - pos);
+                }
+                break Ok(());
+            };
+            if self.options.max_frame.is_some_and(|m| size > m) {
+                break Err(format!("a frame of {size} bytes, over max_message_size"));
+            }
+            let body = &conn.inbuf[pos + head..pos + head + size];
+            pos += head + size;
+            if let Err(e) = self.on_frame(
+                c,
+                flags,
+                body,
+                &mut ConnParts {
+                    state: &mut conn.state,
+                    session: &mut conn.session,
+                    identity: &mut conn.identity,
+                    out: &mut conn.out,
+                    frames: &mut conn.frames,
+                    peer: conn.peer,
+                },
+            ) {
+                break Err(e);
+            }
+        };
+        if pos == conn.inbuf.len() {
+            conn.inbuf.clear();
+        } else if pos > 0 {
+            conn.inbuf.drain(..pos);
+        }
+        result
+    }
+
+    fn on_frame(
+        &mut self,
+        c: usize,
+        flags: u8,
+        body: &[u8],
+        conn: &mut ConnParts<'_>,
+    ) -> Result<(), String> {
+        match conn.state {
+            State::Greeting => unreachable!("the greeting is read first"),
+            State::Null => {
+                let md = (flags & COMMAND != 0)
+                    .then(|| command_body(body, b"READY"))
+                    .flatten()
+                    .ok_or("a message before its READY")?;
+                let info = parse_metadata(md)?;
+                self.admit(c, info.identity, conn)
+            }
+            State::Curve(ref mut hs) => {
+                if flags & COMMAND == 0 {
+                    return Err("a message before the CURVE handshake ended".into());
+                }
+                let server = self.options.curve.as_ref().expect("a CURVE router");
+                if matches!(hs, Handshake::WaitHello) {
+                    let welcome = hs.hello(server, body).map_err(|r| format!("{r:?}"))?;
+                    put_frame(conn.out, COMMAND, &welcome);
+                    return Ok(());
+                }
+                match hs.initiate(server, body, &ready_metadata()) {
+                    Ok((info, session, ready)) => {
+                        put_frame(conn.out, COMMAND, &ready);
+                        *conn.session = Some(session);
+                        self.admit(c, info.identity, conn)
+                    }
+                    Err(Refusal::NotAllowed(key)) => {
+                        self.counts.refused += 1;
+                        log::warn!(
+                            "refused a CURVE client from {}: client key {} not in the certificate directory",
+                            conn.peer.ip(),
+                            zmq::z85_encode(&key).unwrap_or_default()
+                        );
+                        conn.out.extend_from_slice(&curve::error_frame());
+                        Err("client key not admitted".into())
+                    }
+                    Err(Refusal::Protocol(m)) => Err(m),
+                }
+            }
+            State::Ready => {
+                let (flags, data) = match conn.session.as_mut() {
+                    Some(s) if flags & COMMAND == 0 => {
+                        let (f, d) = s.decode(body)?;
+                        (f, Cow::Owned(d))
+                    }
+                    _ => (flags, Cow::Borrowed(body)),
+                };
+                if flags & COMMAND != 0 {
+                    return Self::on_command(&data, conn);
+                }
+                if conn.frames.is_empty() {
+                    conn.frames.push(zmq::Message::from(&conn.identity[..]));
+                }
+                conn.frames.push(zmq::Message::from(&data[..]));
+                if flags & MORE == 0 {
+                    self.incoming.push_back(std::mem::take(conn.frames));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A command after the handshake: PING is answered (ZMTP 3.1 heartbeats), ERROR
+    /// ends the connection, the rest is ignored.
+    fn on_command(cmd: &[u8], conn: &mut ConnParts<'_>) -> Result<(), String> {
+        if let Some(ping) = command_body(cmd, b"PING") {
+            let context = ping.get(2..).unwrap_or_default();
+            let pong = command(b"PONG", &context[..context.len().min(16)]);
+            match conn.session.as_mut() {
+                Some(s) => s.encode(COMMAND, &pong, conn.out),
+                None => put_frame(conn.out, COMMAND, &pong),
+            }
+            return Ok(());
+        }
+        if command_body(cmd, b"ERROR").is_some() {
+            return Err("the peer sent ERROR".into());
+        }
+        Ok(())
+    }
+
+    /// The handshake is done: route to this connection by `identity` (libzmq's rules:
+    /// none given gets a generated one; a leading zero byte is reserved; an identity
+    /// already connected is refused).
+    fn admit(
+        &mut self,
+        c: usize,
+        identity: Vec<u8>,
+        conn: &mut ConnParts<'_>,
+    ) -> Result<(), String> {
+        let identity = if identity.is_empty() {
+            self.next_anonymous = self.next_anonymous.wrapping_add(1);
+            let mut id = vec![0u8];
+            id.extend_from_slice(&self.next_anonymous.to_be_bytes());
+            id
+        } else if identity[0] == 0 {
+            return Err("a routing identity starting with a zero byte (reserved)".into());
+        } else {
+            identity
+        };
+        if self.by_identity.contains_key(&identity) {
+            return Err(format!(
+                "identity {:?} is already connected",
+                String::from_utf8_lossy(&identity)
+            ));
+        }
+        self.by_identity.insert(identity.clone(), c);
+        *conn.identity = identity;
+        *conn.state = State::Ready;
+        Ok(())
+    }
+}
+
+/// The parts of a connection a frame's handling changes (its input buffer stays
+/// borrowed for the frame's body).
+struct ConnParts<'a> {
+    state: &'a mut State,
+    session: &'a mut Option<Session>,
+    identity: &'a mut Vec<u8>,
+    out: &'a mut Vec<u8>,
+    frames: &'a mut Vec<zmq::Message>,
+    peer: SocketAddr,
+}
+
+/// The whole length (header and body) of the frame starting `b`, once its header is in.
+fn next_frame_head(b: &[u8]) -> Result<Option<usize>, String> {
+    let Some(&flags) = b.first() else {
+        return Ok(None);
+    };
+    if flags & super::LONG == 0 {
+        return Ok(b.get(1).map(|&s| 2 + usize::from(s)));
+    }
+    match b.get(1..9) {
+        Some(s) => {
+            let size = u64::from_be_bytes(s.try_into().expect("8 bytes"));
+            usize::try_from(size)
+                .map(|s| Some(9 + s))
+                .map_err(|e| e.to_string())
+        }
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(curve: Option<curve::Server>, max_frame: Option<usize>) -> Router {
+        let l = bind("127.0.0.1", 0, 128).unwrap();
+        Router::new(
+            l,
+            Options {
+                curve,
+                max_frame,
+                backlog: 128,
+            },
+        )
+        .unwrap()
+    }
+
+    fn dealer(ctx: &zmq::Context, port: u16, identity: Option<&[u8]>) -> zmq::Socket {
+        let s = ctx.socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        if let Some(id) = identity {
+            s.set_identity(id).unwrap();
+        }
+        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+        s
+    }
+
+    /// Turn the router until a message comes (or 5 s pass).
+    fn next(r: &mut Router) -> Option<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut frames = Vec::new();
+        while Instant::now() < deadline {
+            if r.read_into(&mut frames) {
+                return Some(frames.iter().map(|f| f.to_vec()).collect());
+            }
+            r.flush();
+            r.expire_handshakes();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
+    /// Turn the router for `d`; how many messages came.
+    fn turn_for(r: &mut Router, d: Duration) -> usize {
+        let deadline = Instant::now() + d;
+        let mut frames = Vec::new();
+        let mut got = 0;
+        while Instant::now() < deadline {
+            while r.read_into(&mut frames) {
+                got += 1;
+            }
+            r.flush();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got
+    }
+
+    #[test]
+    fn libzmq_dealers_round_trip_by_identity_with_large_frames() {
+        let mut r = router(None, None);
+        let ctx = zmq::Context::new();
+        let a = dealer(&ctx, r.port, Some(b"pool-a"));
+        let b = dealer(&ctx, r.port, Some(b"pool-b"));
+        let big = vec![7u8; 3 << 20];
+        a.send_multipart([&b"one"[..], &big[..]], 0).unwrap();
+        b.send(&b"two"[..], 0).unwrap();
+        let mut got = [next(&mut r).unwrap(), next(&mut r).unwrap()];
+        got.sort();
+        assert_eq!(
+            got[0],
+            vec![b"pool-a".to_vec(), b"one".to_vec(), big.clone()]
+        );
+        assert_eq!(got[1], vec![b"pool-b".to_vec(), b"two".to_vec()]);
+        r.send(b"pool-b", [&b"x"[..], &big[..]]).unwrap();
+        r.send(b"pool-a", [&b"y"[..]]).unwrap();
+        assert!(r.send(b"pool-c", [&b"z"[..]]).is_err(), "no such peer");
+        r.flush();
+        for (s, want) in [
+            (&b, vec![b"x".to_vec(), big.clone()]),
+            (&a, vec![b"y".to_vec()]),
+        ] {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while s.poll(zmq::POLLIN, 1).unwrap() == 0 {
+                assert!(Instant::now() < deadline, "nothing arrived");
+                turn_for(&mut r, Duration::from_millis(1));
+            }
+            assert_eq!(s.recv_multipart(0).unwrap(), want);
+        }
+        assert_eq!(r.peers(), 2);
+        drop(a);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.peers() > 1 {
+            assert!(Instant::now() < deadline, "a closed peer stays routable");
+            turn_for(&mut r, Duration::from_millis(5));
+        }
+        assert!(r.send(b"pool-a", [&b"y"[..]]).is_err());
+    }
+
+    #[test]
+    fn an_anonymous_peer_gets_an_identity_its_answer_reaches() {
+        let mut r = router(None, None);
+        let ctx = zmq::Context::new();
+        let s = dealer(&ctx, r.port, None);
+        s.send(&b"probe"[..], 0).unwrap();
+        let m = next(&mut r).unwrap();
+        assert_eq!(m[0].len(), 5);
+        assert_eq!(m[0][0], 0);
+        r.send(&m[0], [&b"ack"[..]]).unwrap();
+        r.flush();
+        assert!(s.poll(zmq::POLLIN, 5000).unwrap() > 0);
+        assert_eq!(s.recv_bytes(0).unwrap(), b"ack");
+    }
+
+    #[test]
+    fn a_second_connection_with_a_connected_identity_is_not_routed() {
+        let mut r = router(None, None);
+        let ctx = zmq::Context::new();
+        let first = dealer(&ctx, r.port, Some(b"same"));
+        first.send(&b"1"[..], 0).unwrap();
+        assert_eq!(next(&mut r).unwrap()[1], b"1");
+        let second = dealer(&ctx, r.port, Some(b"same"));
+        second.send(&b"2"[..], 0).unwrap();
+        assert_eq!(turn_for(&mut r, Duration::from_millis(300)), 0);
+        assert_eq!(r.peers(), 1);
+        first.send(&b"3"[..], 0).unwrap();
+        assert_eq!(next(&mut r).unwrap()[1], b"3");
+    }
+
+    #[test]
+    fn oversized_frames_and_junk_drop_the_connection_not_the_router() {
+        let mut r = router(None, Some(1000));
+        let ctx = zmq::Context::new();
+        let s = dealer(&ctx, r.port, Some(b"big"));
+        s.send(&vec![0u8; 2000][..], 0).unwrap();
+        let mut junk = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
+        junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        // The DEALER reconnects (libzmq does), its message is gone.
+        assert_eq!(turn_for(&mut r, Duration::from_millis(300)), 0);
+        assert!(r.counts.closed >= 2, "{:?}", r.counts);
+        let ok = dealer(&ctx, r.port, Some(b"small"));
+        ok.send(&vec![0u8; 500][..], 0).unwrap();
+        assert_eq!(next(&mut r).unwrap()[1].len(), 500);
+    }
+
+    fn curve_dealer(
+        ctx: &zmq::Context,
+        port: u16,
+        server: &zmq::CurveKeyPair,
+        me: &zmq::CurveKeyPair,
+    ) -> zmq::Socket {
+        let s = ctx.socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_identity(&me.public_key[..8]).unwrap();
+        s.set_curve_serverkey(&server.public_key).unwrap();
+        s.set_curve_publickey(&me.public_key).unwrap();
+        s.set_curve_secretkey(&me.secret_key).unwrap();
+        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+        s
+    }
+
+    #[test]
+    fn curve_clients_in_the_allowed_set_talk_and_others_are_refused() {
+        let server = zmq::CurveKeyPair::new().unwrap();
+        let client = zmq::CurveKeyPair::new().unwrap();
+        let rogue = zmq::CurveKeyPair::new().unwrap();
+        let mut r = router(
+            Some(curve::Server::new(server.secret_key, [client.public_key])),
+            None,
+        );
+        let ctx = zmq::Context::new();
+        let s = curve_dealer(&ctx, r.port, &server, &client);
+        let payload = vec![3u8; 100_000];
+        for i in 0..3u8 {
+            s.send_multipart([&[i][..], &payload[..]], 0).unwrap();
+        }
+        for i in 0..3u8 {
+            let m = next(&mut r).unwrap();
+            assert_eq!(
+                m,
+                vec![client.public_key[..8].to_vec(), vec![i], payload.clone()]
+            );
+        }
+        for i in 0..3u8 {
+            r.send(&client.public_key[..8], [&[i][..], &payload[..]])
+                .unwrap();
+        }
+        r.flush();
+        for i in 0..3u8 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while s.poll(zmq::POLLIN, 1).unwrap() == 0 {
+                assert!(Instant::now() < deadline, "nothing arrived");
+                turn_for(&mut r, Duration::from_millis(1));
+            }
+            assert_eq!(s.recv_multipart(0).unwrap(), vec![vec![i], payload.clone()]);
+        }
+        let bad = curve_dealer(&ctx, r.port, &server, &rogue);
+        bad.send(&b"let me in"[..], 0).unwrap();
+        assert_eq!(turn_for(&mut r, Duration::from_millis(500)), 0);
+        assert_eq!(r.peers(), 1);
+        assert!(r.counts.refused >= 1, "{:?}", r.counts);
+        // A plain (NULL) peer cannot talk to a CURVE router.
+        let plain = dealer(&ctx, r.port, Some(b"plain"));
+        plain.send(&b"hello"[..], 0).unwrap();
+        assert_eq!(turn_for(&mut r, Duration::from_millis(300)), 0);
+        assert_eq!(r.peers(), 1);
+    }
+}
