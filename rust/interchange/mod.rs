@@ -237,6 +237,9 @@ impl Handle {
             refused_peers: FirstSeen::default(),
             results: Vec::new(),
             frames: Vec::new(),
+            batch: Vec::new(),
+            meta: Vec::new(),
+            ids: Vec::new(),
             stop: false,
         };
         let bound = format!(
@@ -367,6 +370,10 @@ struct Interchange {
     results: Vec<Event>,
     /// The frames of the message being handled, reused from one message to the next.
     frames: Vec<zmq::Message>,
+    /// A dispatch batch, its meta and its task ids, reused from one batch to the next.
+    batch: Vec<PendingTask>,
+    meta: Vec<(u64, u8)>,
+    ids: Vec<u64>,
     stop: bool,
 }
 
@@ -474,7 +481,7 @@ impl Interchange {
                         task_id: t.task_id,
                         priority: t.priority,
                         flags: t.flags,
-                        payload: zmq::Message::from(t.payload),
+                        payload: t.payload,
                         request: request.flatten(),
                         blocked_since: None,
                     };
@@ -526,36 +533,38 @@ impl Interchange {
     }
 
     fn on_manager_message(&mut self, frames: &mut Vec<zmq::Message>) {
-        let identity = frames[0].to_vec();
+        // Taken out of the frames (they are drained below) rather than copied.
+        let identity_frame = std::mem::replace(&mut frames[0], zmq::Message::new());
+        let identity: &[u8] = &identity_frame;
         if frames.len() < 2 {
-            self.drop_junk(&identity, "no payload frame");
+            self.drop_junk(identity, "no payload frame");
             return;
         }
         let kind = match decode_header(&frames[1]) {
             Ok(k) => k,
             Err(DecodeError::Version(v)) => {
-                self.refuse_version(&identity, v, frames.get(2).map(|m| &m[..]));
+                self.refuse_version(identity, v, frames.get(2).map(|m| &m[..]));
                 return;
             }
             Err(e) => {
-                self.drop_junk(&identity, &e.to_string());
+                self.drop_junk(identity, &e.to_string());
                 return;
             }
         };
         match kind {
             Kind::Probe => {
-                let _ = self.send(&[&identity, &header(Kind::ProbeAck)]);
+                let _ = self.send(&[identity, &header(Kind::ProbeAck)]);
             }
-            Kind::Register => self.on_register(identity, frames),
+            Kind::Register => self.on_register(identity.to_vec(), frames),
             Kind::Heartbeat => {
-                if self.managers.touch(&identity) {
-                    let _ = self.send(&[&identity, &header(Kind::HeartbeatReply)]);
+                if self.managers.touch(identity) {
+                    let _ = self.send(&[identity, &header(Kind::HeartbeatReply)]);
                 } else {
-                    self.drop_junk(&identity, "heartbeat from an unregistered manager");
+                    self.drop_junk(identity, "heartbeat from an unregistered manager");
                 }
             }
-            Kind::Results => self.on_results(&identity, frames),
-            _ => self.drop_junk(&identity, "message kind not accepted from a worker pool"),
+            Kind::Results => self.on_results(identity, frames),
+            _ => self.drop_junk(identity, "message kind not accepted from a worker pool"),
         }
     }
 
@@ -754,6 +763,10 @@ impl Interchange {
         if self.queue.is_empty() {
             return;
         }
+        // Reused from one batch to the next: no allocation per batch.
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut meta = std::mem::take(&mut self.meta);
+        let mut ids = std::mem::take(&mut self.ids);
         for id in self.managers.dispatch_order(self.queue.len()) {
             if self.queue.is_empty() {
                 break;
@@ -763,20 +776,25 @@ impl Interchange {
                 .get(&id)
                 .map_or(0, managers::Manager::free_capacity);
             let n = free.min(self.queue.len());
-            let mut batch = Vec::with_capacity(n);
+            batch.clear();
             batch.extend((0..n).map_while(|_| self.queue.pop()));
-            let meta: Vec<(u64, u8)> = batch.iter().map(|t| (t.task_id, t.flags)).collect();
-            let ids: Vec<u64> = meta.iter().map(|(i, _)| *i).collect();
-            match self.send_tasks(&id, &meta, batch) {
-                Ok(()) => self.managers.assign(&id, &ids),
-                Err(returned) => {
-                    for t in returned {
-                        self.queue.push(t);
-                    }
-                    self.forget_unreachable(&id);
+            meta.clear();
+            meta.extend(batch.iter().map(|t| (t.task_id, t.flags)));
+            ids.clear();
+            ids.extend(meta.iter().map(|(i, _)| *i));
+            if self.send_batch(&id, &meta, &batch).is_ok() {
+                self.managers.assign(&id, &ids);
+            } else {
+                for t in batch.drain(..) {
+                    self.queue.push(t);
                 }
+                self.forget_unreachable(&id);
             }
         }
+        batch.clear();
+        self.batch = batch;
+        self.meta = meta;
+        self.ids = ids;
     }
 
     /// The peer is gone (the router refused a send; its batch was requeued):
@@ -800,18 +818,24 @@ impl Interchange {
         meta: &[(u64, u8)],
         batch: Vec<PendingTask>,
     ) -> Result<(), Vec<PendingTask>> {
+        match self.send_batch(identity, meta, &batch) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(batch),
+        }
+    }
+
+    /// Send a batch of tasks; refused for a peer that is not connected, before anything
+    /// is queued, so the caller still has the batch whole.
+    fn send_batch(
+        &mut self,
+        identity: &[u8],
+        meta: &[(u64, u8)],
+        batch: &[PendingTask],
+    ) -> Result<(), router::NotConnected> {
         let head = [&header(Kind::Tasks)[..], &encode_meta(meta)[..]];
         let payloads = batch.iter().map(|t| &t.payload[..]);
-        // Refused for a peer that is not connected, before anything is queued, so the
-        // batch can be returned whole.
-        if self
-            .router
+        self.router
             .send(identity, head.iter().copied().chain(payloads))
-            .is_err()
-        {
-            return Err(batch);
-        }
-        Ok(())
     }
 }
 

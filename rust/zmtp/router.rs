@@ -86,6 +86,10 @@ pub struct Router {
     next_anonymous: u32,
     /// Connections still in their handshake, oldest first, with their deadlines.
     handshakes: VecDeque<(Instant, usize, u32)>,
+    /// Where reads land and sends are encoded, whichever the connection: memory that
+    /// stays in cache, where a buffer per connection is cold with thousands of them.
+    scratch: Vec<u8>,
+    wbuf: Vec<u8>,
     pub counts: Counts,
 }
 
@@ -174,6 +178,8 @@ impl Router {
             dirty: Vec::new(),
             next_anonymous: fastrand::u32(..),
             handshakes: VecDeque::new(),
+            scratch: Vec::with_capacity(READ_CHUNK),
+            wbuf: Vec::new(),
             counts: Counts::default(),
         })
     }
@@ -221,18 +227,40 @@ impl Router {
             return Err(NotConnected);
         };
         let conn = self.conns[c].as_mut().expect("a mapped connection");
-        let was_empty = conn.out.is_empty();
+        // Nothing waiting on this connection: encode where it stays in cache and write
+        // now; only what the socket does not take is kept with the connection.
+        let direct = conn.out.is_empty() && !conn.armed;
+        let mut w = if direct {
+            std::mem::take(&mut self.wbuf)
+        } else {
+            std::mem::take(&mut conn.out)
+        };
         let mut frames = frames.into_iter().peekable();
         while let Some(f) = frames.next() {
             let flags = if frames.peek().is_some() { MORE } else { 0 };
             match conn.session.as_mut() {
-                Some(s) => s.encode(flags, f.as_ref(), &mut conn.out),
-                None => put_frame(&mut conn.out, flags, f.as_ref()),
+                Some(s) => s.encode(flags, f.as_ref(), &mut w),
+                None => put_frame(&mut w, flags, f.as_ref()),
             }
         }
-        if was_empty && !conn.armed {
+        if !direct {
+            conn.out = w;
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < w.len() {
+            match conn.stream.write(&w[done..]) {
+                Ok(n) if n > 0 => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => break, // would block, or failed: flush() finds out which
+            }
+        }
+        if done < w.len() {
+            conn.out.extend_from_slice(&w[done..]);
             self.dirty.push(c);
         }
+        w.clear();
+        self.wbuf = w;
         Ok(())
     }
 
@@ -439,75 +467,56 @@ impl Router {
         let Some(mut conn) = self.conns[c].take() else {
             return;
         };
-        let mut ended = None;
-        let mut total = 0;
-        loop {
-            let need = conn.need.max(64 * 1024);
-            if conn.inbuf.capacity() - conn.inbuf.len() < need / 2 {
-                conn.inbuf.reserve(need);
+        let fd = conn.stream.as_raw_fd();
+        // Read into the router's own buffer (in cache, whichever connection it is), and
+        // keep in the connection's only the part of a frame still coming; a connection
+        // with such a part reads onto it.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let (ended, consumed, parsed);
+        if conn.inbuf.is_empty() {
+            ended = read_some(fd, &mut scratch, conn.need);
+            (consumed, parsed) = self.parse(c, &mut conn, &scratch);
+            conn.inbuf.extend_from_slice(&scratch[consumed..]);
+        } else {
+            let mut inbuf = std::mem::take(&mut conn.inbuf);
+            ended = read_some(fd, &mut inbuf, conn.need);
+            (consumed, parsed) = self.parse(c, &mut conn, &inbuf);
+            if consumed == inbuf.len() {
+                inbuf.clear();
+            } else {
+                inbuf.drain(..consumed);
             }
-            let spare = conn.inbuf.spare_capacity_mut();
-            // SAFETY: reading into the vector's spare capacity; set_len covers only the
-            // bytes the kernel wrote.
-            let n = unsafe {
-                libc::read(
-                    conn.stream.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                )
-            };
-            if n > 0 {
-                let n = n as usize;
-                let full = n == spare.len();
-                // SAFETY: see above.
-                unsafe { conn.inbuf.set_len(conn.inbuf.len() + n) };
-                total += n;
-                if full && total < READ_CHUNK {
-                    continue;
-                }
-                break;
-            }
-            if n == 0 {
-                ended = Some("closed by the peer".to_string());
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                ErrorKind::Interrupted => {}
-                ErrorKind::WouldBlock => break,
-                _ => {
-                    ended = Some(format!("read failed: {e}"));
-                    break;
-                }
-            }
+            conn.inbuf = inbuf;
         }
-        let was_empty = conn.out.is_empty();
-        let parsed = self.parse(c, &mut conn);
-        let wants_write = was_empty && !conn.out.is_empty() && !conn.armed;
+        scratch.clear();
+        self.scratch = scratch;
+        let wants_write = !conn.out.is_empty() && !conn.armed;
         self.conns[c] = Some(conn);
         if let Err(why) = parsed {
             self.write(c); // an ERROR for a refused client, best effort
             return self.close(c, &why);
         }
         if wants_write {
-            self.dirty.push(c);
+            self.dirty.push(c); // a duplicate in `dirty` only costs a write of nothing
         }
         if let Some(why) = ended {
             self.close(c, &why);
         }
     }
 
-    /// Handle the whole frames in `conn.inbuf`.
-    fn parse(&mut self, c: usize, conn: &mut Conn) -> Result<(), String> {
+    /// Handle the whole frames at the start of `buf`; how many bytes they took.
+    fn parse(&mut self, c: usize, conn: &mut Conn, buf: &[u8]) -> (usize, Result<(), String>) {
         let mut pos = 0;
         if matches!(conn.state, State::Greeting) {
-            if conn.inbuf.first().is_some_and(|&b| b != 0xff) {
-                return Err("not a ZMTP peer".into());
+            if buf.first().is_some_and(|&b| b != 0xff) {
+                return (0, Err("not a ZMTP peer".into()));
             }
-            if conn.inbuf.len() < GREETING {
-                return Ok(());
+            if buf.len() < GREETING {
+                return (0, Ok(()));
             }
-            check_greeting(&conn.inbuf[..GREETING], self.mechanism)?;
+            if let Err(e) = check_greeting(&buf[..GREETING], self.mechanism) {
+                return (0, Err(e));
+            }
             pos = GREETING;
             conn.state = if self.options.curve.is_some() {
                 State::Curve(Handshake::WaitHello)
@@ -517,16 +526,25 @@ impl Router {
         }
         conn.need = 0;
         let result = loop {
-            let Some((flags, head, size)) = next_frame(&conn.inbuf[pos..])? else {
-                if let Ok(Some(h)) = next_frame_head(&conn.inbuf[pos..]) {
-                    conn.need = h - (conn.inbuf.len() - pos);
+            let frame = match next_frame(&buf[pos..]) {
+                Ok(f) => f,
+                Err(e) => break Err(e),
+            };
+            let Some((flags, head, size)) = frame else {
+                // A frame still coming: refuse it now if it is too large, else note
+                // how much is missing.
+                if let Ok(Some((head, size))) = next_frame_head(&buf[pos..]) {
+                    if self.options.max_frame.is_some_and(|m| size > m) {
+                        break Err(format!("a frame of {size} bytes, over max_message_size"));
+                    }
+                    conn.need = (head + size).saturating_sub(buf.len() - pos);
                 }
                 break Ok(());
             };
             if self.options.max_frame.is_some_and(|m| size > m) {
                 break Err(format!("a frame of {size} bytes, over max_message_size"));
             }
-            let body = &conn.inbuf[pos + head..pos + head + size];
+            let body = &buf[pos + head..pos + head + size];
             pos += head + size;
             if let Err(e) = self.on_frame(
                 c,
@@ -544,12 +562,7 @@ impl Router {
                 break Err(e);
             }
         };
-        if pos == conn.inbuf.len() {
-            conn.inbuf.clear();
-        } else if pos > 0 {
-            conn.inbuf.drain(..pos);
-        }
-        result
+        (pos, result)
     }
 
     fn on_frame(
@@ -682,22 +695,58 @@ struct ConnParts<'a> {
     peer: SocketAddr,
 }
 
-/// The whole length (header and body) of the frame starting `b`, once its header is in.
-fn next_frame_head(b: &[u8]) -> Result<Option<usize>, String> {
+/// The header length and body length of the frame starting `b`, once its header is in.
+fn next_frame_head(b: &[u8]) -> Result<Option<(usize, usize)>, String> {
     let Some(&flags) = b.first() else {
         return Ok(None);
     };
     if flags & super::LONG == 0 {
-        return Ok(b.get(1).map(|&s| 2 + usize::from(s)));
+        return Ok(b.get(1).map(|&s| (2, usize::from(s))));
     }
     match b.get(1..9) {
         Some(s) => {
             let size = u64::from_be_bytes(s.try_into().expect("8 bytes"));
             usize::try_from(size)
-                .map(|s| Some(9 + s))
+                .map(|s| Some((9, s)))
                 .map_err(|e| e.to_string())
         }
         None => Ok(None),
+    }
+}
+
+/// Read what `fd` has onto the end of `buf` (at most [`READ_CHUNK`] a call, sized for
+/// `need` more bytes of a frame); why the connection ended, if it did.
+fn read_some(fd: i32, buf: &mut Vec<u8>, need: usize) -> Option<String> {
+    let mut total = 0;
+    loop {
+        let want = need.saturating_sub(total).max(64 * 1024);
+        if buf.capacity() - buf.len() < want / 2 {
+            buf.reserve(want);
+        }
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: reading into the vector's spare capacity; set_len covers only the
+        // bytes the kernel wrote.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        if n > 0 {
+            let n = n as usize;
+            let full = n == spare.len();
+            // SAFETY: see above.
+            unsafe { buf.set_len(buf.len() + n) };
+            total += n;
+            if full && total < READ_CHUNK {
+                continue;
+            }
+            return None;
+        }
+        if n == 0 {
+            return Some("closed by the peer".to_string());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            ErrorKind::Interrupted => {}
+            ErrorKind::WouldBlock => return None,
+            _ => return Some(format!("read failed: {e}")),
+        }
     }
 }
 
@@ -834,7 +883,7 @@ mod tests {
         let mut r = router(None, Some(1000));
         let ctx = zmq::Context::new();
         let s = dealer(&ctx, r.port, Some(b"big"));
-        s.send(&vec![0u8; 2000][..], 0).unwrap();
+        s.send(&vec![0u8; 4 << 20][..], 0).unwrap(); // refused from its header on
         let mut junk = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
         junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         // The DEALER reconnects (libzmq does), its message is gone.
