@@ -42,8 +42,28 @@ mod zmtp;
 const THREADS: usize = 1;
 /// How often each simulated pool heartbeats (Parsl's default heartbeat_period).
 const HEARTBEAT_PERIOD: Duration = Duration::from_secs(30);
-/// Simulated pools per child process.
-const POOLS_PER_PROCESS: usize = 2500;
+/// Simulated pools per child process: all of them in one process (one thread, one epoll)
+/// at every size, so the 10,000-pool run has the same simulator as the 10-pool run, unless
+/// the fd limit (two a pool leaves room for the libzmq simulator's mailboxes) is lower.
+/// `HTEX_RS_SCALE_PER_PROCESS` sets it (sessions 8-14 ran 2,500 a process: the 10,000-pool
+/// run had 4 simulator processes, woken one at a time, against the 10-pool run's one).
+fn pools_per_process() -> usize {
+    if let Some(n) = std::env::var("HTEX_RS_SCALE_PER_PROCESS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a local struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
+    usize::try_from(lim.rlim_cur.saturating_sub(128) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -339,12 +359,11 @@ fn cpu_seconds() -> f64 {
 
 /// Start the processes of simulated pools for `pools` pools on `port`.
 fn spawn_pools(port: u16, pools: usize, capacity: u32) -> Vec<std::process::Child> {
-    // Each process of pools stays within an fd limit a container may not let us raise
-    // (~2 fds per pool: TCP and the socket's mailbox).
+    let per_process = pools_per_process();
     (0..pools)
-        .step_by(POOLS_PER_PROCESS)
+        .step_by(per_process)
         .map(|first| {
-            let count = POOLS_PER_PROCESS.min(pools - first);
+            let count = per_process.min(pools - first);
             std::process::Command::new(std::env::current_exe().unwrap())
                 .env(
                     "HTEX_RS_SCALE_CHILD",

@@ -376,6 +376,31 @@ mod tests {
         assert!(decode_key(b"short").is_err());
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::zmtp::fuzz::cases(5_000, 200_000))]
+
+        /// A peer's HELLO, INITIATE and MESSAGE bytes, right prefix or not, never panic.
+        #[test]
+        fn handshake_and_message_decoders_never_panic(
+            prefix in 0usize..4,
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let head: &[u8] = [&b""[..], b"\x05HELLO\x01\x00", b"\x08INITIATE", MESSAGE][prefix];
+            let bytes = [head, &tail[..]].concat();
+            let server = Server::new([5u8; 32], [[6u8; 32]]);
+            let _ = Handshake::WaitHello.hello(&server, &bytes);
+            let waiting = Handshake::WaitInitiate {
+                client_short: [1; 32],
+                short_public: [2; 32],
+                short_secret: [3; 32],
+                cookie_key: [4; 32],
+            };
+            let _ = waiting.initiate(&server, &bytes, b"");
+            let mut session = Session { precomputed: [7; 32], send_nonce: 1, recv_nonce: 1 };
+            proptest::prop_assert!(session.decode(&bytes).is_err(), "a forged MESSAGE opened");
+        }
+    }
+
     #[test]
     fn libzmq_has_curve() {
         // Guard: the pools' libzmq must speak CURVE to this server.

@@ -214,3 +214,41 @@ mod tests {
         assert_eq!(command_body(&command(b"READY", &m), b"ERROR"), None);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property-based fuzzing of what reads a peer's bytes: never a panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `fast` cases by default; `full` with `HTEX_RS_FUZZ_FULL=1` (CI sets it for one run).
+    pub fn cases(fast: u32, full: u32) -> ProptestConfig {
+        let full_run = std::env::var_os("HTEX_RS_FUZZ_FULL").is_some_and(|v| v == "1");
+        ProptestConfig {
+            cases: if full_run { full } else { fast },
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(cases(20_000, 1_000_000))]
+
+        #[test]
+        fn frame_metadata_and_greeting_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..96)) {
+            let _ = check_greeting(&bytes, b"NULL");
+            if let Ok(info) = parse_metadata(&bytes) {
+                prop_assert!(matches!(info.socket_type.as_slice(), b"DEALER" | b"REQ" | b"ROUTER"));
+            }
+            if let Ok(Some((flags, head, size))) = next_frame(&bytes) {
+                prop_assert!(head + size <= bytes.len());
+                if flags & LONG == 0 {
+                    let mut out = Vec::new();
+                    put_frame(&mut out, flags, &bytes[head..head + size]);
+                    prop_assert_eq!(&out[..], &bytes[..head + size]);
+                }
+            }
+            let _ = command_body(&bytes, b"READY");
+        }
+    }
+}
