@@ -7,24 +7,28 @@
 
 use std::collections::BTreeSet;
 
-use foldhash::{HashMap, HashMapExt};
-
 use super::managers::Selector;
 
-/// Sort key of the block-id order: `(has a block id, block id, identity)`, taken from the
-/// top.
-type BlockKey = (bool, String, Vec<u8>);
+/// Sort key of the block-id order: `(has a block id, block id, identity, slot)`, taken
+/// from the top.
+type BlockKey = (bool, String, Vec<u8>, u32);
 
+/// Candidates by their managers' table slots (`table.rs`): no hashing, no copies of
+/// identities, per insert, remove or pick.
 pub enum Candidates {
     Random {
-        ids: Vec<Vec<u8>>,
-        pos: HashMap<Vec<u8>, usize>,
+        ids: Vec<u32>,
+        /// Position in `ids` by slot (`ABSENT`: not a candidate).
+        pos: Vec<u32>,
     },
     BlockId {
         set: BTreeSet<BlockKey>,
-        keys: HashMap<Vec<u8>, BlockKey>,
+        keys: Vec<Option<BlockKey>>,
+        count: usize,
     },
 }
+
+const ABSENT: u32 = u32::MAX;
 
 impl Candidates {
     #[must_use]
@@ -32,50 +36,66 @@ impl Candidates {
         match selector {
             Selector::Random => Candidates::Random {
                 ids: Vec::new(),
-                pos: HashMap::new(),
+                pos: Vec::new(),
             },
             Selector::BlockId => Candidates::BlockId {
                 set: BTreeSet::new(),
-                keys: HashMap::new(),
+                keys: Vec::new(),
+                count: 0,
             },
         }
     }
 
-    pub fn insert(&mut self, id: &[u8], block_id: Option<&str>) {
+    /// Make the manager in `slot` a candidate (`identity` and `block_id` order the
+    /// block-id selector).
+    pub fn insert(&mut self, slot: u32, identity: &[u8], block_id: Option<&str>) {
+        let i = slot as usize;
         match self {
             Candidates::Random { ids, pos } => {
-                if !pos.contains_key(id) {
-                    pos.insert(id.to_vec(), ids.len());
-                    ids.push(id.to_vec());
+                if pos.len() <= i {
+                    pos.resize(i + 1, ABSENT);
+                }
+                if pos[i] == ABSENT {
+                    pos[i] = u32::try_from(ids.len()).expect("fewer than 2^32 candidates");
+                    ids.push(slot);
                 }
             }
-            Candidates::BlockId { set, keys } => {
-                if !keys.contains_key(id) {
+            Candidates::BlockId { set, keys, count } => {
+                if keys.len() <= i {
+                    keys.resize(i + 1, None);
+                }
+                if keys[i].is_none() {
                     let key = (
                         block_id.is_some(),
                         block_id.unwrap_or_default().to_string(),
-                        id.to_vec(),
+                        identity.to_vec(),
+                        slot,
                     );
                     set.insert(key.clone());
-                    keys.insert(id.to_vec(), key);
+                    keys[i] = Some(key);
+                    *count += 1;
                 }
             }
         }
     }
 
-    pub fn remove(&mut self, id: &[u8]) {
+    pub fn remove(&mut self, slot: u32) {
+        let i = slot as usize;
         match self {
             Candidates::Random { ids, pos } => {
-                if let Some(i) = pos.remove(id) {
-                    ids.swap_remove(i);
-                    if let Some(moved) = ids.get(i) {
-                        *pos.get_mut(moved).expect("every id has a position") = i;
-                    }
+                let Some(&p) = pos.get(i).filter(|p| **p != ABSENT) else {
+                    return;
+                };
+                pos[i] = ABSENT;
+                ids.swap_remove(p as usize);
+                if let Some(&moved) = ids.get(p as usize) {
+                    pos[moved as usize] = p;
                 }
             }
-            Candidates::BlockId { set, keys } => {
-                if let Some(key) = keys.remove(id) {
+            Candidates::BlockId { set, keys, count } => {
+                if let Some(key) = keys.get_mut(i).and_then(Option::take) {
                     set.remove(&key);
+                    *count -= 1;
                 }
             }
         }
@@ -85,7 +105,7 @@ impl Candidates {
     pub fn len(&self) -> usize {
         match self {
             Candidates::Random { ids, .. } => ids.len(),
-            Candidates::BlockId { keys, .. } => keys.len(),
+            Candidates::BlockId { count, .. } => *count,
         }
     }
 
@@ -95,13 +115,9 @@ impl Candidates {
     }
 
     /// Candidates in selector order until their free capacity adds up to `need`.
-    /// `free(id)` is a candidate's free capacity, or `None` when it can no longer take
+    /// `free(slot)` is a candidate's free capacity, or `None` when it can no longer take
     /// tasks (held, draining, full, gone): those are dropped from the set on the way.
-    pub fn pick(
-        &mut self,
-        need: usize,
-        mut free: impl FnMut(&[u8]) -> Option<usize>,
-    ) -> Vec<Vec<u8>> {
+    pub fn pick(&mut self, need: usize, mut free: impl FnMut(u32) -> Option<usize>) -> Vec<u32> {
         let mut chosen = Vec::new();
         let mut dropped = Vec::new();
         let mut got = 0;
@@ -115,35 +131,35 @@ impl Candidates {
                     let j = fastrand::usize(i..n);
                     if i != j {
                         ids.swap(i, j);
-                        *pos.get_mut(&ids[i]).expect("every id has a position") = i;
-                        *pos.get_mut(&ids[j]).expect("every id has a position") = j;
+                        pos[ids[i] as usize] = i as u32;
+                        pos[ids[j] as usize] = j as u32;
                     }
-                    match free(&ids[i]) {
+                    match free(ids[i]) {
                         Some(f) if f > 0 => {
                             got += f;
-                            chosen.push(ids[i].clone());
+                            chosen.push(ids[i]);
                         }
-                        _ => dropped.push(ids[i].clone()),
+                        _ => dropped.push(ids[i]),
                     }
                 }
             }
             Candidates::BlockId { set, .. } => {
-                for (_, _, id) in set.iter().rev() {
+                for &(_, _, _, slot) in set.iter().rev() {
                     if got >= need {
                         break;
                     }
-                    match free(id) {
+                    match free(slot) {
                         Some(f) if f > 0 => {
                             got += f;
-                            chosen.push(id.clone());
+                            chosen.push(slot);
                         }
-                        _ => dropped.push(id.clone()),
+                        _ => dropped.push(slot),
                     }
                 }
             }
         }
-        for id in dropped {
-            self.remove(&id);
+        for slot in dropped {
+            self.remove(slot);
         }
         chosen
     }
@@ -153,17 +169,17 @@ impl Candidates {
 mod tests {
     use super::*;
 
-    fn all(c: &mut Candidates) -> Vec<Vec<u8>> {
+    fn all(c: &mut Candidates) -> Vec<u32> {
         c.pick(usize::MAX, |_| Some(1))
     }
 
     #[test]
     fn random_pick_stops_at_need_and_drops_ineligible() {
         let mut c = Candidates::new(Selector::Random);
-        for i in 0..100u8 {
-            c.insert(&[i], None);
+        for i in 0..100u32 {
+            c.insert(i, &i.to_be_bytes(), None);
         }
-        c.insert(&[5], None); // already there: no duplicate
+        c.insert(5, &5u32.to_be_bytes(), None); // already there: no duplicate
         assert_eq!(c.len(), 100);
         let mut looked = 0;
         let got = c.pick(6, |_| {
@@ -172,48 +188,45 @@ mod tests {
         });
         assert_eq!((got.len(), looked), (2, 2), "O(picked), not O(candidates)");
         // Odd ids are ineligible: a full walk drops them.
-        let got = c.pick(usize::MAX, |id| (id[0] % 2 == 0).then_some(1));
+        let got = c.pick(usize::MAX, |slot| (slot % 2 == 0).then_some(1));
         assert_eq!(got.len(), 50);
         assert_eq!(c.len(), 50);
         let mut left = all(&mut c);
-        left.sort();
-        assert_eq!(
-            left,
-            (0..100u8).step_by(2).map(|i| vec![i]).collect::<Vec<_>>()
-        );
+        left.sort_unstable();
+        assert_eq!(left, (0..100u32).step_by(2).collect::<Vec<_>>());
     }
 
     #[test]
     fn random_order_varies_and_positions_stay_consistent() {
         let mut c = Candidates::new(Selector::Random);
-        for i in 0..20u8 {
-            c.insert(&[i], None);
+        for i in 0..20u32 {
+            c.insert(i, &i.to_be_bytes(), None);
         }
-        let firsts: std::collections::HashSet<u8> =
-            (0..200).map(|_| c.pick(1, |_| Some(1))[0][0]).collect();
+        let firsts: std::collections::HashSet<u32> =
+            (0..200).map(|_| c.pick(1, |_| Some(1))[0]).collect();
         assert!(firsts.len() > 10, "the first pick is spread: {firsts:?}");
-        for i in (0..20u8).step_by(3) {
-            c.remove(&[i]);
+        for i in (0..20u32).step_by(3) {
+            c.remove(i);
         }
+        c.remove(99); // never a candidate: nothing
         let mut left = all(&mut c);
-        left.sort();
-        let want: Vec<Vec<u8>> = (0..20u8).filter(|i| i % 3 != 0).map(|i| vec![i]).collect();
+        left.sort_unstable();
+        let want: Vec<u32> = (0..20u32).filter(|i| i % 3 != 0).collect();
         assert_eq!(left, want);
     }
 
     #[test]
     fn block_order_is_highest_block_first_then_none() {
         let mut c = Candidates::new(Selector::BlockId);
-        c.insert(b"n", None);
-        c.insert(b"a", Some("10"));
-        c.insert(b"b", Some("9"));
-        c.insert(b"c", Some("1"));
-        assert_eq!(
-            all(&mut c),
-            [&b"b"[..], b"a", b"c", b"n"].map(<[u8]>::to_vec)
-        );
-        assert_eq!(c.pick(1, |_| Some(1)), vec![b"b".to_vec()]);
-        c.remove(b"b");
-        assert_eq!(c.pick(1, |_| Some(1)), vec![b"a".to_vec()]);
+        let (n, a, b, cc) = (0, 1, 2, 3);
+        c.insert(n, b"n", None);
+        c.insert(a, b"a", Some("10"));
+        c.insert(b, b"b", Some("9"));
+        c.insert(cc, b"c", Some("1"));
+        assert_eq!(all(&mut c), [b, a, cc, n]);
+        assert_eq!(c.pick(1, |_| Some(1)), vec![b]);
+        c.remove(b);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.pick(1, |_| Some(1)), vec![a]);
     }
 }

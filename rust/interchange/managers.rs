@@ -7,6 +7,7 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::candidates::Candidates;
+use super::table::Table;
 use crate::protocol::Registration;
 use crate::resources::Resources;
 
@@ -20,6 +21,8 @@ pub enum Selector {
 
 pub struct Manager {
     pub identity: Vec<u8>,
+    /// Its slot in the table (`table.rs`), by which the dispatch candidates know it.
+    pub slot: u32,
     pub reg: Registration,
     pub tasks: HashSet<u64>,
     pub active: bool,
@@ -174,7 +177,7 @@ pub struct Lost {
 }
 
 pub struct Managers {
-    map: HashMap<Vec<u8>, Manager>,
+    map: Table<Manager>,
     /// Managers that may have free capacity, in the selector's order; dispatch looks at
     /// as few of them as the queued tasks need.
     candidates: Candidates,
@@ -197,7 +200,7 @@ impl Managers {
     #[must_use]
     pub fn new(selector: Selector, track_nodes: bool) -> Self {
         Managers {
-            map: HashMap::new(),
+            map: Table::default(),
             candidates: Candidates::new(selector),
             selector,
             block_history: Vec::new(),
@@ -225,7 +228,7 @@ impl Managers {
             .iter()
             .filter(|id| {
                 self.map
-                    .get(*id)
+                    .get(id)
                     .is_none_or(|m| now.duration_since(m.last_report) >= NODE_REPORT_INTERVAL)
             })
             .cloned()
@@ -243,9 +246,9 @@ impl Managers {
             self.block_history.push(b.clone());
         }
         let now = Instant::now();
-        self.candidates.insert(&identity, reg.block_id.as_deref());
         let mut m = Manager {
             identity: identity.clone(),
+            slot: 0,
             reg,
             tasks: HashSet::new(),
             active: true,
@@ -263,7 +266,12 @@ impl Managers {
             // The first tasks it is sent are reported at once, not an interval later.
             m.last_report = now.checked_sub(NODE_REPORT_INTERVAL).unwrap_or(now);
         }
-        self.map.insert(identity, m);
+        let slot = self.map.insert(identity, m);
+        if let Some(m) = self.map.at_mut(slot) {
+            m.slot = slot;
+            self.candidates
+                .insert(slot, &m.identity, m.reg.block_id.as_deref());
+        }
     }
 
     #[must_use]
@@ -312,17 +320,25 @@ impl Managers {
             if m.tasks.is_empty() {
                 m.idle_since = Some(Instant::now());
             }
-            self.candidates.insert(identity, m.reg.block_id.as_deref());
+            self.candidates
+                .insert(m.slot, &m.identity, m.reg.block_id.as_deref());
         }
     }
 
     /// Record tasks sent to a manager.
     pub fn assign(&mut self, identity: &[u8], task_ids: &[u64]) {
-        if let Some(m) = self.map.get_mut(identity) {
+        if let Some(slot) = self.map.slot(identity) {
+            self.assign_at(slot, task_ids);
+        }
+    }
+
+    /// [`Managers::assign`] to the manager in `slot` (from [`Managers::dispatch_order`]).
+    pub fn assign_at(&mut self, slot: u32, task_ids: &[u64]) {
+        if let Some(m) = self.map.at_mut(slot) {
             m.tasks.extend(task_ids.iter().copied());
             m.idle_since = None;
             if m.free_capacity() == 0 {
-                self.candidates.remove(identity);
+                self.candidates.remove(slot);
             }
             if let Some(r) = &mut self.reports {
                 let now = Instant::now();
@@ -391,13 +407,19 @@ impl Managers {
     /// for their free capacity to cover `queued`. Costs O(managers returned), not
     /// O(all managers): saturated ones are not candidates, held and draining ones are
     /// dropped from the candidates when met.
-    pub fn dispatch_order(&mut self, queued: usize) -> Vec<Vec<u8>> {
+    pub fn dispatch_order(&mut self, queued: usize) -> Vec<u32> {
         let map = &self.map;
-        self.candidates.pick(queued, |id| {
-            map.get(id)
+        self.candidates.pick(queued, |slot| {
+            map.at(slot)
                 .filter(|m| m.eligible())
                 .map(Manager::free_capacity)
         })
+    }
+
+    /// The manager in `slot` (from [`Managers::dispatch_order`]).
+    #[must_use]
+    pub fn at(&self, slot: u32) -> Option<&Manager> {
+        self.map.at(slot)
     }
 
     pub fn hold(&mut self, uid: &str) -> bool {
@@ -457,8 +479,10 @@ impl Managers {
     }
 
     pub fn remove(&mut self, identity: &[u8]) -> Option<Manager> {
-        self.candidates.remove(identity);
         let m = self.map.remove(identity);
+        if let Some(m) = &m {
+            self.candidates.remove(m.slot);
+        }
         if let (Some(r), Some(m)) = (&mut self.reports, &m) {
             r.pending.remove(identity);
             if m.active {
@@ -523,14 +547,25 @@ mod tests {
         }
     }
 
+    /// `dispatch_order` as identities.
+    fn order(m: &mut Managers, queued: usize) -> Vec<Vec<u8>> {
+        let slots = m.dispatch_order(queued);
+        slots
+            .into_iter()
+            .map(|s| m.at(s).unwrap().identity.clone())
+            .collect()
+    }
+
     #[test]
     fn block_selector_prefers_highest_block_string() {
         let mut m = Managers::new(Selector::BlockId, false);
         m.register(b"a".to_vec(), reg("a", "10", 1));
         m.register(b"b".to_vec(), reg("b", "9", 1));
         m.register(b"c".to_vec(), reg("c", "1", 1));
-        let order = m.dispatch_order(3);
-        assert_eq!(order, vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec()]);
+        assert_eq!(
+            order(&mut m, 3),
+            vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec()]
+        );
         assert_eq!(m.block_history, vec!["10", "9", "1"]);
     }
 
@@ -540,12 +575,12 @@ mod tests {
         m.register(b"a".to_vec(), reg("a", "0", 2));
         m.register(b"b".to_vec(), reg("b", "1", 1));
         m.assign(b"a", &[1, 2]);
-        assert_eq!(m.dispatch_order(10), vec![b"b".to_vec()]);
+        assert_eq!(order(&mut m, 10), vec![b"b".to_vec()]);
         assert!(m.hold("b"));
         assert!(m.dispatch_order(10).is_empty());
         m.complete(b"a", [1]);
         assert_eq!(m.get(b"a").unwrap().free_capacity(), 1);
-        assert_eq!(m.dispatch_order(10), vec![b"a".to_vec()]);
+        assert_eq!(order(&mut m, 10), vec![b"a".to_vec()]);
     }
 
     #[test]

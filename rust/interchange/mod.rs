@@ -8,6 +8,7 @@
 pub mod candidates;
 pub mod managers;
 pub mod queue;
+pub mod table;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -767,24 +768,24 @@ impl Interchange {
         let mut batch = std::mem::take(&mut self.batch);
         let mut meta = std::mem::take(&mut self.meta);
         let mut ids = std::mem::take(&mut self.ids);
-        for id in self.managers.dispatch_order(self.queue.len()) {
+        for slot in self.managers.dispatch_order(self.queue.len()) {
             if self.queue.is_empty() {
                 break;
             }
-            let free = self
-                .managers
-                .get(&id)
-                .map_or(0, managers::Manager::free_capacity);
-            let n = free.min(self.queue.len());
+            let Some(m) = self.managers.at(slot) else {
+                continue;
+            };
+            let n = m.free_capacity().min(self.queue.len());
             batch.clear();
             batch.extend((0..n).map_while(|_| self.queue.pop()));
             meta.clear();
             meta.extend(batch.iter().map(|t| (t.task_id, t.flags)));
             ids.clear();
             ids.extend(meta.iter().map(|(i, _)| *i));
-            if self.send_batch(&id, &meta, &batch).is_ok() {
-                self.managers.assign(&id, &ids);
+            if send_batch(&mut self.router, &m.identity, &meta, &batch).is_ok() {
+                self.managers.assign_at(slot, &ids);
             } else {
+                let id = m.identity.clone();
                 for t in batch.drain(..) {
                     self.queue.push(t);
                 }
@@ -818,25 +819,24 @@ impl Interchange {
         meta: &[(u64, u8)],
         batch: Vec<PendingTask>,
     ) -> Result<(), Vec<PendingTask>> {
-        match self.send_batch(identity, meta, &batch) {
+        match send_batch(&mut self.router, identity, meta, &batch) {
             Ok(()) => Ok(()),
             Err(_) => Err(batch),
         }
     }
+}
 
-    /// Send a batch of tasks; refused for a peer that is not connected, before anything
-    /// is queued, so the caller still has the batch whole.
-    fn send_batch(
-        &mut self,
-        identity: &[u8],
-        meta: &[(u64, u8)],
-        batch: &[PendingTask],
-    ) -> Result<(), router::NotConnected> {
-        let head = [&header(Kind::Tasks)[..], &encode_meta(meta)[..]];
-        let payloads = batch.iter().map(|t| &t.payload[..]);
-        self.router
-            .send(identity, head.iter().copied().chain(payloads))
-    }
+/// Send a batch of tasks; refused for a peer that is not connected, before anything is
+/// queued, so the caller still has the batch whole.
+fn send_batch(
+    router: &mut router::Router,
+    identity: &[u8],
+    meta: &[(u64, u8)],
+    batch: &[PendingTask],
+) -> Result<(), router::NotConnected> {
+    let head = [&header(Kind::Tasks)[..], &encode_meta(meta)[..]];
+    let payloads = batch.iter().map(|t| &t.payload[..]);
+    router.send(identity, head.iter().copied().chain(payloads))
 }
 
 fn same_minor(a: &str, b: &str) -> bool {
