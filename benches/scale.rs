@@ -390,6 +390,32 @@ fn sim_cpu(children: &[std::process::Child]) -> f64 {
     children.iter().map(|c| proc_cpu_seconds(c.id())).sum()
 }
 
+/// The throughput phase's clock: wall time, this process's CPU and the simulators'.
+struct Phase {
+    start: Instant,
+    cpu0: f64,
+    sim0: f64,
+}
+
+impl Phase {
+    fn start(children: &[std::process::Child]) -> Phase {
+        Phase {
+            start: Instant::now(),
+            cpu0: cpu_seconds(),
+            sim0: sim_cpu(children),
+        }
+    }
+
+    /// Tasks a second, and the interchange's and the simulators' CPU per task (us).
+    fn end(&self, tasks: u64, children: &[std::process::Child]) -> (f64, f64, f64) {
+        (
+            tasks as f64 / self.start.elapsed().as_secs_f64(),
+            (cpu_seconds() - self.cpu0) / tasks as f64 * 1e6,
+            (sim_cpu(children) - self.sim0) / tasks as f64 * 1e6,
+        )
+    }
+}
+
 /// Latency samples (us) to a median.
 fn median_of(mut lat: Vec<f64>) -> f64 {
     lat.sort_by(f64::total_cmp);
@@ -412,16 +438,12 @@ fn run_floor(pools: usize, capacity: u32, tasks: u64) -> Figures {
     }
     let admit_s = spawned.elapsed().as_secs_f64();
     let rss_per_pool_kib = rss_kib().saturating_sub(before) as f64 / pools as f64;
-    let start = Instant::now();
-    let cpu0 = cpu_seconds();
-    let sim0 = sim_cpu(&children);
+    let phase = Phase::start(&children);
     ix.start(tasks);
     while ix.results < tasks {
         ix.turn(50);
     }
-    let throughput = tasks as f64 / start.elapsed().as_secs_f64();
-    let ix_cpu_us = (cpu_seconds() - cpu0) / tasks as f64 * 1e6;
-    let sim_cpu_us = (sim_cpu(&children) - sim0) / tasks as f64 * 1e6;
+    let (throughput, ix_cpu_us, sim_cpu_us) = phase.end(tasks, &children);
     let rss_mib = (rss_kib().saturating_sub(before)) as f64 / 1024.0;
     let mut lat = Vec::new();
     for i in 0..500 {
@@ -489,9 +511,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
                 .count() as u64;
         }
     };
-    let start = Instant::now();
-    let cpu0 = cpu_seconds();
-    let sim0 = sim_cpu(&children);
+    let phase = Phase::start(&children);
     h.submit((1..=tasks).map(|i| NewTask {
         task_id: i,
         priority: f64::INFINITY,
@@ -499,9 +519,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         payload: vec![0; 100],
     }));
     wait(tasks);
-    let throughput = tasks as f64 / start.elapsed().as_secs_f64();
-    let ix_cpu_us = (cpu_seconds() - cpu0) / tasks as f64 * 1e6;
-    let sim_cpu_us = (sim_cpu(&children) - sim0) / tasks as f64 * 1e6;
+    let (throughput, ix_cpu_us, sim_cpu_us) = phase.end(tasks, &children);
     let rss_mib = (rss_kib().saturating_sub(before)) as f64 / 1024.0;
     let mut lat = Vec::new();
     for i in 0..500 {

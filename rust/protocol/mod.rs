@@ -246,14 +246,14 @@ mod tests {
 }
 
 #[cfg(test)]
-mod fuzz {
+pub(crate) mod fuzz {
     //! Property-based fuzzing of every decoder that reads bytes from the network: it must
     //! never panic, and what it accepts must re-encode to the same bytes.
     use super::*;
     use proptest::prelude::*;
 
     /// `fast` cases by default; `full` with `HTEX_RS_FUZZ_FULL=1` (CI sets it for one run).
-    fn cases(fast: u32, full: u32) -> ProptestConfig {
+    pub(crate) fn cases(fast: u32, full: u32) -> ProptestConfig {
         let full_run = std::env::var_os("HTEX_RS_FUZZ_FULL").is_some_and(|v| v == "1");
         ProptestConfig {
             cases: if full_run { full } else { fast },

@@ -377,7 +377,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(crate::zmtp::fuzz::cases(5_000, 200_000))]
+        #![proptest_config(crate::protocol::fuzz::cases(5_000, 200_000))]
 
         /// A peer's HELLO, INITIATE and MESSAGE bytes, right prefix or not, never panic.
         #[test]

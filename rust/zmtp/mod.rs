@@ -219,17 +219,8 @@ mod tests {
 mod fuzz {
     //! Property-based fuzzing of what reads a peer's bytes: never a panic.
     use super::*;
+    use crate::protocol::fuzz::cases;
     use proptest::prelude::*;
-
-    /// `fast` cases by default; `full` with `HTEX_RS_FUZZ_FULL=1` (CI sets it for one run).
-    pub fn cases(fast: u32, full: u32) -> ProptestConfig {
-        let full_run = std::env::var_os("HTEX_RS_FUZZ_FULL").is_some_and(|v| v == "1");
-        ProptestConfig {
-            cases: if full_run { full } else { fast },
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
 
     proptest! {
         #![proptest_config(cases(20_000, 1_000_000))]
