@@ -82,7 +82,7 @@ def test_curve_admits_only_keys_from_the_certificate_directory(executor):
         assert not probe_answered(dealer(ctx, executor.worker_port, b"plain"))
         # The interchange keeps serving the legitimate client after both.
         assert probe_answered(dealer(ctx, executor.worker_port, b"good", (good_pub, good_sec, server_pub)))
-        assert executor.interchange_stats()["dropped_messages"] >= 1  # the ZAP refusal
+        assert executor.interchange_stats()["dropped_messages"] >= 1  # the refused CURVE key
     finally:
         ctx.destroy(linger=0)
 
