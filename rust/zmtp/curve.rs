@@ -122,6 +122,11 @@ pub struct Session {
     recv_nonce: u64,
 }
 
+/// Inside a MESSAGE box the flags are libzmq's `msg_t` flags: more 0x01, command 0x02
+/// (on the wire outside a box a command is 0x04).
+const BOX_MORE: u8 = 0x01;
+const BOX_COMMAND: u8 = 0x02;
+
 const HELLO_SIZE: usize = 200;
 const INITIATE_MIN: usize = 257;
 const MESSAGE: &[u8] = b"\x07MESSAGE";
@@ -294,7 +299,15 @@ impl Session {
     pub fn encode(&mut self, flags: u8, body: &[u8], out: &mut Vec<u8>) {
         let n = self.next_nonce();
         let mut plain = Vec::with_capacity(1 + body.len());
-        plain.push(flags & (super::MORE | super::COMMAND));
+        let mut inner = if flags & super::MORE != 0 {
+            BOX_MORE
+        } else {
+            0
+        };
+        if flags & super::COMMAND != 0 {
+            inner |= BOX_COMMAND;
+        }
+        plain.push(inner);
         plain.extend_from_slice(body);
         let boxed = self.seal(&nonce(b"CurveZMQMESSAGES", &n.to_be_bytes()), &plain);
         let len = MESSAGE.len() + 8 + boxed.len();
@@ -332,7 +345,10 @@ impl Session {
             return Err("a MESSAGE that does not open".into());
         }
         self.recv_nonce = n;
-        let flags = m[0];
+        let mut flags = if m[0] & BOX_MORE != 0 { super::MORE } else { 0 };
+        if m[0] & BOX_COMMAND != 0 {
+            flags |= super::COMMAND;
+        }
         m.remove(0);
         Ok((flags, m))
     }
@@ -353,6 +369,37 @@ pub fn decode_key(key: &[u8]) -> Result<[u8; 32], String> {
         }
     };
     <[u8; 32]>::try_from(raw.as_slice()).map_err(|_| "decoded key is not 32 bytes".to_string())
+}
+
+fn wipe(b: &mut [u8]) {
+    // SAFETY: b is a valid, writable buffer of its length.
+    unsafe { na::sodium_memzero(b.as_mut_ptr().cast(), b.len()) };
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        wipe(&mut self.secret);
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        if let Handshake::WaitInitiate {
+            short_secret,
+            cookie_key,
+            ..
+        } = self
+        {
+            wipe(short_secret);
+            wipe(cookie_key);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        wipe(&mut self.precomputed);
+    }
 }
 
 /// The ERROR command libzmq sends a refused client.

@@ -23,6 +23,7 @@ use super::{
     put_frame,
 };
 use super::{COMMAND, GREETING, MORE};
+use crate::logging::FirstSeen;
 
 /// How the router listens and whom it admits.
 pub struct Options {
@@ -86,6 +87,11 @@ pub struct Router {
     next_anonymous: u32,
     /// Connections still in their handshake, oldest first, with their deadlines.
     handshakes: VecDeque<(Instant, usize, u32)>,
+    /// The listener is not watched (accept failed for want of fds) until the next
+    /// `expire_handshakes`.
+    paused: bool,
+    /// CURVE keys already logged as refused (a refused DEALER retries every 100 ms).
+    refused_keys: FirstSeen<[u8; 32]>,
     /// Where reads land and sends are encoded, whichever the connection: memory that
     /// stays in cache, where a buffer per connection is cold with thousands of them.
     scratch: Vec<u8>,
@@ -106,6 +112,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const LISTENER: u64 = u64::MAX - 16;
 /// Most bytes read from one connection per pass (others get their turn).
 const READ_CHUNK: usize = 256 * 1024;
+/// Largest frame a peer may send before its handshake is done (HELLO is 200 bytes,
+/// INITIATE and READY a few hundred): nothing unauthenticated sizes our buffers.
+const HANDSHAKE_FRAME: usize = 64 * 1024;
+/// Most bytes reserved ahead of a frame's arrival (the rest as it comes).
+const RESERVE_AHEAD: usize = 16 << 20;
+/// Most frames in one message (a batch of 64k tasks plus its header and meta).
+const MAX_FRAMES: usize = crate::stream::MAX_FRAMES + 8;
+/// A buffer emptied with more capacity than this is given back.
+const KEEP_CAPACITY: usize = 4 * READ_CHUNK;
 
 fn epoll_ctl(ep: &OwnedFd, op: i32, fd: i32, events: u32, token: u64) -> std::io::Result<()> {
     let mut ev = libc::epoll_event { events, u64: token };
@@ -178,6 +193,8 @@ impl Router {
             dirty: Vec::new(),
             next_anonymous: fastrand::u32(..),
             handshakes: VecDeque::new(),
+            paused: false,
+            refused_keys: FirstSeen::default(),
             scratch: Vec::with_capacity(READ_CHUNK),
             wbuf: Vec::new(),
             counts: Counts::default(),
@@ -260,6 +277,9 @@ impl Router {
             self.dirty.push(c);
         }
         w.clear();
+        if w.capacity() > KEEP_CAPACITY {
+            w = Vec::new();
+        }
         self.wbuf = w;
         Ok(())
     }
@@ -325,10 +345,18 @@ impl Router {
             let (stream, peer) = match self.listeners[l].accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    if e.kind() != ErrorKind::WouldBlock {
-                        log::warn!("worker port: accept failed: {e}");
-                    }
+                    // Out of fds (EMFILE, ENFILE) or memory: the pending connection stays
+                    // in the backlog and the listener readable; stop watching it until
+                    // the next `expire_handshakes` instead of spinning on it.
+                    log::warn!(
+                        "worker port: accept failed: {e} (pools wait in the listen backlog; \
+                         raise the open-file limit, `ulimit -n`, if this repeats)"
+                    );
+                    let fd = self.listeners[l].as_raw_fd();
+                    let _ = epoll_ctl(&self.ep, libc::EPOLL_CTL_MOD, fd, 0, LISTENER + l as u64);
+                    self.paused = true;
                     return;
                 }
             };
@@ -395,7 +423,10 @@ impl Router {
         }
         self.counts.closed += 1;
         self.free.push(c);
-        drop(conn); // closing the fd takes it out of the epoll
+        // Out of the epoll and shut down explicitly: a forked child of the user's process
+        // may hold the fd open, which would keep both alive.
+        let _ = epoll_ctl(&self.ep, libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, 0);
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
     }
 
     fn write(&mut self, c: usize) {
@@ -421,6 +452,9 @@ impl Router {
         }
         if done == conn.out.len() {
             conn.out.clear();
+            if conn.out.capacity() > KEEP_CAPACITY {
+                conn.out = Vec::new();
+            }
         } else {
             conn.out.drain(..done);
         }
@@ -448,6 +482,19 @@ impl Router {
     /// Drop connections whose handshake has outlasted [`HANDSHAKE_TIMEOUT`] (call
     /// now and then; it looks only at the oldest).
     pub fn expire_handshakes(&mut self) {
+        if std::mem::take(&mut self.paused) {
+            for (l, listener) in self.listeners.iter().enumerate() {
+                let token = LISTENER + l as u64;
+                let events = libc::EPOLLIN as u32;
+                let _ = epoll_ctl(
+                    &self.ep,
+                    libc::EPOLL_CTL_MOD,
+                    listener.as_raw_fd(),
+                    events,
+                    token,
+                );
+            }
+        }
         let now = Instant::now();
         while let Some(&(deadline, c, gen)) = self.handshakes.front() {
             let live = self.conns[c].as_ref().filter(|x| x.gen == gen);
@@ -483,12 +530,18 @@ impl Router {
             (consumed, parsed) = self.parse(c, &mut conn, &inbuf);
             if consumed == inbuf.len() {
                 inbuf.clear();
+                if inbuf.capacity() > KEEP_CAPACITY {
+                    inbuf = Vec::new();
+                }
             } else {
                 inbuf.drain(..consumed);
             }
             conn.inbuf = inbuf;
         }
         scratch.clear();
+        if scratch.capacity() > KEEP_CAPACITY {
+            scratch = Vec::with_capacity(READ_CHUNK);
+        }
         self.scratch = scratch;
         let wants_write = !conn.out.is_empty() && !conn.armed;
         self.conns[c] = Some(conn);
@@ -534,15 +587,15 @@ impl Router {
                 // A frame still coming: refuse it now if it is too large, else note
                 // how much is missing.
                 if let Ok(Some((head, size))) = next_frame_head(&buf[pos..]) {
-                    if self.options.max_frame.is_some_and(|m| size > m) {
-                        break Err(format!("a frame of {size} bytes, over max_message_size"));
+                    if let Err(e) = self.check_size(&conn.state, size) {
+                        break Err(e);
                     }
                     conn.need = (head + size).saturating_sub(buf.len() - pos);
                 }
                 break Ok(());
             };
-            if self.options.max_frame.is_some_and(|m| size > m) {
-                break Err(format!("a frame of {size} bytes, over max_message_size"));
+            if let Err(e) = self.check_size(&conn.state, size) {
+                break Err(e);
             }
             let body = &buf[pos + head..pos + head + size];
             pos += head + size;
@@ -563,6 +616,18 @@ impl Router {
             }
         };
         (pos, result)
+    }
+
+    /// A frame of `size` bytes is refused over `max_frame`, and before the handshake is
+    /// done over [`HANDSHAKE_FRAME`].
+    fn check_size(&self, state: &State, size: usize) -> Result<(), String> {
+        if !matches!(state, State::Ready) && size > HANDSHAKE_FRAME {
+            return Err(format!("a frame of {size} bytes during the handshake"));
+        }
+        if self.options.max_frame.is_some_and(|m| size > m) {
+            return Err(format!("a frame of {size} bytes, over max_message_size"));
+        }
+        Ok(())
     }
 
     fn on_frame(
@@ -600,11 +665,14 @@ impl Router {
                     }
                     Err(Refusal::NotAllowed(key)) => {
                         self.counts.refused += 1;
-                        log::warn!(
-                            "refused a CURVE client from {}: client key {} not in the certificate directory",
-                            conn.peer.ip(),
-                            zmq::z85_encode(&key).unwrap_or_default()
-                        );
+                        if self.refused_keys.first(key) {
+                            log::warn!(
+                                "refused a CURVE client from {}: client key {} not in the certificate directory \
+                                 (its retries are counted, not logged)",
+                                conn.peer.ip(),
+                                zmq::z85_encode(&key).unwrap_or_default()
+                            );
+                        }
                         conn.out.extend_from_slice(&curve::error_frame());
                         Err("client key not admitted".into())
                     }
@@ -613,17 +681,23 @@ impl Router {
             }
             State::Ready => {
                 let (flags, data) = match conn.session.as_mut() {
-                    Some(s) if flags & COMMAND == 0 => {
+                    // Once CURVE is up every frame is a MESSAGE box (libzmq's rule too).
+                    Some(_) if flags & COMMAND != 0 => {
+                        return Err("a plain command after the CURVE handshake".into());
+                    }
+                    Some(s) => {
                         let (f, d) = s.decode(body)?;
                         (f, Cow::Owned(d))
                     }
-                    _ => (flags, Cow::Borrowed(body)),
+                    None => (flags, Cow::Borrowed(body)),
                 };
                 if flags & COMMAND != 0 {
                     return Self::on_command(&data, conn);
                 }
                 if conn.frames.is_empty() {
                     conn.frames.push(zmq::Message::from(&conn.identity[..]));
+                } else if conn.frames.len() > MAX_FRAMES {
+                    return Err(format!("a message of more than {MAX_FRAMES} frames"));
                 }
                 conn.frames.push(zmq::Message::from(&data[..]));
                 if flags & MORE == 0 {
@@ -638,6 +712,9 @@ impl Router {
     /// ends the connection, the rest is ignored.
     fn on_command(cmd: &[u8], conn: &mut ConnParts<'_>) -> Result<(), String> {
         if let Some(ping) = command_body(cmd, b"PING") {
+            if !conn.out.is_empty() {
+                return Ok(()); // a peer that does not read gets one PONG, not a pile
+            }
             let context = ping.get(2..).unwrap_or_default();
             let pong = command(b"PONG", &context[..context.len().min(16)]);
             match conn.session.as_mut() {
@@ -719,7 +796,7 @@ fn next_frame_head(b: &[u8]) -> Result<Option<(usize, usize)>, String> {
 fn read_some(fd: i32, buf: &mut Vec<u8>, need: usize) -> Option<String> {
     let mut total = 0;
     loop {
-        let want = need.saturating_sub(total).max(64 * 1024);
+        let want = need.saturating_sub(total).clamp(64 * 1024, RESERVE_AHEAD);
         if buf.capacity() - buf.len() < want / 2 {
             buf.reserve(want);
         }
@@ -886,9 +963,15 @@ mod tests {
         s.send(&vec![0u8; 4 << 20][..], 0).unwrap(); // refused from its header on
         let mut junk = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
         junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        // A greeting, then a command announcing 2^40 bytes before any handshake: refused
+        // from its header, nothing reserved for it.
+        let mut huge = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
+        huge.write_all(&greeting(b"NULL")).unwrap();
+        huge.write_all(&[COMMAND | super::super::LONG, 0, 0, 1, 0, 0, 0, 0, 0])
+            .unwrap();
         // The DEALER reconnects (libzmq does), its message is gone.
         assert_eq!(turn_for(&mut r, Duration::from_millis(300)), 0);
-        assert!(r.counts.closed >= 2, "{:?}", r.counts);
+        assert!(r.counts.closed >= 3, "{:?}", r.counts);
         let ok = dealer(&ctx, r.port, Some(b"small"));
         ok.send(&vec![0u8; 500][..], 0).unwrap();
         assert_eq!(next(&mut r).unwrap()[1].len(), 500);
@@ -900,7 +983,18 @@ mod tests {
         server: &zmq::CurveKeyPair,
         me: &zmq::CurveKeyPair,
     ) -> zmq::Socket {
+        curve_dealer_with(ctx, port, server, me, |_| {})
+    }
+
+    fn curve_dealer_with(
+        ctx: &zmq::Context,
+        port: u16,
+        server: &zmq::CurveKeyPair,
+        me: &zmq::CurveKeyPair,
+        more: impl FnOnce(&zmq::Socket),
+    ) -> zmq::Socket {
         let s = ctx.socket(zmq::DEALER).unwrap();
+        more(&s);
         s.set_linger(0).unwrap();
         s.set_identity(&me.public_key[..8]).unwrap();
         s.set_curve_serverkey(&server.public_key).unwrap();
@@ -908,6 +1002,53 @@ mod tests {
         s.set_curve_secretkey(&me.secret_key).unwrap();
         s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
         s
+    }
+
+    /// libzmq DEALERs that heartbeat (ZMTP PING every 50 ms, give up after 200 ms without
+    /// an answer) stay connected and see no PONG as data, over NULL and over CURVE.
+    #[test]
+    fn heartbeating_dealers_are_answered_and_stay_connected() {
+        let server = zmq::CurveKeyPair::new().unwrap();
+        let client = zmq::CurveKeyPair::new().unwrap();
+        let ctx = zmq::Context::new();
+        for encrypted in [false, true] {
+            let mut r = if encrypted {
+                router(
+                    Some(curve::Server::new(server.secret_key, [client.public_key])),
+                    None,
+                )
+            } else {
+                router(None, None)
+            };
+            let s = if encrypted {
+                curve_dealer_with(&ctx, r.port, &server, &client, |s| {
+                    s.set_heartbeat_ivl(50).unwrap();
+                    s.set_heartbeat_timeout(200).unwrap();
+                })
+            } else {
+                let s = ctx.socket(zmq::DEALER).unwrap();
+                s.set_linger(0).unwrap();
+                s.set_identity(b"beating").unwrap();
+                s.set_heartbeat_ivl(50).unwrap();
+                s.set_heartbeat_timeout(200).unwrap();
+                s.connect(&format!("tcp://127.0.0.1:{}", r.port)).unwrap();
+                s
+            };
+            s.send(&b"hello"[..], 0).unwrap();
+            assert_eq!(next(&mut r).unwrap()[1], b"hello");
+            let accepted = r.counts.accepted;
+            assert_eq!(
+                turn_for(&mut r, Duration::from_millis(800)),
+                0,
+                "a PING taken for data"
+            );
+            assert_eq!(s.poll(zmq::POLLIN, 0).unwrap(), 0, "a PONG taken for data");
+            assert_eq!(
+                r.counts.accepted, accepted,
+                "the DEALER gave up and reconnected"
+            );
+            assert_eq!(r.peers(), 1);
+        }
     }
 
     #[test]
