@@ -52,31 +52,31 @@ pub fn check_greeting(g: &[u8], mechanism: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// The frame at the start of `b` if all of it is there: its flags, header length and
-/// body length. `Err` for a size no machine could hold.
-pub fn next_frame(b: &[u8]) -> Result<Option<(u8, usize, usize)>, String> {
+/// The header of the frame at the start of `b`, once the header is there (the body may
+/// still be coming): its flags, header length and body length. `Err` for a size no
+/// machine could hold.
+pub fn frame_header(b: &[u8]) -> Result<Option<(u8, usize, usize)>, String> {
     let Some(&flags) = b.first() else {
         return Ok(None);
     };
-    let (head, size) = if flags & LONG == 0 {
-        match b.get(1) {
-            Some(&s) => (2, usize::from(s)),
-            None => return Ok(None),
-        }
-    } else {
-        match b.get(1..9) {
-            Some(s) => {
-                let size = u64::from_be_bytes(s.try_into().expect("8 bytes"));
-                let size = usize::try_from(size)
-                    .ok()
-                    .filter(|s| *s <= isize::MAX as usize - 9)
-                    .ok_or_else(|| format!("a frame of {size} bytes"))?;
-                (9, size)
-            }
-            None => return Ok(None),
-        }
+    if flags & LONG == 0 {
+        return Ok(b.get(1).map(|&s| (flags, 2, usize::from(s))));
+    }
+    let Some(s) = b.get(1..9) else {
+        return Ok(None);
     };
-    Ok((b.len() >= head + size).then_some((flags, head, size)))
+    let size = u64::from_be_bytes(s.try_into().expect("8 bytes"));
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|s| *s <= isize::MAX as usize - 9)
+        .ok_or_else(|| format!("a frame of {size} bytes"))?;
+    Ok(Some((flags, 9, size)))
+}
+
+/// The frame at the start of `b` if all of it is there: its flags, header length and
+/// body length. `Err` for a size no machine could hold.
+pub fn next_frame(b: &[u8]) -> Result<Option<(u8, usize, usize)>, String> {
+    Ok(frame_header(b)?.filter(|&(_, head, size)| b.len() >= head + size))
 }
 
 /// The header a frame of `len` bytes needs (flags are OR-ed into its first byte).

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use super::curve::{self, Handshake, Refusal, Session};
 use super::{
-    check_greeting, command, command_body, greeting, metadata, next_frame, parse_metadata,
-    put_frame,
+    check_greeting, command, command_body, frame_header, greeting, metadata, next_frame,
+    parse_metadata, put_frame,
 };
 use super::{COMMAND, GREETING, MORE};
 use crate::logging::FirstSeen;
@@ -264,14 +264,8 @@ impl Router {
             conn.out = w;
             return Ok(());
         }
-        let mut done = 0;
-        while done < w.len() {
-            match conn.stream.write(&w[done..]) {
-                Ok(n) if n > 0 => done += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                _ => break, // would block, or failed: flush() finds out which
-            }
-        }
+        // Would block, or failed: what is left goes to `flush()`, which finds out which.
+        let (done, _) = write_some(&mut conn.stream, &w);
         if done < w.len() {
             conn.out.extend_from_slice(&w[done..]);
             self.dirty.push(c);
@@ -433,20 +427,7 @@ impl Router {
         let Some(conn) = self.conns[c].as_mut() else {
             return;
         };
-        let mut done = 0;
-        let mut failed = None;
-        while done < conn.out.len() {
-            match conn.stream.write(&conn.out[done..]) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
+        let (done, failed) = write_some(&mut conn.stream, &conn.out);
         if let Some(e) = failed {
             return self.close(c, &format!("write failed: {e}"));
         }
@@ -586,7 +567,7 @@ impl Router {
             let Some((flags, head, size)) = frame else {
                 // A frame still coming: refuse it now if it is too large, else note
                 // how much is missing.
-                if let Ok(Some((head, size))) = next_frame_head(&buf[pos..]) {
+                if let Ok(Some((_, head, size))) = frame_header(&buf[pos..]) {
                     if let Err(e) = self.check_size(&conn.state, size) {
                         break Err(e);
                     }
@@ -772,23 +753,20 @@ struct ConnParts<'a> {
     peer: SocketAddr,
 }
 
-/// The header length and body length of the frame starting `b`, once its header is in.
-fn next_frame_head(b: &[u8]) -> Result<Option<(usize, usize)>, String> {
-    let Some(&flags) = b.first() else {
-        return Ok(None);
-    };
-    if flags & super::LONG == 0 {
-        return Ok(b.get(1).map(|&s| (2, usize::from(s))));
-    }
-    match b.get(1..9) {
-        Some(s) => {
-            let size = u64::from_be_bytes(s.try_into().expect("8 bytes"));
-            usize::try_from(size)
-                .map(|s| Some((9, s)))
-                .map_err(|e| e.to_string())
+/// Write as much of `bytes` as the socket takes now: how much, and the error if the
+/// connection failed (not for a full socket).
+fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut done = 0;
+    while done < bytes.len() {
+        match stream.write(&bytes[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return (done, Some(e)),
         }
-        None => Ok(None),
     }
+    (done, None)
 }
 
 /// Read what `fd` has onto the end of `buf` (at most [`READ_CHUNK`] a call, sized for
