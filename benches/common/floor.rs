@@ -14,6 +14,8 @@ use std::os::fd::AsRawFd;
 
 use htex_rs::protocol::{encode_meta, header, Kind};
 
+use htex_rs::zmtp::{command, greeting, metadata};
+
 use crate::zmtp::{next_frame, put_frame, COMMAND, GREETING, MORE};
 
 struct Conn {
@@ -149,15 +151,9 @@ impl Floor {
                     &raw mut ev,
                 )
             };
-            let mut outbuf = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-            let mut mechanism = [0u8; 20];
-            mechanism[..4].copy_from_slice(b"NULL");
-            outbuf.extend_from_slice(&mechanism);
-            outbuf.resize(GREETING, 0);
-            let mut ready = b"\x05READY\x0bSocket-Type".to_vec();
-            ready.extend_from_slice(&6u32.to_be_bytes());
-            ready.extend_from_slice(b"ROUTER");
-            put_frame(&mut outbuf, COMMAND, &ready);
+            let mut outbuf = greeting(b"NULL").to_vec();
+            let ready = metadata(&[(b"Socket-Type", b"ROUTER")]);
+            put_frame(&mut outbuf, COMMAND, &command(b"READY", &ready));
             self.conns.push(Conn {
                 stream,
                 inbuf: Vec::new(),

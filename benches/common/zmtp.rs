@@ -15,36 +15,14 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
-pub const MORE: u8 = 0x01;
-const LONG: u8 = 0x02;
-pub const COMMAND: u8 = 0x04;
-pub const GREETING: usize = 64;
+// The framing is the crate's own (`htex_rs::zmtp`, the interchange's worker port).
+use htex_rs::zmtp::{command, greeting, metadata};
+pub use htex_rs::zmtp::{put_frame, COMMAND, GREETING, MORE};
 
 /// The frame at the start of `b`, if all of it is there: its flags, header length and
 /// body length.
 pub fn next_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
-    let flags = *b.first()?;
-    let (head, size) = if flags & LONG == 0 {
-        (2, usize::from(*b.get(1)?))
-    } else {
-        let s = b.get(1..9)?;
-        (
-            9,
-            usize::try_from(u64::from_be_bytes(s.try_into().ok()?)).ok()?,
-        )
-    };
-    (b.len() >= head + size).then_some((flags, head, size))
-}
-
-/// Append one frame to `out`.
-pub fn put_frame(out: &mut Vec<u8>, flags: u8, body: &[u8]) {
-    if let Ok(short) = u8::try_from(body.len()) {
-        out.extend_from_slice(&[flags, short]);
-    } else {
-        out.push(flags | LONG);
-        out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    }
-    out.extend_from_slice(body);
+    htex_rs::zmtp::next_frame(b).ok().flatten()
 }
 
 /// Append a message (its frames, `MORE` on all but the last).
@@ -57,22 +35,10 @@ pub fn put_message<B: AsRef<[u8]>>(out: &mut Vec<u8>, frames: &[B]) {
 
 /// Our greeting and READY command: a DEALER whose routing identity is `identity`.
 fn handshake(identity: &[u8]) -> Vec<u8> {
-    let mut out = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-    let mut mechanism = [0u8; 20];
-    mechanism[..4].copy_from_slice(b"NULL");
-    out.extend_from_slice(&mechanism);
-    out.resize(GREETING, 0); // as-server 0, filler
-    let mut ready = b"\x05READY".to_vec();
-    for (name, value) in [
-        (&b"Socket-Type"[..], &b"DEALER"[..]),
-        (b"Identity", identity),
-    ] {
-        ready.push(u8::try_from(name.len()).unwrap());
-        ready.extend_from_slice(name);
-        ready.extend_from_slice(&u32::try_from(value.len()).unwrap().to_be_bytes());
-        ready.extend_from_slice(value);
-    }
-    put_frame(&mut out, COMMAND, &ready);
+    let mut out = greeting(b"NULL").to_vec();
+    out[32] = 0; // as-server: a client
+    let ready = metadata(&[(b"Socket-Type", b"DEALER"), (b"Identity", identity)]);
+    put_frame(&mut out, COMMAND, &command(b"READY", &ready));
     out
 }
 
