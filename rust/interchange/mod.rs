@@ -197,15 +197,8 @@ impl Handle {
         };
         let max_frame = config.max_message_bytes.map(message_limit);
         let listener = bind_worker_port(&config)?;
-        let router = router::Router::new(
-            listener,
-            router::Options {
-                curve,
-                max_frame,
-                backlog: LISTEN_BACKLOG,
-            },
-        )
-        .map_err(|e| format!("cannot serve the worker port: {e}"))?;
+        let router = router::Router::new(listener, router::Options { curve, max_frame })
+            .map_err(|e| format!("cannot serve the worker port: {e}"))?;
         let port = router.port;
 
         let inbox = Arc::new(Mailbox::new().map_err(|e| e.to_string())?);

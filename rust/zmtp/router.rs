@@ -25,13 +25,12 @@ use super::{
 use super::{COMMAND, GREETING, MORE};
 use crate::logging::FirstSeen;
 
-/// How the router listens and whom it admits.
+/// Whom the router admits and how large a frame it takes (the listener is [`bind`]'s).
 pub struct Options {
     /// CurveZMQ server key and admitted clients; `None`: the NULL mechanism.
     pub curve: Option<curve::Server>,
     /// A peer sending a frame larger than this is disconnected (`ZMQ_MAXMSGSIZE`).
     pub max_frame: Option<usize>,
-    pub backlog: i32,
 }
 
 enum State {
@@ -811,15 +810,7 @@ mod tests {
 
     fn router(curve: Option<curve::Server>, max_frame: Option<usize>) -> Router {
         let l = bind("127.0.0.1", 0, 128).unwrap();
-        Router::new(
-            l,
-            Options {
-                curve,
-                max_frame,
-                backlog: 128,
-            },
-        )
-        .unwrap()
+        Router::new(l, Options { curve, max_frame }).unwrap()
     }
 
     fn dealer(ctx: &zmq::Context, port: u16, identity: Option<&[u8]>) -> zmq::Socket {
