@@ -12,24 +12,14 @@ use std::sync::Mutex;
 #[must_use]
 pub fn recv_frames(sock: &zmq::Socket) -> Option<Vec<zmq::Message>> {
     let mut frames = Vec::with_capacity(4);
-    recv_frames_into(sock, &mut frames).then_some(frames)
-}
-
-/// [`recv_frames`] into `frames` (cleared first), so a loop reading thousands of
-/// messages reuses one vector instead of growing a new one for each.
-pub fn recv_frames_into(sock: &zmq::Socket, frames: &mut Vec<zmq::Message>) -> bool {
-    frames.clear();
     loop {
         let mut msg = zmq::Message::new();
         let flags = if frames.is_empty() { zmq::DONTWAIT } else { 0 };
-        if sock.recv(&mut msg, flags).is_err() {
-            frames.clear();
-            return false;
-        }
+        sock.recv(&mut msg, flags).ok()?;
         let more = msg.get_more();
         frames.push(msg);
         if !more {
-            return true;
+            return Some(frames);
         }
     }
 }
