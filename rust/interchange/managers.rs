@@ -8,6 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::candidates::Candidates;
 use super::table::Table;
+use super::taskset::TaskSet;
+use crate::zmtp::router::Peer;
 use crate::protocol::Registration;
 use crate::resources::Resources;
 
@@ -23,8 +25,11 @@ pub struct Manager {
     pub identity: Vec<u8>,
     /// Its slot in the table (`table.rs`), by which the dispatch candidates know it.
     pub slot: u32,
+    /// The connection it last spoke on (`None` until it has spoken since registering):
+    /// routed by index, not by identity.
+    pub peer: Option<Peer>,
     pub reg: Registration,
-    pub tasks: HashSet<u64>,
+    pub tasks: TaskSet,
     pub active: bool,
     pub draining: bool,
     pub last_seen: Instant,
@@ -124,7 +129,7 @@ pub const NODE_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 impl NodeInfo {
     fn of(m: &Manager, active: bool) -> NodeInfo {
         let epoch = |t: Instant| epoch_now() - t.elapsed().as_secs_f64();
-        let mut tasks: Vec<u64> = m.tasks.iter().chain(&m.done_unreported).copied().collect();
+        let mut tasks: Vec<u64> = m.tasks.iter().chain(m.done_unreported.iter().copied()).collect();
         tasks.sort_unstable();
         NodeInfo {
             uid: m.reg.uid.clone(),
@@ -178,6 +183,9 @@ pub struct Lost {
 
 pub struct Managers {
     map: Table<Manager>,
+    /// A connection's index (`Peer::conn`) to the slot of the manager that last spoke on
+    /// it ([`NO_SLOT`]: none); checked against the manager's own `peer`.
+    by_conn: Vec<u32>,
     /// Managers that may have free capacity, in the selector's order; dispatch looks at
     /// as few of them as the queued tasks need.
     candidates: Candidates,
@@ -187,6 +195,9 @@ pub struct Managers {
     /// Node reports, when monitoring is on (`None`: not tracked, nothing done).
     reports: Option<NodeReports>,
 }
+
+/// An empty entry of `Managers::by_conn`.
+const NO_SLOT: u32 = u32::MAX;
 
 #[must_use]
 pub fn epoch_now() -> f64 {
@@ -201,6 +212,7 @@ impl Managers {
     pub fn new(selector: Selector, track_nodes: bool) -> Self {
         Managers {
             map: Table::default(),
+            by_conn: Vec::new(),
             candidates: Candidates::new(selector),
             selector,
             block_history: Vec::new(),
@@ -249,8 +261,9 @@ impl Managers {
         let mut m = Manager {
             identity: identity.clone(),
             slot: 0,
+            peer: None,
             reg,
-            tasks: HashSet::new(),
+            tasks: TaskSet::default(),
             active: true,
             draining: false,
             last_seen: now,
@@ -289,22 +302,45 @@ impl Managers {
         self.map.is_empty()
     }
 
-    pub fn touch(&mut self, identity: &[u8]) -> bool {
-        match self.map.get_mut(identity) {
-            Some(m) => {
-                m.last_seen = Instant::now();
-                true
-            }
-            None => false,
+    /// The slot of the manager `identity`, which sent a message by `peer`: found by the
+    /// connection's index while it stays the manager's connection, else by identity (a
+    /// first message, or a pool that reconnected), which makes `peer` its connection.
+    pub fn resolve(&mut self, identity: &[u8], peer: Peer) -> Option<u32> {
+        let by_conn = self.by_conn.get(peer.conn as usize).copied();
+        if let Some(s) = by_conn.filter(|&s| self.map.at(s).is_some_and(|m| m.peer == Some(peer))) {
+            return Some(s);
+        }
+        let s = self.map.slot(identity)?;
+        self.bind(s, peer);
+        Some(s)
+    }
+
+    /// The manager in `slot` is reached by `peer` from now on.
+    pub fn bind(&mut self, slot: u32, peer: Peer) {
+        let Some(m) = self.map.at_mut(slot) else {
+            return;
+        };
+        m.peer = Some(peer);
+        let i = peer.conn as usize;
+        if self.by_conn.len() <= i {
+            self.by_conn.resize(i + 1, NO_SLOT);
+        }
+        self.by_conn[i] = slot;
+    }
+
+    /// The manager in `slot` was heard from.
+    pub fn touch_at(&mut self, slot: u32) {
+        if let Some(m) = self.map.at_mut(slot) {
+            m.last_seen = Instant::now();
         }
     }
 
     /// Record finished tasks; the manager becomes a dispatch candidate again.
-    pub fn complete(&mut self, identity: &[u8], task_ids: impl IntoIterator<Item = u64>) {
-        if let Some(m) = self.map.get_mut(identity) {
+    pub fn complete_at(&mut self, slot: u32, task_ids: impl IntoIterator<Item = u64>) {
+        if let Some(m) = self.map.at_mut(slot) {
             let tracking = self.reports.is_some();
             for id in task_ids {
-                m.tasks.remove(&id);
+                m.tasks.remove(id);
                 if !m.granted.is_empty() {
                     if let Some(r) = m.granted.remove(&id) {
                         m.used = m.used.minus(&r);
@@ -335,7 +371,7 @@ impl Managers {
     /// [`Managers::assign`] to the manager in `slot` (from [`Managers::dispatch_order`]).
     pub fn assign_at(&mut self, slot: u32, task_ids: &[u64]) {
         if let Some(m) = self.map.at_mut(slot) {
-            m.tasks.extend(task_ids.iter().copied());
+            m.tasks.extend(task_ids);
             m.idle_since = None;
             if m.free_capacity() == 0 {
                 self.candidates.remove(slot);
@@ -448,12 +484,10 @@ impl Managers {
         dead.into_iter()
             .filter_map(|id| self.remove(&id))
             .map(|m| {
-                let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
-                tasks.sort_unstable();
                 Lost {
                     uid: m.reg.uid,
                     hostname: m.reg.hostname,
-                    tasks,
+                    tasks: m.tasks.into_sorted(),
                 }
             })
             .collect()
@@ -537,6 +571,11 @@ impl Managers {
 mod tests {
     use super::*;
 
+    fn complete(m: &mut Managers, identity: &[u8], ids: impl IntoIterator<Item = u64>) {
+        let slot = m.map.slot(identity).expect("a registered manager");
+        m.complete_at(slot, ids);
+    }
+
     fn reg(uid: &str, block: &str, cap: u32) -> Registration {
         Registration {
             uid: uid.into(),
@@ -578,7 +617,7 @@ mod tests {
         assert_eq!(order(&mut m, 10), vec![b"b".to_vec()]);
         assert!(m.hold("b"));
         assert!(m.dispatch_order(10).is_empty());
-        m.complete(b"a", [1]);
+        complete(&mut m, b"a", [1]);
         assert_eq!(m.get(b"a").unwrap().free_capacity(), 1);
         assert_eq!(order(&mut m, 10), vec![b"a".to_vec()]);
     }
@@ -627,7 +666,7 @@ mod tests {
         let mut m = Managers::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 8));
         m.assign(b"a", &[1]);
-        m.complete(b"a", [1]);
+        complete(&mut m, b"a", [1]);
         m.report_changed();
         assert!(m.take_node_changes().is_empty(), "monitoring off: nothing");
 
@@ -641,7 +680,7 @@ mod tests {
         assert_eq!(first[0].block_id.as_deref(), Some("7"));
         m.assign(b"a", &[3]);
         m.assign(b"a", &[4]);
-        m.complete(b"a", [2, 3]);
+        complete(&mut m, b"a", [2, 3]);
         m.report_changed();
         assert!(
             m.take_node_changes().is_empty(),
@@ -658,7 +697,7 @@ mod tests {
         );
         m.report_changed();
         assert!(m.take_node_changes().is_empty(), "nothing changed since");
-        m.complete(b"a", [1, 4]);
+        complete(&mut m, b"a", [1, 4]);
         std::thread::sleep(NODE_REPORT_INTERVAL);
         m.report_changed();
         let idle = m.take_node_changes();
@@ -747,7 +786,7 @@ mod tests {
             Placement::Fits(b"a".to_vec()),
             "b kept"
         );
-        m.complete(b"a", [1]);
+        complete(&mut m, b"a", [1]);
         assert_eq!(
             m.get(b"a").unwrap().room(),
             m.get(b"a").unwrap().total(),
@@ -793,7 +832,7 @@ mod tests {
                     }
                     2 if !outstanding.is_empty() => {
                         let (id, t, _) = outstanding.remove(cores as usize % outstanding.len());
-                        m.complete(&id, [t]);
+                        complete(&mut m, &id, [t]);
                     }
                     3 if !outstanding.is_empty() && cores == 0 => {
                         let (id, _, _) = outstanding[gpus as usize % outstanding.len()].clone();
@@ -811,7 +850,7 @@ mod tests {
                 }
             }
             for (id, t, _) in outstanding.drain(..) {
-                m.complete(&id, [t]);
+                complete(&mut m, &id, [t]);
             }
             for mgr in m.map.values() {
                 proptest::prop_assert_eq!(mgr.used, Resources::default());
@@ -829,7 +868,7 @@ mod tests {
         m.assign(b"a", &[1]);
         assert!(m.drained().is_empty());
         assert!(m.get(b"a").unwrap().draining);
-        m.complete(b"a", [1]);
+        complete(&mut m, b"a", [1]);
         assert_eq!(m.drained(), vec![b"a".to_vec()]);
         assert!(m.is_empty());
     }

@@ -9,6 +9,7 @@ pub mod candidates;
 pub mod managers;
 pub mod queue;
 pub mod table;
+pub mod taskset;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use crate::protocol::{
     Registration, PROTOCOL_VERSION, STATUS_UNPLACEABLE,
 };
 use crate::resources::{self, FLAG_RESOURCES};
-use crate::socket_thread::{self, SocketThread};
+use crate::socket_thread::SocketThread;
 use crate::transport::Mailbox;
 use crate::zmtp::{curve, router};
 pub use managers::{ManagerInfo, Selector};
@@ -197,11 +198,15 @@ impl Handle {
         };
         let max_frame = config.max_message_bytes.map(message_limit);
         let listener = bind_worker_port(&config)?;
-        let router = router::Router::new(listener, router::Options { curve, max_frame })
+        let mut router = router::Router::new(listener, router::Options { curve, max_frame })
             .map_err(|e| format!("cannot serve the worker port: {e}"))?;
         let port = router.port;
 
         let inbox = Arc::new(Mailbox::new().map_err(|e| e.to_string())?);
+        // One epoll_wait a turn for the pools and the submit side's wake-ups.
+        router
+            .watch(inbox.fd())
+            .map_err(|e| format!("cannot watch the interchange's inbox: {e}"))?;
         let shared = Arc::new(Shared {
             inbox: inbox.clone(),
             events: Mutex::new(VecDeque::new()),
@@ -388,50 +393,30 @@ impl Interchange {
     fn run(&mut self) {
         let mut last_timers = Instant::now();
         let timer_period = Duration::from_millis(100).min(self.config.heartbeat_threshold / 4);
-        let poll_ms = self.config.poll_period.as_millis().clamp(1, 1000) as i64;
+        let poll_ms = i32::try_from(self.config.poll_period.as_millis().clamp(1, 1000)).unwrap_or(1000);
         while !self.stop {
-            let wake_fd = self.shared.inbox.fd();
-            let (router_ready, wake_ready) = {
-                let mut items = [
-                    zmq::PollItem::from_fd(self.router.fd(), zmq::POLLIN),
-                    zmq::PollItem::from_fd(wake_fd, zmq::POLLIN),
-                ];
-                let wait = if self.router.pending() { 0 } else { poll_ms };
-                if let Err(e) = socket_thread::poll(&mut items, wait) {
-                    let msg = format!("the interchange cannot poll its sockets: {e}");
-                    log::error!("{msg}");
-                    self.shared.emit([Event::Fatal(msg)]);
-                    break;
-                }
-                (
-                    items[0].is_readable() || self.router.pending(),
-                    items[1].is_readable(),
-                )
-            };
-            if wake_ready {
+            if self.router.wait(poll_ms) {
                 self.take_inbox();
             }
-            if router_ready {
-                let mut frames = std::mem::take(&mut self.frames);
-                for _ in 0..BATCH {
-                    if !self.router.read_into(&mut frames) {
-                        break;
-                    }
-                    self.on_manager_message(&mut frames);
-                }
-                frames.clear();
-                self.frames = frames;
-                if !self.results.is_empty() {
-                    self.shared.emit(self.results.drain(..));
-                }
-                let refused = self.router.counts.refused;
-                if refused > self.refused_seen {
-                    self.shared
-                        .stats
-                        .dropped
-                        .fetch_add(refused - self.refused_seen, Ordering::Relaxed);
-                    self.refused_seen = refused;
-                }
+            let mut frames = std::mem::take(&mut self.frames);
+            for _ in 0..BATCH {
+                let Some(peer) = self.router.read_into(&mut frames) else {
+                    break;
+                };
+                self.on_manager_message(peer, &mut frames);
+            }
+            frames.clear();
+            self.frames = frames;
+            if !self.results.is_empty() {
+                self.shared.emit(self.results.drain(..));
+            }
+            let refused = self.router.counts.refused;
+            if refused > self.refused_seen {
+                self.shared
+                    .stats
+                    .dropped
+                    .fetch_add(refused - self.refused_seen, Ordering::Relaxed);
+                self.refused_seen = refused;
             }
             if last_timers.elapsed() >= timer_period {
                 last_timers = Instant::now();
@@ -526,7 +511,7 @@ impl Interchange {
         self.router.send(frames[0], frames[1..].iter().copied())
     }
 
-    fn on_manager_message(&mut self, frames: &mut Vec<zmq::Message>) {
+    fn on_manager_message(&mut self, peer: router::Peer, frames: &mut Vec<zmq::Message>) {
         // Taken out of the frames (they are drained below) rather than copied.
         let identity_frame = std::mem::replace(&mut frames[0], zmq::Message::new());
         let identity: &[u8] = &identity_frame;
@@ -550,14 +535,15 @@ impl Interchange {
                 let _ = self.send(&[identity, &header(Kind::ProbeAck)]);
             }
             Kind::Register => self.on_register(identity.to_vec(), frames),
-            Kind::Heartbeat => {
-                if self.managers.touch(identity) {
-                    let _ = self.send(&[identity, &header(Kind::HeartbeatReply)]);
-                } else {
-                    self.drop_junk(identity, "heartbeat from an unregistered manager");
+            Kind::Heartbeat => match self.managers.resolve(identity, peer) {
+                Some(slot) => {
+                    self.managers.touch_at(slot);
+                    let reply = [&header(Kind::HeartbeatReply)[..]];
+                    let _ = self.router.send_to(Some(peer), identity, reply);
                 }
-            }
-            Kind::Results => self.on_results(identity, frames),
+                None => self.drop_junk(identity, "heartbeat from an unregistered manager"),
+            },
+            Kind::Results => self.on_results(identity, peer, frames),
             _ => self.drop_junk(identity, "message kind not accepted from a worker pool"),
         }
     }
@@ -625,10 +611,10 @@ impl Interchange {
         self.managers.register(identity, reg);
     }
 
-    fn on_results(&mut self, identity: &[u8], frames: &mut Vec<zmq::Message>) {
-        if self.managers.get(identity).is_none() {
+    fn on_results(&mut self, identity: &[u8], peer: router::Peer, frames: &mut Vec<zmq::Message>) {
+        let Some(slot) = self.managers.resolve(identity, peer) else {
             return self.drop_junk(identity, "results from an unregistered manager");
-        }
+        };
         if frames.len() < 3 {
             return self.drop_junk(identity, "results without a meta frame");
         }
@@ -636,9 +622,9 @@ impl Interchange {
             Ok(m) => m,
             Err(e) => return self.drop_junk(identity, &e.to_string()),
         };
-        self.managers.touch(identity);
+        self.managers.touch_at(slot);
         self.managers
-            .complete(identity, meta.iter().map(|(id, _)| *id));
+            .complete_at(slot, meta.iter().map(|(id, _)| *id));
         self.shared
             .stats
             .results_forwarded
@@ -775,7 +761,10 @@ impl Interchange {
             meta.extend(batch.iter().map(|t| (t.task_id, t.flags)));
             ids.clear();
             ids.extend(meta.iter().map(|(i, _)| *i));
-            if send_batch(&mut self.router, &m.identity, &meta, &batch).is_ok() {
+            if let Ok(peer) = send_batch(&mut self.router, m.peer, &m.identity, &meta, &batch) {
+                if m.peer != Some(peer) {
+                    self.managers.bind(slot, peer);
+                }
                 self.managers.assign_at(slot, &ids);
             } else {
                 let id = m.identity.clone();
@@ -795,13 +784,11 @@ impl Interchange {
     /// forget it; its outstanding tasks are lost with it.
     fn forget_unreachable(&mut self, id: &[u8]) {
         if let Some(m) = self.managers.remove(id) {
-            let mut tasks: Vec<u64> = m.tasks.into_iter().collect();
-            tasks.sort_unstable();
             log::warn!("Manager {} is unreachable; removed", m.reg.uid);
             self.shared.emit([Event::ManagerLost {
                 uid: m.reg.uid,
                 hostname: m.reg.hostname,
-                tasks,
+                tasks: m.tasks.into_sorted(),
             }]);
         }
     }
@@ -812,24 +799,26 @@ impl Interchange {
         meta: &[(u64, u8)],
         batch: Vec<PendingTask>,
     ) -> Result<(), Vec<PendingTask>> {
-        match send_batch(&mut self.router, identity, meta, &batch) {
-            Ok(()) => Ok(()),
+        match send_batch(&mut self.router, None, identity, meta, &batch) {
+            Ok(_) => Ok(()),
             Err(_) => Err(batch),
         }
     }
 }
 
-/// Send a batch of tasks; refused for a peer that is not connected, before anything is
-/// queued, so the caller still has the batch whole.
+/// Send a batch of tasks by `peer` (else by `identity`: see `Router::send_to`); refused
+/// for a peer that is not connected, before anything is queued, so the caller still has
+/// the batch whole.
 fn send_batch(
     router: &mut router::Router,
+    peer: Option<router::Peer>,
     identity: &[u8],
     meta: &[(u64, u8)],
     batch: &[PendingTask],
-) -> Result<(), router::NotConnected> {
+) -> Result<router::Peer, router::NotConnected> {
     let head = [&header(Kind::Tasks)[..], &encode_meta(meta)[..]];
     let payloads = batch.iter().map(|t| &t.payload[..]);
-    router.send(identity, head.iter().copied().chain(payloads))
+    router.send_to(peer, identity, head.iter().copied().chain(payloads))
 }
 
 fn same_minor(a: &str, b: &str) -> bool {

@@ -4,11 +4,13 @@
 //! and go out addressed the same way; a send to an identity that is not connected is
 //! refused, as with `ZMQ_ROUTER_MANDATORY`.
 //!
-//! Nothing blocks: [`Router::read_into`] takes what the sockets have, [`Router::send`]
-//! queues bytes and [`Router::flush`] writes them (the caller flushes once per loop turn,
-//! so a turn's messages to one connection leave in one write). Poll [`Router::fd`] for
-//! input, with a zero timeout while [`Router::pending`] says messages are parsed and
-//! waiting.
+//! [`Router::wait`] is the caller's one blocking call: one `epoll_wait` over the
+//! connections, the listener and one fd of the caller's ([`Router::watch`]), after which
+//! [`Router::read_into`] hands out the messages it parsed, each with the [`Peer`] it came
+//! from. [`Router::send_to`] routes by that peer (an index, where an identity is a hash
+//! probe and a compare against a cold key with thousands of connections) and
+//! [`Router::send`] by identity; both write at once when nothing waits on the connection,
+//! and [`Router::flush`] writes what the socket did not take.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -58,6 +60,14 @@ struct Conn {
     need: usize,
 }
 
+/// A connection as the router knows it: its slot and generation (a closed connection's
+/// slot is reused under another generation, so a stale `Peer` routes nowhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub conn: u32,
+    pub gen: u32,
+}
+
 /// A send to a routing identity with no connection (`ZMQ_ROUTER_MANDATORY`'s refusal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotConnected;
@@ -81,7 +91,9 @@ pub struct Router {
     free: Vec<usize>,
     next_gen: u32,
     by_identity: foldhash::HashMap<Vec<u8>, usize>,
-    incoming: VecDeque<Vec<zmq::Message>>,
+    incoming: VecDeque<(Peer, Vec<zmq::Message>)>,
+    /// The caller's fd watched with the connections ([`Router::watch`]).
+    watched: Option<i32>,
     dirty: Vec<usize>,
     next_anonymous: u32,
     /// Connections still in their handshake, oldest first, with their deadlines.
@@ -109,6 +121,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Epoll tokens at and above this are listeners.
 const LISTENER: u64 = u64::MAX - 16;
+/// The epoll token of the caller's watched fd.
+const WATCHED: u64 = LISTENER - 1;
 /// Most bytes read from one connection per pass (others get their turn).
 const READ_CHUNK: usize = 256 * 1024;
 /// Largest frame a peer may send before its handshake is done (HELLO is 200 bytes,
@@ -189,6 +203,7 @@ impl Router {
             next_gen: 0,
             by_identity: foldhash::HashMap::default(),
             incoming: VecDeque::new(),
+            watched: None,
             dirty: Vec::new(),
             next_anonymous: fastrand::u32(..),
             handshakes: VecDeque::new(),
@@ -200,16 +215,52 @@ impl Router {
         })
     }
 
-    /// Readable when a connection or the listener has something.
-    #[must_use]
-    pub fn fd(&self) -> i32 {
-        self.ep.as_raw_fd()
+    /// Watch `fd` for input too: [`Router::wait`] returns when it is readable, and says
+    /// so (the caller's wake-up, so that one `epoll_wait` a turn serves both).
+    pub fn watch(&mut self, fd: i32) -> std::io::Result<()> {
+        epoll_ctl(&self.ep, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, WATCHED)?;
+        self.watched = Some(fd);
+        Ok(())
     }
 
-    /// Messages are parsed and waiting: poll without blocking.
-    #[must_use]
-    pub fn pending(&self) -> bool {
-        !self.incoming.is_empty()
+    /// Wait up to `timeout_ms` (not at all while parsed messages wait) for the sockets,
+    /// then accept, read, parse and write what they allow; whether the watched fd is
+    /// readable.
+    pub fn wait(&mut self, timeout_ms: i32) -> bool {
+        let timeout = if self.incoming.is_empty() { timeout_ms } else { 0 };
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        // SAFETY: events has room for 256 entries.
+        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), 256, timeout) };
+        let mut woken = false;
+        for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+            let (token, flags) = (e.u64, e.events);
+            if token == WATCHED {
+                woken = true;
+                continue;
+            }
+            if token >= LISTENER {
+                self.accept((token - LISTENER) as usize);
+                continue;
+            }
+            let c = (token & 0xffff_ffff) as usize;
+            let gen = (token >> 32) as u32;
+            if self
+                .conns
+                .get(c)
+                .and_then(Option::as_ref)
+                .is_none_or(|x| x.gen != gen)
+            {
+                continue; // closed since (and perhaps the slot reused)
+            }
+            if flags & libc::EPOLLOUT as u32 != 0 {
+                self.write(c);
+            }
+            if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                self.read(c);
+            }
+        }
+        self.flush();
+        woken
     }
 
     /// Connections that have finished their handshake.
@@ -218,31 +269,56 @@ impl Router {
         self.by_identity.len()
     }
 
-    /// The next message (routing identity first) into `frames`; false when none waits.
-    pub fn read_into(&mut self, frames: &mut Vec<zmq::Message>) -> bool {
-        if self.incoming.is_empty() {
-            self.pump();
-        }
-        match self.incoming.pop_front() {
-            Some(m) => {
-                *frames = m;
-                true
-            }
-            None => false,
-        }
+    /// The next message [`Router::wait`] parsed (routing identity first) into `frames`,
+    /// and the connection it came by; `None` when none waits.
+    pub fn read_into(&mut self, frames: &mut Vec<zmq::Message>) -> Option<Peer> {
+        let (peer, m) = self.incoming.pop_front()?;
+        *frames = m;
+        Some(peer)
     }
 
-    /// Queue a message to `identity`; `Err` if no such peer is connected. Written by
-    /// the next [`Router::flush`].
+    /// Send a message to `identity`; `Err` if no such peer is connected. What the socket
+    /// does not take now is written by [`Router::flush`].
     pub fn send<B: AsRef<[u8]>>(
         &mut self,
         identity: &[u8],
         frames: impl IntoIterator<Item = B>,
     ) -> Result<(), NotConnected> {
-        let Some(&c) = self.by_identity.get(identity) else {
-            return Err(NotConnected);
+        let &c = self.by_identity.get(identity).ok_or(NotConnected)?;
+        self.send_on(c, frames);
+        Ok(())
+    }
+
+    /// [`Router::send`] by the connection `peer` while it lasts, else by `identity` (none
+    /// known yet, or the peer reconnected); the peer it went to.
+    pub fn send_to<B: AsRef<[u8]>>(
+        &mut self,
+        peer: Option<Peer>,
+        identity: &[u8],
+        frames: impl IntoIterator<Item = B>,
+    ) -> Result<Peer, NotConnected> {
+        let live = peer.filter(|p| {
+            self.conns
+                .get(p.conn as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|x| x.gen == p.gen && matches!(x.state, State::Ready))
+        });
+        let c = if let Some(p) = live {
+            p.conn as usize
+        } else {
+            *self.by_identity.get(identity).ok_or(NotConnected)?
         };
+        let gen = self.send_on(c, frames);
+        Ok(Peer {
+            conn: u32::try_from(c).expect("fewer than 2^32 connections"),
+            gen,
+        })
+    }
+
+    /// Encode `frames` for connection `c` (ready) and write them; its generation.
+    fn send_on<B: AsRef<[u8]>>(&mut self, c: usize, frames: impl IntoIterator<Item = B>) -> u32 {
         let conn = self.conns[c].as_mut().expect("a mapped connection");
+        let gen = conn.gen;
         // Nothing waiting on this connection: encode where it stays in cache and write
         // now; only what the socket does not take is kept with the connection.
         let direct = conn.out.is_empty() && !conn.armed;
@@ -261,7 +337,7 @@ impl Router {
         }
         if !direct {
             conn.out = w;
-            return Ok(());
+            return gen;
         }
         // Would block, or failed: what is left goes to `flush()`, which finds out which.
         let (done, _) = write_some(&mut conn.stream, &w);
@@ -274,7 +350,7 @@ impl Router {
             w = Vec::new();
         }
         self.wbuf = w;
-        Ok(())
+        gen
     }
 
     /// Write what [`Router::send`] queued.
@@ -300,37 +376,6 @@ impl Router {
 
     fn token(c: usize, gen: u32) -> u64 {
         (u64::from(gen) << 32) | c as u64
-    }
-
-    /// Take what the sockets have: accept, read, parse, write what POLLOUT allows.
-    fn pump(&mut self) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
-        // SAFETY: events has room for 256 entries.
-        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), 256, 0) };
-        for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
-            let (token, flags) = (e.u64, e.events);
-            if token >= LISTENER {
-                self.accept((token - LISTENER) as usize);
-                continue;
-            }
-            let c = (token & 0xffff_ffff) as usize;
-            let gen = (token >> 32) as u32;
-            if self
-                .conns
-                .get(c)
-                .and_then(Option::as_ref)
-                .is_none_or(|x| x.gen != gen)
-            {
-                continue; // closed since (and perhaps the slot reused)
-            }
-            if flags & libc::EPOLLOUT as u32 != 0 {
-                self.write(c);
-            }
-            if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
-                self.read(c);
-            }
-        }
-        self.flush();
     }
 
     fn accept(&mut self, l: usize) {
@@ -361,7 +406,9 @@ impl Router {
                 self.conns.push(None);
                 self.conns.len() - 1
             });
-            self.next_gen = self.next_gen.wrapping_add(1);
+            // 31 bits: a connection's token never reaches the listeners' and the
+            // watched fd's.
+            self.next_gen = self.next_gen.wrapping_add(1) & 0x7fff_ffff;
             let gen = self.next_gen;
             let token = Self::token(c, gen);
             if let Err(e) = epoll_ctl(
@@ -590,6 +637,7 @@ impl Router {
                     out: &mut conn.out,
                     frames: &mut conn.frames,
                     peer: conn.peer,
+                    gen: conn.gen,
                 },
             ) {
                 break Err(e);
@@ -681,7 +729,11 @@ impl Router {
                 }
                 conn.frames.push(zmq::Message::from(&data[..]));
                 if flags & MORE == 0 {
-                    self.incoming.push_back(std::mem::take(conn.frames));
+                    let peer = Peer {
+                        conn: u32::try_from(c).expect("fewer than 2^32 connections"),
+                        gen: conn.gen,
+                    };
+                    self.incoming.push_back((peer, std::mem::take(conn.frames)));
                 }
                 Ok(())
             }
@@ -750,6 +802,7 @@ struct ConnParts<'a> {
     out: &'a mut Vec<u8>,
     frames: &'a mut Vec<zmq::Message>,
     peer: SocketAddr,
+    gen: u32,
 }
 
 /// Write as much of `bytes` as the socket takes now: how much, and the error if the
@@ -780,7 +833,8 @@ fn read_some(fd: i32, buf: &mut Vec<u8>, need: usize) -> Option<String> {
         let spare = buf.spare_capacity_mut();
         // SAFETY: reading into the vector's spare capacity; set_len covers only the
         // bytes the kernel wrote.
-        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        // recv, not read: a socket's read goes through the file layer first.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), 0) };
         if n > 0 {
             let n = n as usize;
             let full = n == spare.len();
@@ -828,12 +882,11 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut frames = Vec::new();
         while Instant::now() < deadline {
-            if r.read_into(&mut frames) {
+            r.wait(1);
+            if r.read_into(&mut frames).is_some() {
                 return Some(frames.iter().map(|f| f.to_vec()).collect());
             }
-            r.flush();
             r.expire_handshakes();
-            std::thread::sleep(Duration::from_millis(1));
         }
         None
     }
@@ -855,11 +908,10 @@ mod tests {
         let mut frames = Vec::new();
         let mut got = 0;
         while Instant::now() < deadline {
-            while r.read_into(&mut frames) {
+            r.wait(1);
+            while r.read_into(&mut frames).is_some() {
                 got += 1;
             }
-            r.flush();
-            std::thread::sleep(Duration::from_millis(1));
         }
         got
     }
