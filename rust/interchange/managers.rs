@@ -9,9 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::candidates::Candidates;
 use super::table::Table;
 use super::taskset::TaskSet;
-use crate::zmtp::router::Peer;
 use crate::protocol::Registration;
 use crate::resources::Resources;
+use crate::zmtp::router::Peer;
 
 /// How managers with free capacity are ordered for dispatch (Parsl's selectors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +129,11 @@ pub const NODE_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 impl NodeInfo {
     fn of(m: &Manager, active: bool) -> NodeInfo {
         let epoch = |t: Instant| epoch_now() - t.elapsed().as_secs_f64();
-        let mut tasks: Vec<u64> = m.tasks.iter().chain(m.done_unreported.iter().copied()).collect();
+        let mut tasks: Vec<u64> = m
+            .tasks
+            .iter()
+            .chain(m.done_unreported.iter().copied())
+            .collect();
         tasks.sort_unstable();
         NodeInfo {
             uid: m.reg.uid.clone(),
@@ -328,16 +332,23 @@ impl Managers {
         self.by_conn[i] = slot;
     }
 
-    /// The manager in `slot` was heard from.
-    pub fn touch_at(&mut self, slot: u32) {
+    /// The manager in `slot` was heard from at `now`.
+    pub fn touch_at(&mut self, slot: u32, now: Instant) {
         if let Some(m) = self.map.at_mut(slot) {
-            m.last_seen = Instant::now();
+            m.last_seen = now;
         }
     }
 
-    /// Record finished tasks; the manager becomes a dispatch candidate again.
-    pub fn complete_at(&mut self, slot: u32, task_ids: impl IntoIterator<Item = u64>) {
+    /// Record finished tasks, reported at `now` (so the manager was heard from); it
+    /// becomes a dispatch candidate again.
+    pub fn complete_at(
+        &mut self,
+        slot: u32,
+        task_ids: impl IntoIterator<Item = u64>,
+        now: Instant,
+    ) {
         if let Some(m) = self.map.at_mut(slot) {
+            m.last_seen = now;
             let tracking = self.reports.is_some();
             for id in task_ids {
                 m.tasks.remove(id);
@@ -354,7 +365,7 @@ impl Managers {
                 r.mark(m);
             }
             if m.tasks.is_empty() {
-                m.idle_since = Some(Instant::now());
+                m.idle_since = Some(now);
             }
             self.candidates
                 .insert(m.slot, &m.identity, m.reg.block_id.as_deref());
@@ -483,12 +494,10 @@ impl Managers {
             .collect();
         dead.into_iter()
             .filter_map(|id| self.remove(&id))
-            .map(|m| {
-                Lost {
-                    uid: m.reg.uid,
-                    hostname: m.reg.hostname,
-                    tasks: m.tasks.into_sorted(),
-                }
+            .map(|m| Lost {
+                uid: m.reg.uid,
+                hostname: m.reg.hostname,
+                tasks: m.tasks.into_sorted(),
             })
             .collect()
     }
@@ -573,7 +582,7 @@ mod tests {
 
     fn complete(m: &mut Managers, identity: &[u8], ids: impl IntoIterator<Item = u64>) {
         let slot = m.map.slot(identity).expect("a registered manager");
-        m.complete_at(slot, ids);
+        m.complete_at(slot, ids, Instant::now());
     }
 
     fn reg(uid: &str, block: &str, cap: u32) -> Registration {

@@ -239,6 +239,7 @@ impl Handle {
             batch: Vec::new(),
             meta: Vec::new(),
             ids: Vec::new(),
+            now: Instant::now(),
             stop: false,
         };
         let bound = format!(
@@ -373,6 +374,8 @@ struct Interchange {
     batch: Vec<PendingTask>,
     meta: Vec<(u64, u8)>,
     ids: Vec<u64>,
+    /// When this loop turn's wait ended.
+    now: Instant,
     stop: bool,
 }
 
@@ -393,9 +396,13 @@ impl Interchange {
     fn run(&mut self) {
         let mut last_timers = Instant::now();
         let timer_period = Duration::from_millis(100).min(self.config.heartbeat_threshold / 4);
-        let poll_ms = i32::try_from(self.config.poll_period.as_millis().clamp(1, 1000)).unwrap_or(1000);
+        let poll_ms =
+            i32::try_from(self.config.poll_period.as_millis().clamp(1, 1000)).unwrap_or(1000);
         while !self.stop {
-            if self.router.wait(poll_ms) {
+            let woken = self.router.wait(poll_ms);
+            // The turn's clock: what it reads is stamped with this.
+            self.now = Instant::now();
+            if woken {
                 self.take_inbox();
             }
             let mut frames = std::mem::take(&mut self.frames);
@@ -442,13 +449,11 @@ impl Interchange {
     }
 
     fn take_inbox(&mut self) {
+        let mut received = 0;
         for input in self.shared.inbox.take() {
             match input {
                 Input::Task(t) => {
-                    self.shared
-                        .stats
-                        .tasks_received
-                        .fetch_add(1, Ordering::Relaxed);
+                    received += 1;
                     log::debug!("Put task {} onto pending_task_queue", t.task_id);
                     let request =
                         (t.flags & FLAG_RESOURCES != 0).then(|| resources::request_of(&t.payload));
@@ -474,6 +479,10 @@ impl Interchange {
                 Input::Command(c) => self.on_command(c),
             }
         }
+        self.shared
+            .stats
+            .tasks_received
+            .fetch_add(received, Ordering::Relaxed);
     }
 
     fn on_command(&mut self, c: Command) {
@@ -537,7 +546,7 @@ impl Interchange {
             Kind::Register => self.on_register(identity.to_vec(), frames),
             Kind::Heartbeat => match self.managers.resolve(identity, peer) {
                 Some(slot) => {
-                    self.managers.touch_at(slot);
+                    self.managers.touch_at(slot, self.now);
                     let reply = [&header(Kind::HeartbeatReply)[..]];
                     let _ = self.router.send_to(Some(peer), identity, reply);
                 }
@@ -622,9 +631,8 @@ impl Interchange {
             Ok(m) => m,
             Err(e) => return self.drop_junk(identity, &e.to_string()),
         };
-        self.managers.touch_at(slot);
         self.managers
-            .complete_at(slot, meta.iter().map(|(id, _)| *id));
+            .complete_at(slot, meta.iter().map(|(id, _)| *id), self.now);
         self.shared
             .stats
             .results_forwarded
@@ -948,6 +956,62 @@ mod tests {
         };
         assert_eq!(infos.len(), 1);
         assert_eq!(infos[0].tasks, 3);
+    }
+
+    /// A pool found and sent to by its connection: when it reconnects under the same
+    /// identity (a DEALER after a network blip), its results on the new connection are
+    /// still its own and its next tasks go to the new connection.
+    #[test]
+    fn a_pool_that_reconnects_under_its_identity_keeps_its_tasks_and_gets_new_ones() {
+        let h = start(Duration::from_secs(60), None);
+        let ctx = zmq::Context::new();
+        let first = pool(&ctx, h.port, "p1", 2, None);
+        h.submit([task(1, 0.0), task(2, 0.0)]);
+        let mut sent = sent_ids(&first);
+        if sent.len() < 2 {
+            sent.extend(sent_ids(&first));
+        }
+        sent.sort_unstable();
+        assert_eq!(sent, [1, 2]);
+        drop(first);
+        // The same identity on a new connection, without registering again.
+        let second = ctx.socket(zmq::DEALER).unwrap();
+        second.set_linger(0).unwrap();
+        second.set_identity(b"p1").unwrap();
+        second
+            .connect(&format!("tcp://127.0.0.1:{}", h.port))
+            .unwrap();
+        let done = |id: u64| {
+            [
+                header(Kind::Results).to_vec(),
+                encode_meta(&[(id, STATUS_RESULT)]),
+                b"ok".to_vec(),
+            ]
+        };
+        // Until the old connection is gone the new one is refused (libzmq's rule): retry.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = None;
+        while got.is_none() && Instant::now() < deadline {
+            second.send_multipart(done(1), 0).unwrap();
+            got = h
+                .wait_events(Duration::from_millis(100), usize::MAX)
+                .into_iter()
+                .find_map(|e| match e {
+                    Event::Result { task_id, .. } => Some(task_id),
+                    _ => None,
+                });
+        }
+        assert_eq!(
+            got,
+            Some(1),
+            "the result on the new connection is the pool's"
+        );
+        // Its freed slot takes the next task, on the new connection.
+        h.submit([task(3, 0.0)]);
+        assert_eq!(sent_ids(&second), [3]);
+        let infos = h.ask(Command::Managers).unwrap();
+        assert_eq!(infos.len(), 1);
+        assert_eq!(infos[0].tasks, 2, "task 2 is still held, task 3 added");
     }
 
     fn typed(id: u64, cores: u32) -> NewTask {

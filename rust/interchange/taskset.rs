@@ -68,7 +68,11 @@ impl TaskSet {
             TaskSet::Small(v) => (Some(v.iter()), None),
             TaskSet::Large(s) => (None, Some(s.iter())),
         };
-        small.into_iter().flatten().chain(large.into_iter().flatten()).copied()
+        small
+            .into_iter()
+            .flatten()
+            .chain(large.into_iter().flatten())
+            .copied()
     }
 
     /// The ids, ascending.

@@ -92,8 +92,8 @@ pub struct Router {
     next_gen: u32,
     by_identity: foldhash::HashMap<Vec<u8>, usize>,
     incoming: VecDeque<(Peer, Vec<zmq::Message>)>,
-    /// The caller's fd watched with the connections ([`Router::watch`]).
-    watched: Option<i32>,
+    /// Emptied message vectors, for the next messages read (not an allocation each).
+    spare: Vec<Vec<zmq::Message>>,
     dirty: Vec<usize>,
     next_anonymous: u32,
     /// Connections still in their handshake, oldest first, with their deadlines.
@@ -132,6 +132,10 @@ const HANDSHAKE_FRAME: usize = 64 * 1024;
 const RESERVE_AHEAD: usize = 16 << 20;
 /// Most frames in one message (a batch of 64k tasks plus its header and meta).
 const MAX_FRAMES: usize = crate::stream::MAX_FRAMES + 8;
+/// Most emptied message vectors kept for reuse.
+const SPARE_VECS: usize = 64;
+/// Only vectors of at most this many frames are kept (a batch's vector can be huge).
+const SPARE_FRAMES: usize = 1024;
 /// A buffer emptied with more capacity than this is given back.
 const KEEP_CAPACITY: usize = 4 * READ_CHUNK;
 
@@ -203,7 +207,7 @@ impl Router {
             next_gen: 0,
             by_identity: foldhash::HashMap::default(),
             incoming: VecDeque::new(),
-            watched: None,
+            spare: Vec::new(),
             dirty: Vec::new(),
             next_anonymous: fastrand::u32(..),
             handshakes: VecDeque::new(),
@@ -218,8 +222,13 @@ impl Router {
     /// Watch `fd` for input too: [`Router::wait`] returns when it is readable, and says
     /// so (the caller's wake-up, so that one `epoll_wait` a turn serves both).
     pub fn watch(&mut self, fd: i32) -> std::io::Result<()> {
-        epoll_ctl(&self.ep, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, WATCHED)?;
-        self.watched = Some(fd);
+        epoll_ctl(
+            &self.ep,
+            libc::EPOLL_CTL_ADD,
+            fd,
+            libc::EPOLLIN as u32,
+            WATCHED,
+        )?;
         Ok(())
     }
 
@@ -227,7 +236,11 @@ impl Router {
     /// then accept, read, parse and write what they allow; whether the watched fd is
     /// readable.
     pub fn wait(&mut self, timeout_ms: i32) -> bool {
-        let timeout = if self.incoming.is_empty() { timeout_ms } else { 0 };
+        let timeout = if self.incoming.is_empty() {
+            timeout_ms
+        } else {
+            0
+        };
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
         // SAFETY: events has room for 256 entries.
         let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), 256, timeout) };
@@ -272,8 +285,13 @@ impl Router {
     /// The next message [`Router::wait`] parsed (routing identity first) into `frames`,
     /// and the connection it came by; `None` when none waits.
     pub fn read_into(&mut self, frames: &mut Vec<zmq::Message>) -> Option<Peer> {
-        let (peer, m) = self.incoming.pop_front()?;
-        *frames = m;
+        let (peer, mut m) = self.incoming.pop_front()?;
+        std::mem::swap(frames, &mut m);
+        // The caller's last message's vector holds the next one read.
+        m.clear();
+        if self.spare.len() < SPARE_VECS && m.capacity() <= SPARE_FRAMES {
+            self.spare.push(m);
+        }
         Some(peer)
     }
 
@@ -733,7 +751,9 @@ impl Router {
                         conn: u32::try_from(c).expect("fewer than 2^32 connections"),
                         gen: conn.gen,
                     };
-                    self.incoming.push_back((peer, std::mem::take(conn.frames)));
+                    let next = self.spare.pop().unwrap_or_default();
+                    self.incoming
+                        .push_back((peer, std::mem::replace(conn.frames, next)));
                 }
                 Ok(())
             }
