@@ -95,6 +95,14 @@ impl<T> Mailbox<T> {
         self.rx.as_raw_fd()
     }
 
+    /// Items were pushed since the last [`Mailbox::take`]: an atomic load, for a thread
+    /// whose poll may report the fd late (an epoll with more ready fds than one wait
+    /// returns).
+    #[must_use]
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
     /// Take everything pushed so far (socket thread only).
     pub fn take(&self) -> Vec<T> {
         let mut buf = [0u8; 256];
@@ -127,7 +135,9 @@ mod tests {
         m.push([3]);
         let mut fds = [zmq::PollItem::from_fd(m.fd(), zmq::POLLIN)];
         assert_eq!(zmq::poll(&mut fds, 1000).unwrap(), 1);
+        assert!(m.pending());
         assert_eq!(m.take(), vec![1, 2, 3]);
+        assert!(!m.pending());
         let mut fds = [zmq::PollItem::from_fd(m.fd(), zmq::POLLIN)];
         assert_eq!(
             zmq::poll(&mut fds, 0).unwrap(),

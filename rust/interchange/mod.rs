@@ -402,7 +402,9 @@ impl Interchange {
             let woken = self.router.wait(poll_ms);
             // The turn's clock: what it reads is stamped with this.
             self.now = Instant::now();
-            if woken {
+            // The flag too: with thousands of pools ready at once, one wait returns 256 of
+            // them and the wake fd may come only turns later.
+            if woken || self.shared.inbox.pending() {
                 self.take_inbox();
             }
             let mut frames = std::mem::take(&mut self.frames);
