@@ -399,7 +399,15 @@ impl Interchange {
         let poll_ms =
             i32::try_from(self.config.poll_period.as_millis().clamp(1, 1000)).unwrap_or(1000);
         while !self.stop {
-            let woken = self.router.wait(poll_ms);
+            let woken = match self.router.wait(poll_ms) {
+                Ok(w) => w,
+                Err(e) => {
+                    let msg = format!("the interchange cannot poll its sockets: {e}");
+                    log::error!("{msg}");
+                    self.shared.emit([Event::Fatal(msg)]);
+                    break;
+                }
+            };
             // The turn's clock: what it reads is stamped with this.
             self.now = Instant::now();
             // The flag too: with thousands of pools ready at once, one wait returns 256 of

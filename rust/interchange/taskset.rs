@@ -38,7 +38,10 @@ impl TaskSet {
     /// Add `ids` (none of them held already: a task is sent to one manager at a time).
     pub fn extend(&mut self, ids: &[u64]) {
         match self {
-            TaskSet::Small(v) if v.len() + ids.len() <= SMALL => v.extend_from_slice(ids),
+            TaskSet::Small(v) if v.len() + ids.len() <= SMALL => {
+                debug_assert!(ids.iter().all(|id| !v.contains(id)), "a task id held twice");
+                v.extend_from_slice(ids);
+            }
             TaskSet::Small(v) => {
                 let mut s = HashSet::with_capacity(v.len() + ids.len());
                 s.extend(v.iter().chain(ids).copied());

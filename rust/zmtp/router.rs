@@ -132,6 +132,8 @@ const HANDSHAKE_FRAME: usize = 64 * 1024;
 const RESERVE_AHEAD: usize = 16 << 20;
 /// Most frames in one message (a batch of 64k tasks plus its header and meta).
 const MAX_FRAMES: usize = crate::stream::MAX_FRAMES + 8;
+/// Parsed messages waiting above which connections are not read (see [`Router::wait`]).
+const INCOMING_HIGH: usize = 8192;
 /// Most emptied message vectors kept for reuse.
 const SPARE_VECS: usize = 64;
 /// Only vectors of at most this many frames are kept (a batch's vector can be huge).
@@ -234,8 +236,10 @@ impl Router {
 
     /// Wait up to `timeout_ms` (not at all while parsed messages wait) for the sockets,
     /// then accept, read, parse and write what they allow; whether the watched fd is
-    /// readable.
-    pub fn wait(&mut self, timeout_ms: i32) -> bool {
+    /// readable. While [`INCOMING_HIGH`] parsed messages wait, connections are not read:
+    /// their data stays in the kernel, whose flow control holds back a peer that sends
+    /// faster than the caller takes. Fails only if epoll does (not for a signal).
+    pub fn wait(&mut self, timeout_ms: i32) -> std::io::Result<bool> {
         let timeout = if self.incoming.is_empty() {
             timeout_ms
         } else {
@@ -244,6 +248,15 @@ impl Router {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
         // SAFETY: events has room for 256 entries.
         let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), 256, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        let reading = self.incoming.len() < INCOMING_HIGH;
         let mut woken = false;
         for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
             let (token, flags) = (e.u64, e.events);
@@ -268,12 +281,12 @@ impl Router {
             if flags & libc::EPOLLOUT as u32 != 0 {
                 self.write(c);
             }
-            if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+            if reading && flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
                 self.read(c);
             }
         }
         self.flush();
-        woken
+        Ok(woken)
     }
 
     /// Connections that have finished their handshake.
@@ -741,6 +754,11 @@ impl Router {
                     return Self::on_command(&data, conn);
                 }
                 if conn.frames.is_empty() {
+                    // A spare vector only for the message being read: none stays parked
+                    // with an idle connection.
+                    if conn.frames.capacity() == 0 {
+                        *conn.frames = self.spare.pop().unwrap_or_default();
+                    }
                     conn.frames.push(zmq::Message::from(&conn.identity[..]));
                 } else if conn.frames.len() > MAX_FRAMES {
                     return Err(format!("a message of more than {MAX_FRAMES} frames"));
@@ -751,9 +769,7 @@ impl Router {
                         conn: u32::try_from(c).expect("fewer than 2^32 connections"),
                         gen: conn.gen,
                     };
-                    let next = self.spare.pop().unwrap_or_default();
-                    self.incoming
-                        .push_back((peer, std::mem::replace(conn.frames, next)));
+                    self.incoming.push_back((peer, std::mem::take(conn.frames)));
                 }
                 Ok(())
             }
@@ -902,7 +918,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut frames = Vec::new();
         while Instant::now() < deadline {
-            r.wait(1);
+            r.wait(1).unwrap();
             if r.read_into(&mut frames).is_some() {
                 return Some(frames.iter().map(|f| f.to_vec()).collect());
             }
@@ -928,7 +944,7 @@ mod tests {
         let mut frames = Vec::new();
         let mut got = 0;
         while Instant::now() < deadline {
-            r.wait(1);
+            r.wait(1).unwrap();
             while r.read_into(&mut frames).is_some() {
                 got += 1;
             }
@@ -1005,6 +1021,42 @@ mod tests {
         assert_eq!(r.peers(), 1);
         first.send(&b"3"[..], 0).unwrap();
         assert_eq!(next(&mut r).unwrap()[1], b"3");
+    }
+
+    /// A peer sending faster than the caller takes is held back by the kernel's flow
+    /// control, not queued without limit: while `INCOMING_HIGH` messages wait, no
+    /// connection is read. Taken, every message still arrives.
+    #[test]
+    fn a_flooding_peer_is_held_back_not_queued_without_limit() {
+        const N: usize = 300_000;
+        let mut r = router(None, None);
+        let ctx = zmq::Context::new();
+        let d = dealer(&ctx, r.port, Some(b"flood"));
+        d.set_sndhwm(0).unwrap();
+        for _ in 0..N {
+            d.send(&b"x"[..], 0).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            r.wait(10).unwrap();
+        }
+        let queued = r.incoming.len();
+        assert!(
+            queued >= INCOMING_HIGH,
+            "the flood did not arrive: {queued}"
+        );
+        assert!(queued < N / 2, "{queued} of {N} messages queued unread");
+        let mut frames = Vec::new();
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < N && Instant::now() < deadline {
+            r.wait(1).unwrap();
+            while r.read_into(&mut frames).is_some() {
+                assert_eq!(frames[1].to_vec(), b"x");
+                got += 1;
+            }
+        }
+        assert_eq!(got, N);
     }
 
     #[test]
