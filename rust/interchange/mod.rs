@@ -435,8 +435,8 @@ impl Interchange {
                     .fetch_add(refused - self.refused_seen, Ordering::Relaxed);
                 self.refused_seen = refused;
             }
-            if last_timers.elapsed() >= timer_period {
-                last_timers = Instant::now();
+            if self.now.duration_since(last_timers) >= timer_period {
+                last_timers = self.now;
                 self.expire();
                 self.router.expire_handshakes();
                 self.managers.report_changed();
