@@ -246,3 +246,34 @@ def test_start_warns_when_the_pool_command_is_not_on_path(tmp_path, monkeypatch,
         assert msgs and os.path.dirname(sys.executable) in msgs[0]
     finally:
         ex.shutdown()
+
+
+OPEN_UNENCRYPTED = "listens for worker pools unencrypted"
+
+
+@pytest.mark.parametrize(("address", "encrypted", "warns"), [
+    (None, False, True),          # every interface ("*"), no CURVE
+    ("0.0.0.0", False, True),     # every IPv4 interface, named
+    ("127.0.0.1", False, False),  # this host only
+    (None, True, False),          # every interface, CURVE
+])
+def test_start_warns_once_when_listening_unencrypted_beyond_loopback(tmp_path, caplog, address, encrypted, warns):
+    """Unencrypted, the worker port authenticates nobody and carries pickles both ways;
+    start() says so, with the port and the fix, once. No pool is started and nothing is
+    sent: binding every interface is all these executors do."""
+    ex = HighThroughputExecutor(label="open", address=address, encrypted=encrypted,
+                                provider=LocalProvider(init_blocks=0, min_blocks=0, max_blocks=0))
+    ex.run_dir = str(tmp_path)
+    with caplog.at_level("WARNING", logger="htex_rs.executor"):
+        ex.start()
+    try:
+        msgs = [r.getMessage() for r in caplog.records if OPEN_UNENCRYPTED in r.getMessage()]
+        if not warns:
+            assert msgs == []
+            return
+        assert len(msgs) == 1, msgs
+        assert f"port {ex.worker_port}: anyone who can reach port {ex.worker_port} can register as a worker " \
+               "pool, read pickled tasks and return results the submit host unpickles; set encrypted=True" in msgs[0]
+        assert ("every interface" if address is None else address) in msgs[0]
+    finally:
+        ex.shutdown()

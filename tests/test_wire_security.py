@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 
@@ -13,7 +14,7 @@ import zmq.auth
 from parsl.executors.errors import BadStateException
 
 from htex_rs import HighThroughputExecutor, _core, wire
-from htex_rs.errors import ProtocolVersionMismatch
+from htex_rs.errors import HtexRsConfigurationError, ProtocolVersionMismatch
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.fault]
 
@@ -174,3 +175,61 @@ def test_pool_of_another_protocol_version_is_refused_and_tasks_fail(executor):
         assert isinstance(executor.executor_exception, ProtocolVersionMismatch)
     finally:
         ctx.destroy(linger=0)
+
+
+def curve_greeting() -> bytes:
+    """A ZMTP 3.1 client greeting for the CURVE mechanism (and nothing after it: a
+    connection that never finishes its handshake)."""
+    return b"\xff" + b"\x00" * 8 + b"\x7f\x03\x01" + b"CURVE".ljust(20, b"\x00") + b"\x00" * 32
+
+
+def closed_by_peer(s: socket.socket, timeout: float) -> bool:
+    """Whether the other end closes `s` within `timeout` (its greeting is read and skipped)."""
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(4096):
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_handshakes_past_the_per_source_cap_are_refused_and_pools_still_served(tmp_path):
+    """max_pending_handshakes_per_source, set before start(): one address holding that many
+    unfinished CURVE handshakes has its further connections closed at once, while a pool
+    with the right keys still registers and is answered."""
+    ex = HighThroughputExecutor(label="caps", address="127.0.0.1", encrypted=True)
+    ex.max_pending_handshakes_per_source = 3
+    ex.run_dir = str(tmp_path)
+    ex.start()
+    ctx = zmq.Context()
+    held = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", ex.worker_port))
+            s.sendall(curve_greeting())
+            held.append(s)
+        # Accepted in the order they connected (the listen queue is first in, first out).
+        extra = [socket.create_connection(("127.0.0.1", ex.worker_port)) for _ in range(4)]
+        assert all(closed_by_peer(s, 5) for s in extra), "a connection past the cap was kept"
+        assert not any(closed_by_peer(s, 0.2) for s in held), "a connection within the cap was closed"
+        for s in held:
+            s.close()
+        server_pub, _ = zmq.auth.load_certificate(os.path.join(ex.cert_dir, "server.key"))
+        pub, sec = zmq.auth.load_certificate(os.path.join(ex.cert_dir, "client.key_secret"))
+        assert probe_answered(dealer(ctx, ex.worker_port, b"good", (pub, sec, server_pub)), 5000)
+    finally:
+        for s in held:
+            s.close()
+        ctx.destroy(linger=0)
+        ex.shutdown()
+
+
+def test_handshake_caps_are_checked_at_start(tmp_path):
+    ex = HighThroughputExecutor(label="caps", address="127.0.0.1", encrypted=True)
+    ex.max_pending_handshakes = 0
+    ex.run_dir = str(tmp_path)
+    with pytest.raises(HtexRsConfigurationError, match="max_pending_handshakes=0 must be greater than 0"):
+        ex.start()

@@ -142,14 +142,15 @@ class Interchange:
         heartbeat_threshold: float,
         poll_period_ms: int,
         selector: str,
-        server_secret: Optional[bytes] = None,
-        allowed_clients: list[bytes] = ...,
+        cert_dir: Optional[str] = None,
         log_path: Optional[str] = None,
         debug: bool = False,
         python_version: str = ...,
         check_python: bool = False,
         max_message_bytes: Optional[int] = None,
         node_events: bool = False,
+        max_pending_handshakes: Optional[int] = None,
+        max_pending_handshakes_per_source: Optional[int] = None,
     ) -> Interchange: ...
     @property
     def port(self) -> int: ...

@@ -31,6 +31,16 @@ def local_addresses() -> set[str]:
     return out or {"127.0.0.1"}
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a bind address (an IP literal, or ``*`` for every interface) is reachable
+    from this host only."""
+    if address == "*":
+        return False
+    ip = ipaddress.ip_address(address)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
 def tcp_url(address: str, port: int) -> str:
     return f"tcp://[{address}]:{port}" if ":" in address else f"tcp://{address}:{port}"
 

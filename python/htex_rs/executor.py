@@ -23,8 +23,6 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
 import typeguard
-import zmq
-import zmq.auth
 from parsl import curvezmq
 from parsl.app.errors import RemoteExceptionWrapper
 from parsl.data_provider.staging import Staging
@@ -47,7 +45,7 @@ from parsl.providers.base import ExecutionProvider
 from parsl.serialize.errors import DeserializationError, SerializationError
 
 from htex_rs import _core, fd_limits, validation, wire
-from htex_rs.addresses import local_addresses, resolve_address
+from htex_rs.addresses import is_loopback, local_addresses, resolve_address
 from htex_rs.errors import (
     CommandTimeout,
     HtexRsConfigurationError,
@@ -247,6 +245,11 @@ class HighThroughputExecutor(ParslHTEX):
         # Parsl types these as they start (None; a str); they hold a path once known.
         self.cert_dir: Optional[str] = None  # type: ignore[assignment]
         self._check_python_mismatch = True
+        # Worker-port connections still in their CURVE handshake: at most this many in all
+        # (a newer one drops the oldest) and from one address (newer ones are refused).
+        # Attributes, not parameters, to keep Parsl's signature; set them before start().
+        self.max_pending_handshakes = 4096
+        self.max_pending_handshakes_per_source = 256
         self.launch_cmd = launch_cmd or DEFAULT_LAUNCH_CMD
         self.interchange_launch_cmd = interchange_launch_cmd or ["(in-process Rust interchange)"]
         self._result_queue_thread_exit = threading.Event()
@@ -257,7 +260,10 @@ class HighThroughputExecutor(ParslHTEX):
         self._ix: Optional[_core.Interchange] = None
 
     # ------------------------------------------------------------------ start-up
-    def _curve_keys(self) -> Tuple[Optional[bytes], List[bytes]]:
+    def _curve_cert_dir(self) -> Optional[str]:
+        """The private certificate directory the interchange reads its keys from (made if
+        none was given), or None when unencrypted. The interchange reads the server's secret
+        key itself: it is never held by Python."""
         if not self.encrypted:
             if self.cert_dir:
                 raise AttributeError(
@@ -265,7 +271,7 @@ class HighThroughputExecutor(ParslHTEX):
                     "encrypted attribute is set to False. You must either change cert_dir to "
                     "None or encrypted to True."
                 )
-            return None, []
+            return None
         if self.cert_dir is None:
             self.cert_dir = curvezmq.create_certificates(self.logdir)
         cert_dir: str = self.cert_dir
@@ -275,11 +281,7 @@ class HighThroughputExecutor(ParslHTEX):
                 f"The certificates directory must be private: {cert_dir} has mode {oct(mode)}; "
                 f"run `chmod 700 {cert_dir}`"
             )
-        _, secret = zmq.auth.load_certificate(os.path.join(cert_dir, "server.key_secret"))
-        if not secret:
-            raise ValueError(f"No secret key in {cert_dir}/server.key_secret")
-        clients = [bytes(k) for k in zmq.auth.load_certificates(cert_dir)]
-        return bytes(secret), clients
+        return cert_dir
 
     def start(self) -> None:
         """Start the interchange thread and the result thread; compose the launch command."""
@@ -291,7 +293,9 @@ class HighThroughputExecutor(ParslHTEX):
         fd_limits.raise_nofile(pools, f"executor {self.label!r} (up to {pools} worker pools)")
         BlockProviderExecutor.start(self)
         self._warn_if_pool_command_missing()
-        secret, clients = self._curve_keys()
+        validation.check_positive("max_pending_handshakes", self.max_pending_handshakes)
+        validation.check_positive("max_pending_handshakes_per_source", self.max_pending_handshakes_per_source)
+        cert_dir = self._curve_cert_dir()
         if self.log_config:
             log_config_dir = os.path.join(self.logdir, "log_config")
             os.makedirs(log_config_dir, mode=0o700, exist_ok=True)
@@ -300,25 +304,28 @@ class HighThroughputExecutor(ParslHTEX):
                 pickle.dump(self.log_config, f)
         os.makedirs(self.logdir, exist_ok=True)
         selector = "block" if isinstance(self.manager_selector, BlockIdManagerSelector) else "random"
+        bind = "*" if self._worker_address is None else self._worker_address
         self._ix = _core.Interchange(
-            "*" if self._worker_address is None else self._worker_address,
+            bind,
             self.worker_port,
             self.worker_port_range or (54000, 55000),
             float(self.heartbeat_threshold),
             int(self.poll_period),
             selector,
-            server_secret=secret,
-            allowed_clients=clients,
+            cert_dir=cert_dir,
             log_path=os.path.join(self.logdir, "interchange.log"),
             debug=self.worker_debug,
             python_version="{}.{}".format(*sys.version_info[:2]),
             check_python=self._check_python_mismatch,
             max_message_bytes=self.max_message_bytes,
             node_events=self.monitoring_messages is not None,
+            max_pending_handshakes=self.max_pending_handshakes,
+            max_pending_handshakes_per_source=self.max_pending_handshakes_per_source,
         )
         self.worker_port = self._ix.port
         logger.info("htex_rs interchange listening for worker pools on port %s (encrypted=%s)",
                     self.worker_port, self.encrypted)
+        self._warn_if_open_and_unencrypted(bind)
         self._result_queue_thread = threading.Thread(target=self._result_queue_worker,
                                                      name="HTEX-Result-Queue-Thread", daemon=True)
         self._result_queue_thread.start()
@@ -326,6 +333,17 @@ class HighThroughputExecutor(ParslHTEX):
         atexit.register(self._stop_at_exit)
         self.initialize_scaling()  # type: ignore[no-untyped-call]  # Parsl's, in its own class
         self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
+
+    def _warn_if_open_and_unencrypted(self, bind: str) -> None:
+        """Without CURVE the worker port authenticates nobody, and what crosses it is
+        pickles both ways: fine on loopback, a risk on any address another host can reach."""
+        if self.encrypted or is_loopback(bind):
+            return
+        where = "every interface" if bind == "*" else bind
+        logger.warning("Executor %r listens for worker pools unencrypted on %s, port %s: anyone who can "
+                       "reach port %s can register as a worker pool, read pickled tasks and return results "
+                       "the submit host unpickles; set encrypted=True (or address='127.0.0.1' if every "
+                       "pool runs on this host)", self.label, where, self.worker_port, self.worker_port)
 
     def _warn_if_pool_command_missing(self) -> None:
         """Pools start as ``htex-rs-worker-pool`` found on PATH (as Parsl's do with

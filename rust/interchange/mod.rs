@@ -33,15 +33,6 @@ use queue::{PendingTask, TaskQueue};
 
 pub const HTEX_RS_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// CURVE server settings: our secret key and the client public keys to admit.
-#[derive(Clone)]
-pub struct CurveConfig {
-    /// Server secret key, 32 raw bytes or 40 Z85 characters.
-    pub server_secret: Vec<u8>,
-    pub allowed_clients: Vec<[u8; 32]>,
-}
-
-#[derive(Clone)]
 pub struct Config {
     /// IP literal to bind, or `*` for every interface.
     pub bind_address: String,
@@ -50,7 +41,10 @@ pub struct Config {
     pub heartbeat_threshold: Duration,
     pub poll_period: Duration,
     pub selector: Selector,
-    pub curve: Option<CurveConfig>,
+    /// The CURVE server (its secret key and the clients it admits); `None`: unencrypted.
+    pub curve: Option<curve::Server>,
+    /// What peers still in their handshake may take (CURVE: caps and work per turn).
+    pub handshakes: router::HandshakeLimits,
     pub log_path: Option<PathBuf>,
     pub debug: bool,
     /// `major.minor` of the submit side's Python; pools must match unless `check_python` is off.
@@ -74,6 +68,7 @@ impl Default for Config {
             poll_period: Duration::from_millis(10),
             selector: Selector::Random,
             curve: None,
+            handshakes: router::HandshakeLimits::default(),
             log_path: None,
             debug: false,
             python_version: String::new(),
@@ -186,19 +181,19 @@ fn bind_worker_port(config: &Config) -> Result<std::net::TcpListener, String> {
 
 impl Handle {
     /// Bind the worker port and start the interchange thread.
-    pub fn start(config: Config) -> Result<Handle, String> {
+    pub fn start(mut config: Config) -> Result<Handle, String> {
         let batch_wanted = crate::sched::wanted();
-        let curve = match &config.curve {
-            Some(c) => Some(curve::Server::new(
-                curve::decode_key(&c.server_secret)
-                    .map_err(|e| format!("the CURVE server secret key: {e}"))?,
-                c.allowed_clients.iter().copied(),
-            )),
-            None => None,
-        };
+        // The router owns the server key from here on (wiped when it drops).
+        let curve = config.curve.take();
+        let encrypted = curve.is_some();
         let max_frame = config.max_message_bytes.map(message_limit);
         let listener = bind_worker_port(&config)?;
-        let mut router = router::Router::new(listener, router::Options { curve, max_frame })
+        let options = router::Options {
+            curve,
+            max_frame,
+            handshakes: config.handshakes,
+        };
+        let mut router = router::Router::new(listener, options)
             .map_err(|e| format!("cannot serve the worker port: {e}"))?;
         let port = router.port;
 
@@ -243,9 +238,8 @@ impl Handle {
             stop: false,
         };
         let bound = format!(
-            "htex_rs {HTEX_RS_VERSION} interchange (protocol v{PROTOCOL_VERSION}) bound worker port {port} on {}, encrypted={}",
+            "htex_rs {HTEX_RS_VERSION} interchange (protocol v{PROTOCOL_VERSION}) bound worker port {port} on {}, encrypted={encrypted}",
             ix.config.bind_address,
-            ix.config.curve.is_some()
         );
         let on_exit = shared.clone();
         let thread = SocketThread::spawn(
@@ -856,7 +850,7 @@ mod tests {
         assert!(!same_minor("3.12.0", "3.11.7"));
     }
 
-    fn start(threshold: Duration, curve: Option<CurveConfig>) -> Handle {
+    fn start(threshold: Duration, curve: Option<curve::Server>) -> Handle {
         Handle::start(Config {
             heartbeat_threshold: threshold,
             curve,
@@ -1168,10 +1162,10 @@ mod tests {
         let rogue = zmq::CurveKeyPair::new().unwrap();
         let h = start(
             Duration::from_secs(60),
-            Some(CurveConfig {
-                server_secret: server.secret_key.to_vec(),
-                allowed_clients: vec![client.public_key],
-            }),
+            Some(curve::Server::new(
+                zeroize::Zeroizing::new(server.secret_key),
+                [client.public_key],
+            )),
         );
         let ctx = zmq::Context::new();
         let probe = |keys: &zmq::CurveKeyPair| {

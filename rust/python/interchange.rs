@@ -8,7 +8,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::{CommandTimeout, InterchangeStopped, Running};
-use crate::interchange::{self, AskError, Command, CurveConfig, Event, Handle, NewTask, Selector};
+use crate::interchange::{self, AskError, Command, Event, Handle, NewTask, Selector};
+use crate::zmtp::router::HandshakeLimits;
 
 /// A running interchange thread owned by one executor. Frozen, so calls from
 /// several Python threads (result thread, strategy, user) never conflict on a borrow.
@@ -112,9 +113,10 @@ fn node_dict(py: Python<'_>, n: interchange::managers::NodeInfo) -> PyResult<Bou
 impl Interchange {
     #[new]
     #[pyo3(signature = (bind_address, worker_port, port_range, heartbeat_threshold, poll_period_ms,
-                        selector, server_secret=None, allowed_clients=Vec::new(), log_path=None,
+                        selector, cert_dir=None, log_path=None,
                         debug=false, python_version=String::new(), check_python=false,
-                        max_message_bytes=None, node_events=false))]
+                        max_message_bytes=None, node_events=false,
+                        max_pending_handshakes=None, max_pending_handshakes_per_source=None))]
     #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
     fn new(
         py: Python<'_>,
@@ -124,14 +126,15 @@ impl Interchange {
         heartbeat_threshold: f64,
         poll_period_ms: u64,
         selector: &str,
-        server_secret: Option<Vec<u8>>,
-        allowed_clients: Vec<Vec<u8>>,
+        cert_dir: Option<std::path::PathBuf>,
         log_path: Option<String>,
         debug: bool,
         python_version: String,
         check_python: bool,
         max_message_bytes: Option<usize>,
         node_events: bool,
+        max_pending_handshakes: Option<usize>,
+        max_pending_handshakes_per_source: Option<usize>,
     ) -> PyResult<Self> {
         let selector = match selector {
             "random" => Selector::Random,
@@ -142,16 +145,17 @@ impl Interchange {
                 )))
             }
         };
-        let curve = match server_secret {
-            Some(secret) => Some(CurveConfig {
-                server_secret: secret,
-                allowed_clients: allowed_clients
-                    .iter()
-                    .map(|k| crate::zmtp::curve::decode_key(k))
-                    .collect::<Result<_, _>>()
-                    .map_err(PyValueError::new_err)?,
-            }),
-            None => None,
+        // The server's secret key is read here, never held by Python.
+        let curve = cert_dir
+            .map(|dir| crate::zmtp::certs::load_server(&dir))
+            .transpose()
+            .map_err(PyValueError::new_err)?;
+        let defaults = HandshakeLimits::default();
+        let handshakes = HandshakeLimits {
+            max_pending: max_pending_handshakes.unwrap_or(defaults.max_pending),
+            max_pending_per_source: max_pending_handshakes_per_source
+                .unwrap_or(defaults.max_pending_per_source),
+            ..defaults
         };
         let config = interchange::Config {
             bind_address,
@@ -161,6 +165,7 @@ impl Interchange {
             poll_period: Duration::from_millis(poll_period_ms),
             selector,
             curve,
+            handshakes,
             log_path: log_path.map(Into::into),
             debug,
             python_version,

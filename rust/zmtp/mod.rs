@@ -1,16 +1,22 @@
 //! ZMTP 3.1 (rfc.zeromq.org/spec/37), the wire protocol of ZeroMQ, spoken by the
 //! interchange's worker port itself: `router` is a ROUTER that worker pools' libzmq DEALERs
 //! connect to, over plain TCP sockets served from the interchange thread's own epoll;
-//! `curve` is its CurveZMQ server (rfc.zeromq.org/spec/26). It replaces a libzmq ROUTER,
-//! whose I/O thread, pipes and mailbox commands cost more per message than the message's
-//! own read and write, the more so the more connections there are (docs/benchmarks.md,
-//! session 15).
+//! `curve` is its CurveZMQ server (rfc.zeromq.org/spec/26), `certs` reads its keys. It
+//! replaces a libzmq ROUTER, whose I/O thread, pipes and mailbox commands cost more per
+//! message than the message's own read and write, the more so the more connections there
+//! are (docs/design.md). docs/security.md says what it defends against, and which test
+//! proves each claim.
 //!
 //! This file is the framing: the 64-byte greeting, frames (`flags, size, body`) and
 //! commands (`name-length, name, body`) with their metadata properties.
 
+#[cfg(test)]
+mod attacks;
+pub mod certs;
 pub mod curve;
 pub mod router;
+#[cfg(test)]
+pub(crate) mod test_client;
 
 /// Frame flags.
 pub const MORE: u8 = 0x01;

@@ -33,6 +33,38 @@ pub struct Options {
     pub curve: Option<curve::Server>,
     /// A peer sending a frame larger than this is disconnected (`ZMQ_MAXMSGSIZE`).
     pub max_frame: Option<usize>,
+    pub handshakes: HandshakeLimits,
+}
+
+/// What peers that have not proven who they are may take of the router. The caps are for
+/// CURVE, where each handshake step costs X25519 agreements on the caller's thread; a NULL
+/// router admits anyone, and only the timeout applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// A connection that has not finished its handshake by then is dropped (libzmq's
+    /// `ZMQ_HANDSHAKE_IVL` default is 30 s).
+    pub timeout: Duration,
+    /// Most connections in their CURVE handshake at once; a new one past it drops the
+    /// oldest (a flood from many addresses cannot keep a pool out for the timeout).
+    pub max_pending: usize,
+    /// Most connections in their CURVE handshake from one address; new ones past it are
+    /// refused at once (and the address logged once).
+    pub max_pending_per_source: usize,
+    /// Most CURVE handshake steps (a HELLO or an INITIATE, each two X25519 agreements)
+    /// in one [`Router::wait`]: the rest stay in the kernel until the next turn, so the
+    /// messages of admitted peers are never queued behind a flood of handshakes.
+    pub steps_per_turn: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            timeout: Duration::from_secs(30),
+            max_pending: 4096,
+            max_pending_per_source: 256,
+            steps_per_turn: 4,
+        }
+    }
 }
 
 enum State {
@@ -48,6 +80,8 @@ struct Conn {
     peer: SocketAddr,
     gen: u32,
     state: State,
+    /// Counted among the CURVE handshakes pending (`Router::pending`).
+    pending: bool,
     session: Option<Session>,
     identity: Vec<u8>,
     inbuf: Vec<u8>,
@@ -88,6 +122,14 @@ pub struct Counts {
     pub closed: u64,
     /// CURVE clients whose key is not admitted.
     pub refused: u64,
+    /// Connections refused at once: their address had `max_pending_per_source` handshakes.
+    pub turned_away: u64,
+    /// Handshakes dropped for newer ones past `max_pending`.
+    pub evicted: u64,
+    /// CURVE handshake steps taken (HELLO, INITIATE), and reads put off to a later turn
+    /// because a turn's `steps_per_turn` were taken.
+    pub handshake_steps: u64,
+    pub deferred: u64,
 }
 
 pub struct Router {
@@ -107,6 +149,12 @@ pub struct Router {
     next_anonymous: u32,
     /// Connections still in their handshake, oldest first, with their deadlines.
     handshakes: VecDeque<(Instant, usize, u32)>,
+    /// CURVE handshakes pending, in all and by address; steps taken this turn.
+    pending: usize,
+    pending_by_source: foldhash::HashMap<IpAddr, usize>,
+    steps: usize,
+    /// Addresses already logged as over their handshake cap.
+    crowded_sources: FirstSeen<IpAddr>,
     /// The listener is not watched (accept failed for want of fds) until the next
     /// `expire_handshakes`.
     paused: bool,
@@ -123,10 +171,6 @@ pub struct Router {
 fn ready_metadata() -> Vec<u8> {
     metadata(&[(b"Socket-Type", b"ROUTER"), (b"Identity", b"")])
 }
-
-/// A connection that has not finished its handshake by then is dropped (libzmq's
-/// `ZMQ_HANDSHAKE_IVL` default).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Epoll tokens at and above this are listeners.
 const LISTENER: u64 = u64::MAX - 16;
@@ -222,6 +266,10 @@ impl Router {
             dirty: Vec::new(),
             next_anonymous: fastrand::u32(..),
             handshakes: VecDeque::new(),
+            pending: 0,
+            pending_by_source: foldhash::HashMap::default(),
+            steps: 0,
+            crowded_sources: FirstSeen::default(),
             paused: false,
             refused_keys: FirstSeen::default(),
             scratch: Vec::with_capacity(READ_CHUNK),
@@ -266,6 +314,7 @@ impl Router {
             };
         }
         let reading = self.incoming.len() < INCOMING_HIGH;
+        self.steps = 0;
         let mut woken = false;
         for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
             let (token, flags) = (e.u64, e.events);
@@ -291,6 +340,14 @@ impl Router {
                 self.write(c);
             }
             if reading && flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                if self.steps >= self.options.handshakes.steps_per_turn
+                    && self.conns[c].as_ref().is_some_and(|x| x.pending)
+                {
+                    // This turn's handshake work is done: the peer's bytes wait in the
+                    // kernel, and the level-triggered epoll reports it again next turn.
+                    self.counts.deferred += 1;
+                    continue;
+                }
                 self.read(c);
             }
         }
@@ -433,6 +490,11 @@ impl Router {
                     return;
                 }
             };
+            let source = peer.ip().to_canonical();
+            let curve = self.options.curve.is_some();
+            if curve && !self.make_room_for(source) {
+                continue; // dropping `stream` closes it
+            }
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -467,6 +529,7 @@ impl Router {
                 peer,
                 gen,
                 state: State::Greeting,
+                pending: curve,
                 session: None,
                 identity: Vec::new(),
                 inbuf: Vec::new(),
@@ -475,10 +538,63 @@ impl Router {
                 frames: Vec::new(),
                 need: 0,
             });
+            if curve {
+                self.pending += 1;
+                *self.pending_by_source.entry(source).or_default() += 1;
+            }
             self.handshakes
-                .push_back((Instant::now() + HANDSHAKE_TIMEOUT, c, gen));
+                .push_back((Instant::now() + self.options.handshakes.timeout, c, gen));
             self.counts.accepted += 1;
             self.dirty.push(c);
+        }
+    }
+
+    /// Whether a CURVE connection from `source` may start its handshake: not when the
+    /// address has its `max_pending_per_source`; past `max_pending` the oldest pending
+    /// handshake makes room.
+    fn make_room_for(&mut self, source: IpAddr) -> bool {
+        let limits = self.options.handshakes;
+        let mine = self.pending_by_source.get(&source).copied().unwrap_or(0);
+        if mine >= limits.max_pending_per_source {
+            self.counts.turned_away += 1;
+            if self.crowded_sources.first(source) {
+                log::warn!(
+                    "worker port: {source} has {mine} connections in their CURVE handshake, the \
+                     most one address may have; its further connections are refused until \
+                     those finish or time out (logged once per address)"
+                );
+            }
+            return false;
+        }
+        while self.pending >= limits.max_pending {
+            let Some((_, c, gen)) = self.handshakes.pop_front() else {
+                break;
+            };
+            let oldest = self.conns[c].as_ref().filter(|x| x.gen == gen && x.pending);
+            if let Some(ip) = oldest.map(|x| x.peer.ip().to_canonical()) {
+                self.counts.evicted += 1;
+                if self.crowded_sources.first(ip) {
+                    log::warn!(
+                        "worker port: {} CURVE handshakes pending, the most allowed: dropping \
+                         the oldest, from {ip} (logged once per address)",
+                        self.pending
+                    );
+                }
+                self.close(c, "dropped for a newer handshake");
+            }
+        }
+        true
+    }
+
+    /// A connection leaves the pending CURVE handshakes (admitted or closed).
+    fn settle(&mut self, peer: SocketAddr) {
+        self.pending -= 1;
+        let source = peer.ip().to_canonical();
+        if let Some(n) = self.pending_by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_by_source.remove(&source);
+            }
         }
     }
 
@@ -486,6 +602,9 @@ impl Router {
         let Some(conn) = self.conns[c].take() else {
             return;
         };
+        if conn.pending {
+            self.settle(conn.peer);
+        }
         if !why.is_empty() {
             log::debug!(
                 "worker port: dropping {} ({:?}): {why}",
@@ -541,7 +660,7 @@ impl Router {
         }
     }
 
-    /// Drop connections whose handshake has outlasted [`HANDSHAKE_TIMEOUT`] (call
+    /// Drop connections whose handshake has outlasted [`HandshakeLimits::timeout`] (call
     /// now and then; it looks only at the oldest).
     pub fn expire_handshakes(&mut self) {
         if std::mem::take(&mut self.paused) {
@@ -568,7 +687,7 @@ impl Router {
                 break;
             }
             self.handshakes.pop_front();
-            self.close(c, "no handshake within 30 s");
+            self.close(c, "no handshake within the handshake timeout");
         }
     }
 
@@ -667,6 +786,7 @@ impl Router {
                 body,
                 &mut ConnParts {
                     state: &mut conn.state,
+                    pending: &mut conn.pending,
                     session: &mut conn.session,
                     identity: &mut conn.identity,
                     out: &mut conn.out,
@@ -715,6 +835,8 @@ impl Router {
                     return Err("a message before the CURVE handshake ended".into());
                 }
                 let server = self.options.curve.as_ref().expect("a CURVE router");
+                self.steps += 1;
+                self.counts.handshake_steps += 1;
                 if matches!(hs, Handshake::WaitHello) {
                     let welcome = hs.hello(server, body).map_err(|r| format!("{r:?}"))?;
                     put_frame(conn.out, COMMAND, &welcome);
@@ -826,6 +948,9 @@ impl Router {
         self.by_identity.insert(identity.clone(), c);
         *conn.identity = identity;
         *conn.state = State::Ready;
+        if std::mem::take(conn.pending) {
+            self.settle(conn.peer);
+        }
         Ok(())
     }
 }
@@ -834,6 +959,7 @@ impl Router {
 /// borrowed for the frame's body).
 struct ConnParts<'a> {
     state: &'a mut State,
+    pending: &'a mut bool,
     session: &'a mut Option<Session>,
     identity: &'a mut Vec<u8>,
     out: &'a mut Vec<u8>,
@@ -901,7 +1027,15 @@ mod tests {
 
     fn router(curve: Option<curve::Server>, max_frame: Option<usize>) -> Router {
         let l = bind("127.0.0.1", 0, 128).unwrap();
-        Router::new(l, Options { curve, max_frame }).unwrap()
+        Router::new(
+            l,
+            Options {
+                curve,
+                max_frame,
+                handshakes: HandshakeLimits::default(),
+            },
+        )
+        .unwrap()
     }
 
     fn dealer(ctx: &zmq::Context, port: u16, identity: Option<&[u8]>) -> zmq::Socket {
@@ -1120,7 +1254,10 @@ mod tests {
         for encrypted in [false, true] {
             let mut r = if encrypted {
                 router(
-                    Some(curve::Server::new(server.secret_key, [client.public_key])),
+                    Some(curve::Server::new(
+                        zeroize::Zeroizing::new(server.secret_key),
+                        [client.public_key],
+                    )),
                     None,
                 )
             } else {
@@ -1163,7 +1300,10 @@ mod tests {
         let client = zmq::CurveKeyPair::new().unwrap();
         let rogue = zmq::CurveKeyPair::new().unwrap();
         let mut r = router(
-            Some(curve::Server::new(server.secret_key, [client.public_key])),
+            Some(curve::Server::new(
+                zeroize::Zeroizing::new(server.secret_key),
+                [client.public_key],
+            )),
             None,
         );
         let ctx = zmq::Context::new();
