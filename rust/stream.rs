@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 
 /// The socket address of a pool's worker URL: `@name` is a Linux abstract socket,
 /// anything else a path. The pool binds it, its workers connect to it.
@@ -16,6 +18,28 @@ pub fn unix_addr(url: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
         Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
         None => std::os::unix::net::SocketAddr::from_pathname(url),
     }
+}
+
+/// (pid, uid) of the process at the other end of a Unix stream (SO_PEERCRED).
+#[must_use]
+pub fn peer_cred(stream: &UnixStream) -> Option<(u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    (rc == 0).then_some((cred.pid as u32, cred.uid))
 }
 
 /// At most this many frames in one message (a batch of 64k tasks plus header and meta).

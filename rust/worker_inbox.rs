@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, message_limit, Kind};
-use crate::stream::{encode, unix_addr, Decoder};
+use crate::stream::{encode, peer_cred, unix_addr, Decoder};
 
 /// A task as the core sent it: its id, the flags of its meta entry, its payload.
 pub struct Task {
@@ -52,9 +52,25 @@ pub struct Inbox {
     shared: Arc<Shared>,
 }
 
-/// The pool's worker socket (`@name`: abstract, else a path).
+/// The pool's worker socket (`@name`: abstract, else a path), if a process of our own
+/// user serves it. An abstract name has no file permissions: whoever binds it first holds
+/// it, and a worker that took tasks from another user's socket would run their pickles
+/// and hand them its results (the pool checks its workers the same way).
 pub fn connect(url: &str) -> std::io::Result<UnixStream> {
-    UnixStream::connect_addr(&unix_addr(url)?)
+    let stream = UnixStream::connect_addr(&unix_addr(url)?)?;
+    // SAFETY: geteuid cannot fail. SO_PEERCRED gives the listener's effective uid.
+    let own = unsafe { libc::geteuid() };
+    match peer_cred(&stream) {
+        Some((_, uid)) if uid == own => Ok(stream),
+        Some((_, uid)) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the pool socket {url} is served by uid {uid}, this worker runs as uid {own}: \
+                 another user holds the pool's socket name; refusing to take tasks from it"
+            ),
+        )),
+        None => Err(std::io::Error::last_os_error()),
+    }
 }
 
 impl Inbox {

@@ -67,7 +67,8 @@ def test_mpi_executor_checks_its_configuration_and_resource_specs(tmp_path):
     with pytest.raises(HtexRsConfigurationError, match="srun, aprun, mpiexec"):
         MPIExecutor(address="127.0.0.1", mpi_launcher="mpirun", provider=LocalProvider(launcher=SimpleLauncher()))
     ex = MPIExecutor(address="127.0.0.1", provider=LocalProvider(launcher=SimpleLauncher()))
-    assert (ex.enable_mpi_mode, ex.max_workers_per_node, ex.encrypted) == (True, 1, False)  # Parsl's defaults
+    assert (ex.enable_mpi_mode, ex.max_workers_per_node) == (True, 1)  # Parsl's defaults
+    assert ex.encrypted is True, "unlike Parsl's MPIExecutor: its worker port listens on every interface"
     with pytest.raises(InvalidResourceSpecification):
         ex.validate_resource_spec({})
     with pytest.raises(InvalidResourceSpecification):
@@ -77,11 +78,27 @@ def test_mpi_executor_checks_its_configuration_and_resource_specs(tmp_path):
     assert spec["num_ranks"] == "8", "filled in as Parsl does"
 
 
-def test_mpi_executor_takes_parsls_parameters_with_parsls_defaults():
+def test_mpi_executor_takes_parsls_parameters_with_parsls_defaults_but_encrypted():
     import inspect
 
     from parsl.executors import MPIExecutor as ParslMPIExecutor
-    ours = inspect.signature(MPIExecutor.__init__).parameters
-    theirs = inspect.signature(ParslMPIExecutor.__init__).parameters
+    ours = {n: p.default for n, p in inspect.signature(MPIExecutor.__init__).parameters.items()}
+    theirs = {n: p.default for n, p in inspect.signature(ParslMPIExecutor.__init__).parameters.items()}
     assert list(ours) == list(theirs)
-    assert {n: p.default for n, p in ours.items()} == {n: p.default for n, p in theirs.items()}
+    assert ours.pop("encrypted") is True, "encrypted by default, as htex_rs's HighThroughputExecutor"
+    theirs.pop("encrypted")
+    assert ours == theirs
+
+
+def test_mpi_executor_with_its_defaults_starts_encrypted_and_does_not_warn(tmp_path, caplog):
+    """Parsl's MPIExecutor defaults to encrypted=False with its worker port on every
+    interface; ours starts with CURVE keys and so without the unencrypted-port warning."""
+    ex = MPIExecutor(provider=LocalProvider(launcher=SimpleLauncher(), init_blocks=0, min_blocks=0, max_blocks=0))
+    ex.run_dir = str(tmp_path)
+    with caplog.at_level("WARNING", logger="htex_rs.executor"):
+        ex.start()
+    try:
+        assert ex.cert_dir and os.path.exists(os.path.join(ex.cert_dir, "server.key_secret"))
+        assert not [r for r in caplog.records if "unencrypted" in r.getMessage()]
+    finally:
+        ex.shutdown()

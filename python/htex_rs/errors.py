@@ -7,8 +7,13 @@ from parsl.errors import ConfigurationError
 # thread has ended; a query to it got no answer in time; a pool core was stopped.
 from htex_rs._core import CommandTimeout, InterchangeStopped, PoolCoreStopped
 
+# Raised where a worker connects to its pool (defined there: workers import stream.py
+# before Parsl, and this module imports Parsl).
+from htex_rs.stream import PoolSocketNotOurs
+
 __all__ = ["CommandTimeout", "HtexRsConfigurationError", "InterchangeDied", "InterchangeStopped",
-           "PoolCoreStopped", "ProtocolVersionMismatch", "ResourceRequestTooLarge", "TaskTooLarge"]
+           "PoolCoreStopped", "PoolSocketNotOurs", "ProtocolVersionMismatch", "ResourceRequestTooLarge",
+           "TaskTooLarge"]
 
 
 class ProtocolVersionMismatch(Exception):

@@ -21,7 +21,11 @@ from htex_rs.executor import HighThroughputExecutor
 
 
 class MPIExecutor(HighThroughputExecutor):
-    """Drop-in for :class:`parsl.executors.MPIExecutor`; same parameters and defaults.
+    """Drop-in for :class:`parsl.executors.MPIExecutor`; same parameters and defaults but
+    one: ``encrypted`` is True, as for the HighThroughputExecutor (Parsl's MPIExecutor
+    defaults to False). Its worker port listens on every interface unless ``address`` is
+    set, and tasks and results cross it as pickles, so unencrypted anyone who can reach it
+    could pose as a worker pool; pass ``encrypted=False`` to opt out.
 
     ``max_workers_per_block`` multi-node tasks run at once per block; the provider must
     use :class:`~parsl.launchers.SimpleLauncher` (the pool starts the ranks itself)."""
@@ -52,7 +56,7 @@ class MPIExecutor(HighThroughputExecutor):
                  worker_logdir_root: Optional[str] = None,
                  mpi_launcher: str = "mpiexec",
                  block_error_handler: Union[bool, Callable[[BlockProviderExecutor, Dict[str, JobStatus]], None]] = True,
-                 encrypted: bool = False,
+                 encrypted: bool = True,
                  remote_monitoring_radio: Optional[RadioConfig] = None):
         if mpi_launcher not in VALID_LAUNCHERS:
             raise HtexRsConfigurationError(

@@ -144,7 +144,15 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("MPI mode: nodes %s, launcher %s, locks in %s", nodes.nodes, nodes.launcher,
                         nodes.lock_dir)
     execute = task_runner(limit, nodes)
-    inbox = WorkerInbox(args.url, str(args.rank), limit)
+    try:
+        # Refused if another user serves the socket (rust/worker_inbox.rs connect).
+        inbox = WorkerInbox(args.url, str(args.rank), limit)
+    except OSError as e:
+        # Exit, loudly: the pool restarts a worker that dies at start-up with growing
+        # delays, then gives up (worker_pool.py), so its tasks fail instead of hanging.
+        logger.critical("Worker %d cannot start: %s", args.rank, e)
+        print(f"htex_rs.worker {args.rank}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     logger.info("Worker %d ready (pid %d)", args.rank, os.getpid())
     try:
         while True:

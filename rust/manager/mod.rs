@@ -276,27 +276,6 @@ fn bind_workers(url: &str) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// (pid, uid) of the process at the other end of a Unix stream (SO_PEERCRED).
-fn peer_cred(stream: &UnixStream) -> Option<(u32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    (rc == 0).then_some((cred.pid as u32, cred.uid))
-}
-
 /// One worker's stream.
 struct Conn {
     stream: UnixStream,
@@ -607,7 +586,7 @@ impl Core {
                 Ok((stream, _)) => {
                     // An abstract socket has no file permissions: admit only processes
                     // of our own user (workers are our children).
-                    let Some((pid, uid)) = peer_cred(&stream) else {
+                    let Some((pid, uid)) = stream::peer_cred(&stream) else {
                         continue;
                     };
                     if uid != self.own_uid || stream.set_nonblocking(true).is_err() {
