@@ -50,8 +50,10 @@ MUTANTS = [
            "if !server.admits(&client_long) {", "if false {"),
     Mutant("nonce", "MESSAGE nonces need not rise (replays open)", CURVE,
            "if n <= self.recv_nonce {", "if false {"),
-    Mutant("reflection", "the client's MESSAGE nonce prefix is the server's", CURVE,
-           "nonce(b\"CurveZMQMESSAGEC\", tail)", "nonce(b\"CurveZMQMESSAGES\", tail)"),
+    Mutant("reflection", "a MESSAGE opens under the server's nonce prefix too", CURVE,
+           "let mut m = open(c, &nonce(b\"CurveZMQMESSAGEC\", tail), &self.precomputed)",
+           "let mut m = open(c, &nonce(b\"CurveZMQMESSAGEC\", tail), &self.precomputed)"
+           ".or_else(|| open(c, &nonce(b\"CurveZMQMESSAGES\", tail), &self.precomputed))"),
     Mutant("plaintext", "a frame that is not a MESSAGE box passes in the clear after CURVE", ROUTER,
            "                    Some(s) => {\n                        let (f, d) = s.decode(body)?;",
            "                    Some(s) if body.starts_with(b\"\\x07MESSAGE\") => {\n"

@@ -371,7 +371,7 @@ fn the_servers_own_message_reflected_back_is_refused() {
 }
 
 proptest::proptest! {
-    #![proptest_config(crate::protocol::fuzz::cases(2_000, 100_000))]
+    #![proptest_config(crate::protocol::fuzz::cases(1_000, 20_000))]
 
     /// Random changes to a genuine MESSAGE of a real session (one to eight bytes, and
     /// truncation or extension) never open; the session takes the genuine one after.
