@@ -66,6 +66,7 @@ def test_registration_storm_of_300_pools_all_served(tmp_path):
     ctx = zmq.Context()
     stop = threading.Event()
     socks = []
+    t = threading.Thread()
     try:
         for i in range(n_pools):
             s = ctx.socket(zmq.DEALER)
@@ -109,6 +110,8 @@ def test_registration_storm_of_300_pools_all_served(tmp_path):
     finally:
         stop.set()
         ex.shutdown()
+        if t.is_alive():
+            t.join(5)  # out of its poll before the sockets it polls are closed
         ctx.destroy(linger=0)
 
 
