@@ -286,6 +286,8 @@ class HighThroughputExecutor(ParslHTEX):
     def start(self) -> None:
         """Start the interchange thread and the result thread; compose the launch command."""
         _check_max_message_bytes(self.max_message_bytes)
+        validation.check_positive("max_pending_handshakes", self.max_pending_handshakes)
+        validation.check_positive("max_pending_handshakes_per_source", self.max_pending_handshakes_per_source)
         # One TCP connection per pool the provider may start (nodes_per_block pools a block).
         provider = self.provider
         pools = (provider.max_blocks * max(1, getattr(provider, "nodes_per_block", 1) or 1)
@@ -293,8 +295,6 @@ class HighThroughputExecutor(ParslHTEX):
         fd_limits.raise_nofile(pools, f"executor {self.label!r} (up to {pools} worker pools)")
         BlockProviderExecutor.start(self)
         self._warn_if_pool_command_missing()
-        validation.check_positive("max_pending_handshakes", self.max_pending_handshakes)
-        validation.check_positive("max_pending_handshakes_per_source", self.max_pending_handshakes_per_source)
         cert_dir = self._curve_cert_dir()
         if self.log_config:
             log_config_dir = os.path.join(self.logdir, "log_config")
