@@ -193,8 +193,3 @@ pub fn forge_cookie(key: &[u8; 32], client_short: &[u8; 32], short_secret: &[u8;
     c.extend_from_slice(&secretbox(&plain, &nonce(b"COOKIE--", &tail), key));
     c
 }
-
-/// The WELCOME command's body from a server's answer (a command body).
-pub fn is_command(cmd: &[u8], name: &[u8]) -> bool {
-    command_body(cmd, name).is_some()
-}
