@@ -88,7 +88,7 @@ impl Interchange {
     }
 }
 
-fn node_dict(py: Python<'_>, n: interchange::managers::NodeInfo) -> PyResult<Bound<'_, PyDict>> {
+fn node_dict(py: Python<'_>, n: interchange::NodeInfo) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("uid", n.uid)?;
     d.set_item("hostname", n.hostname)?;

@@ -1,4 +1,4 @@
-//! The manager table: registered worker pools, their outstanding tasks, capacity,
+//! The table of registered worker pools (Parsl's "managers"): their outstanding tasks, capacity,
 //! heartbeats, drain and hold state, and the order in which they are offered tasks.
 
 // foldhash: the table is looked up several times per message and per task (SipHash was
@@ -6,22 +6,14 @@
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::candidates::Candidates;
+use super::selector::{Candidates, Selector};
 use super::table::Table;
 use super::taskset::TaskSet;
 use crate::protocol::Registration;
 use crate::resources::Resources;
 use crate::zmtp::router::Peer;
 
-/// How managers with free capacity are ordered for dispatch (Parsl's selectors).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Selector {
-    Random,
-    /// Highest block id first, compared as strings (Parsl's `BlockIdManagerSelector`).
-    BlockId,
-}
-
-pub struct Manager {
+pub struct Pool {
     pub identity: Vec<u8>,
     /// Its slot in the table (`table.rs`), by which the dispatch candidates know it.
     pub slot: u32,
@@ -45,7 +37,7 @@ pub struct Manager {
     used: Resources,
 }
 
-impl Manager {
+impl Pool {
     #[must_use]
     pub fn free_capacity(&self) -> usize {
         (self.reg.max_capacity as usize).saturating_sub(self.tasks.len())
@@ -71,11 +63,11 @@ impl Manager {
 /// Where a task that asks for resources can go now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Placement {
-    /// To this manager.
-    Fits(Vec<u8>),
-    /// Nowhere now; this manager (the most room among those that could ever hold it) is
-    /// the one to keep free for it, if any is.
-    Wait(Option<Vec<u8>>),
+    /// To the pool in this slot.
+    Fits(u32),
+    /// Nowhere now; the pool in this slot (the most room among those that could ever
+    /// hold it) is the one to keep free for it, if any is.
+    Wait(Option<u32>),
     /// No connected manager could ever hold it: the largest one's totals.
     Never(Resources),
 }
@@ -127,7 +119,7 @@ pub struct NodeInfo {
 pub const NODE_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 impl NodeInfo {
-    fn of(m: &Manager, active: bool) -> NodeInfo {
+    fn of(m: &Pool, active: bool) -> NodeInfo {
         let epoch = |t: Instant| epoch_now() - t.elapsed().as_secs_f64();
         let mut tasks: Vec<u64> = m
             .tasks
@@ -163,7 +155,7 @@ struct NodeReports {
 }
 
 impl NodeReports {
-    fn report(&mut self, m: &mut Manager, now: Instant) {
+    fn report(&mut self, m: &mut Pool, now: Instant) {
         self.out.push(NodeInfo::of(m, m.active));
         m.unreported.clear();
         m.done_unreported.clear();
@@ -171,7 +163,7 @@ impl NodeReports {
         self.pending.remove(&m.identity);
     }
 
-    fn mark(&mut self, m: &Manager) {
+    fn mark(&mut self, m: &Pool) {
         if !self.pending.contains(&m.identity) {
             self.pending.insert(m.identity.clone());
         }
@@ -185,12 +177,12 @@ pub struct Lost {
     pub tasks: Vec<u64>,
 }
 
-pub struct Managers {
-    map: Table<Manager>,
+pub struct Pools {
+    map: Table<Pool>,
     /// A connection's index (`Peer::conn`) to the slot of the manager that last spoke on
     /// it ([`NO_SLOT`]: none); checked against the manager's own `peer`.
     by_conn: Vec<u32>,
-    /// Managers that may have free capacity, in the selector's order; dispatch looks at
+    /// Pools that may have free capacity, in the selector's order; dispatch looks at
     /// as few of them as the queued tasks need.
     candidates: Candidates,
     selector: Selector,
@@ -200,7 +192,7 @@ pub struct Managers {
     reports: Option<NodeReports>,
 }
 
-/// An empty entry of `Managers::by_conn`.
+/// An empty entry of `Pools::by_conn`.
 const NO_SLOT: u32 = u32::MAX;
 
 #[must_use]
@@ -210,11 +202,11 @@ pub fn epoch_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-impl Managers {
+impl Pools {
     /// `track_nodes`: collect node changes for Parsl's monitoring (`take_node_changes`).
     #[must_use]
     pub fn new(selector: Selector, track_nodes: bool) -> Self {
-        Managers {
+        Pools {
             map: Table::default(),
             by_conn: Vec::new(),
             candidates: Candidates::new(selector),
@@ -262,7 +254,7 @@ impl Managers {
             self.block_history.push(b.clone());
         }
         let now = Instant::now();
-        let mut m = Manager {
+        let mut m = Pool {
             identity: identity.clone(),
             slot: 0,
             peer: None,
@@ -292,7 +284,7 @@ impl Managers {
     }
 
     #[must_use]
-    pub fn get(&self, identity: &[u8]) -> Option<&Manager> {
+    pub fn get(&self, identity: &[u8]) -> Option<&Pool> {
         self.map.get(identity)
     }
 
@@ -372,15 +364,14 @@ impl Managers {
         }
     }
 
-    /// Record tasks sent to a manager.
-    pub fn assign(&mut self, identity: &[u8], task_ids: &[u64]) {
-        if let Some(slot) = self.map.slot(identity) {
-            self.assign_at(slot, task_ids);
-        }
+    /// The slot of the pool `identity`, if it is registered.
+    #[must_use]
+    pub fn slot(&self, identity: &[u8]) -> Option<u32> {
+        self.map.slot(identity)
     }
 
-    /// [`Managers::assign`] to the manager in `slot` (from [`Managers::dispatch_order`]).
-    pub fn assign_at(&mut self, slot: u32, task_ids: &[u64]) {
+    /// Record tasks sent, at `now`, to the pool in `slot`.
+    pub fn assign_at(&mut self, slot: u32, task_ids: &[u64], now: Instant) {
         if let Some(m) = self.map.at_mut(slot) {
             m.tasks.extend(task_ids);
             m.idle_since = None;
@@ -388,7 +379,6 @@ impl Managers {
                 self.candidates.remove(slot);
             }
             if let Some(r) = &mut self.reports {
-                let now = Instant::now();
                 if now.duration_since(m.last_report) >= NODE_REPORT_INTERVAL {
                     r.report(m, now);
                 } else {
@@ -402,12 +392,13 @@ impl Managers {
     /// Whether any manager could be sent a task now (active, not draining, a free slot).
     #[must_use]
     pub fn any_eligible(&self) -> bool {
-        self.map.values().any(Manager::eligible)
+        self.map.values().any(Pool::eligible)
     }
 
-    /// Record a task that asked for `req` sent to a manager (after [`Managers::assign`]).
-    pub fn grant(&mut self, identity: &[u8], task_id: u64, req: Resources) {
-        if let Some(m) = self.map.get_mut(identity) {
+    /// Record a task that asked for `req` sent to the pool in `slot` (after
+    /// [`Pools::assign_at`]).
+    pub fn grant_at(&mut self, slot: u32, task_id: u64, req: Resources) {
+        if let Some(m) = self.map.at_mut(slot) {
             m.used = m.used.plus(&req);
             m.granted.insert(task_id, req);
         }
@@ -417,20 +408,20 @@ impl Managers {
     /// for a task ahead of it): the selector's choice among those with a free slot and
     /// room for it (`BlockId`: the highest block; `Random`: any).
     #[must_use]
-    pub fn place(&self, req: &Resources, kept: &HashSet<Vec<u8>>) -> Placement {
+    pub fn place(&self, req: &Resources, kept: &[u32]) -> Placement {
         let fitting = self
             .map
             .values()
-            .filter(|m| m.eligible() && req.fits(&m.room()) && !kept.contains(&m.identity));
+            .filter(|m| m.eligible() && req.fits(&m.room()) && !kept.contains(&m.slot));
         let chosen = match self.selector {
             Selector::BlockId => fitting.max_by(|a, b| a.reg.block_id.cmp(&b.reg.block_id)),
             Selector::Random => {
-                let all: Vec<&Manager> = fitting.collect();
+                let all: Vec<&Pool> = fitting.collect();
                 (!all.is_empty()).then(|| all[fastrand::usize(..all.len())])
             }
         };
         if let Some(m) = chosen {
-            return Placement::Fits(m.identity.clone());
+            return Placement::Fits(m.slot);
         }
         let could = self
             .map
@@ -442,15 +433,15 @@ impl Managers {
             let largest = self
                 .map
                 .values()
-                .map(Manager::total)
+                .map(Pool::total)
                 .max_by_key(|t| (t.cores, t.gpus, t.memory))
                 .unwrap_or_default();
             return Placement::Never(largest);
         }
-        Placement::Wait(could.map(|m| m.identity.clone()))
+        Placement::Wait(could.map(|m| m.slot))
     }
 
-    /// Managers to offer `queued` tasks to, in the selector's order: as many as it takes
+    /// Pools to offer `queued` tasks to, in the selector's order: as many as it takes
     /// for their free capacity to cover `queued`. Costs O(managers returned), not
     /// O(all managers): saturated ones are not candidates, held and draining ones are
     /// dropped from the candidates when met.
@@ -459,13 +450,13 @@ impl Managers {
         self.candidates.pick(queued, |slot| {
             map.at(slot)
                 .filter(|m| m.eligible())
-                .map(Manager::free_capacity)
+                .map(Pool::free_capacity)
         })
     }
 
-    /// The manager in `slot` (from [`Managers::dispatch_order`]).
+    /// The manager in `slot` (from [`Pools::dispatch_order`]).
     #[must_use]
-    pub fn at(&self, slot: u32) -> Option<&Manager> {
+    pub fn at(&self, slot: u32) -> Option<&Pool> {
         self.map.at(slot)
     }
 
@@ -521,7 +512,7 @@ impl Managers {
         done
     }
 
-    pub fn remove(&mut self, identity: &[u8]) -> Option<Manager> {
+    pub fn remove(&mut self, identity: &[u8]) -> Option<Pool> {
         let m = self.map.remove(identity);
         if let Some(m) = &m {
             self.candidates.remove(m.slot);
@@ -580,9 +571,18 @@ impl Managers {
 mod tests {
     use super::*;
 
-    fn complete(m: &mut Managers, identity: &[u8], ids: impl IntoIterator<Item = u64>) {
+    fn complete(m: &mut Pools, identity: &[u8], ids: impl IntoIterator<Item = u64>) {
         let slot = m.map.slot(identity).expect("a registered manager");
         m.complete_at(slot, ids, Instant::now());
+    }
+
+    fn assign(m: &mut Pools, identity: &[u8], ids: &[u64]) {
+        let slot = m.slot(identity).expect("a registered pool");
+        m.assign_at(slot, ids, Instant::now());
+    }
+
+    fn at(m: &Pools, identity: &[u8]) -> u32 {
+        m.slot(identity).expect("a registered pool")
     }
 
     fn reg(uid: &str, block: &str, cap: u32) -> Registration {
@@ -596,7 +596,7 @@ mod tests {
     }
 
     /// `dispatch_order` as identities.
-    fn order(m: &mut Managers, queued: usize) -> Vec<Vec<u8>> {
+    fn order(m: &mut Pools, queued: usize) -> Vec<Vec<u8>> {
         let slots = m.dispatch_order(queued);
         slots
             .into_iter()
@@ -606,7 +606,7 @@ mod tests {
 
     #[test]
     fn block_selector_prefers_highest_block_string() {
-        let mut m = Managers::new(Selector::BlockId, false);
+        let mut m = Pools::new(Selector::BlockId, false);
         m.register(b"a".to_vec(), reg("a", "10", 1));
         m.register(b"b".to_vec(), reg("b", "9", 1));
         m.register(b"c".to_vec(), reg("c", "1", 1));
@@ -619,10 +619,10 @@ mod tests {
 
     #[test]
     fn saturated_held_and_draining_managers_get_nothing() {
-        let mut m = Managers::new(Selector::Random, false);
+        let mut m = Pools::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 2));
         m.register(b"b".to_vec(), reg("b", "1", 1));
-        m.assign(b"a", &[1, 2]);
+        assign(&mut m, b"a", &[1, 2]);
         assert_eq!(order(&mut m, 10), vec![b"b".to_vec()]);
         assert!(m.hold("b"));
         assert!(m.dispatch_order(10).is_empty());
@@ -633,9 +633,9 @@ mod tests {
 
     #[test]
     fn silent_managers_are_lost_with_their_tasks() {
-        let mut m = Managers::new(Selector::Random, false);
+        let mut m = Pools::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 4));
-        m.assign(b"a", &[7, 3]);
+        assign(&mut m, b"a", &[7, 3]);
         assert!(m.expire_silent(Duration::from_secs(60)).is_empty());
         std::thread::sleep(Duration::from_millis(5));
         let lost = m.expire_silent(Duration::from_millis(1));
@@ -646,14 +646,14 @@ mod tests {
 
     #[test]
     fn node_changes_only_when_tracked_on_register_hold_and_loss() {
-        let mut m = Managers::new(Selector::Random, false);
+        let mut m = Pools::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 1));
         m.remove(b"a");
         assert!(
             m.take_node_changes().is_empty(),
             "monitoring off: nothing collected"
         );
-        let mut m = Managers::new(Selector::Random, true);
+        let mut m = Pools::new(Selector::Random, true);
         m.register(b"a".to_vec(), reg("a", "0", 2));
         m.register(b"b".to_vec(), reg("b", "1", 2));
         assert!(m.hold("a"));
@@ -672,23 +672,23 @@ mod tests {
 
     #[test]
     fn task_sets_are_reported_coalesced_and_every_task_is_listed() {
-        let mut m = Managers::new(Selector::Random, false);
+        let mut m = Pools::new(Selector::Random, false);
         m.register(b"a".to_vec(), reg("a", "0", 8));
-        m.assign(b"a", &[1]);
+        assign(&mut m, b"a", &[1]);
         complete(&mut m, b"a", [1]);
         m.report_changed();
         assert!(m.take_node_changes().is_empty(), "monitoring off: nothing");
 
-        let mut m = Managers::new(Selector::Random, true);
+        let mut m = Pools::new(Selector::Random, true);
         m.register(b"a".to_vec(), reg("a", "7", 8));
         assert_eq!(m.take_node_changes().len(), 1, "registration");
-        m.assign(b"a", &[1, 2]);
+        assign(&mut m, b"a", &[1, 2]);
         let first = m.take_node_changes();
         assert_eq!(first.len(), 1, "the first dispatch is reported at once");
         assert_eq!(first[0].tasks, [1, 2]);
         assert_eq!(first[0].block_id.as_deref(), Some("7"));
-        m.assign(b"a", &[3]);
-        m.assign(b"a", &[4]);
+        assign(&mut m, b"a", &[3]);
+        assign(&mut m, b"a", &[4]);
         complete(&mut m, b"a", [2, 3]);
         m.report_changed();
         assert!(
@@ -715,10 +715,10 @@ mod tests {
             idle[0].tasks.is_empty(),
             "1 and 4 were listed: an idle manager"
         );
-        m.assign(b"a", &[5]);
+        assign(&mut m, b"a", &[5]);
         assert!(m.take_node_changes().is_empty(), "just reported: waits");
         std::thread::sleep(NODE_REPORT_INTERVAL);
-        m.assign(b"a", &[6]);
+        assign(&mut m, b"a", &[6]);
         let quiet = m.take_node_changes();
         assert_eq!(quiet[0].tasks, [5, 6], "after a quiet spell: at once");
         m.remove(b"a");
@@ -749,27 +749,27 @@ mod tests {
 
     #[test]
     fn resource_tasks_go_where_they_fit_wait_or_never_fit() {
-        let mut m = Managers::new(Selector::BlockId, false);
-        let none = HashSet::new();
+        let mut m = Pools::new(Selector::BlockId, false);
+        let none: &[u32] = &[];
         assert_eq!(
-            m.place(&want(1, 0), &none),
+            m.place(&want(1, 0), none),
             Placement::Never(Resources::default())
         );
         m.register(b"a".to_vec(), sized("a", "1", 8, 8, 0));
         m.register(b"b".to_vec(), sized("b", "2", 8, 4, 2));
         assert_eq!(
-            m.place(&want(2, 0), &none),
-            Placement::Fits(b"b".to_vec()),
+            m.place(&want(2, 0), none),
+            Placement::Fits(at(&m, b"b")),
             "highest block"
         );
         assert_eq!(
-            m.place(&want(6, 0), &none),
-            Placement::Fits(b"a".to_vec()),
+            m.place(&want(6, 0), none),
+            Placement::Fits(at(&m, b"a")),
             "only a has 6"
         );
         assert_eq!(
-            m.place(&want(1, 1), &none),
-            Placement::Fits(b"b".to_vec()),
+            m.place(&want(1, 1), none),
+            Placement::Fits(at(&m, b"b")),
             "only b has GPUs"
         );
         let largest = Placement::Never(Resources {
@@ -778,21 +778,21 @@ mod tests {
             gpus: 0,
         });
         assert_eq!(
-            m.place(&want(9, 0), &none),
+            m.place(&want(9, 0), none),
             largest,
             "bigger than every pool"
         );
-        m.assign(b"a", &[1]);
-        m.grant(b"a", 1, want(6, 0));
+        assign(&mut m, b"a", &[1]);
+        m.grant_at(at(&m, b"a"), 1, want(6, 0));
         assert_eq!(
-            m.place(&want(6, 0), &none),
-            Placement::Wait(Some(b"a".to_vec()))
+            m.place(&want(6, 0), none),
+            Placement::Wait(Some(at(&m, b"a")))
         );
-        assert_eq!(m.place(&want(2, 0), &none), Placement::Fits(b"b".to_vec()));
-        let kept: HashSet<Vec<u8>> = [b"b".to_vec()].into_iter().collect();
+        assert_eq!(m.place(&want(2, 0), none), Placement::Fits(at(&m, b"b")));
+        let kept = [at(&m, b"b")];
         assert_eq!(
             m.place(&want(2, 0), &kept),
-            Placement::Fits(b"a".to_vec()),
+            Placement::Fits(at(&m, b"a")),
             "b kept"
         );
         complete(&mut m, b"a", [1]);
@@ -801,10 +801,10 @@ mod tests {
             m.get(b"a").unwrap().total(),
             "released"
         );
-        assert_eq!(m.place(&want(6, 0), &none), Placement::Fits(b"a".to_vec()));
+        assert_eq!(m.place(&want(6, 0), none), Placement::Fits(at(&m, b"a")));
         assert!(m.hold("a"));
         assert_eq!(
-            m.place(&want(6, 0), &none),
+            m.place(&want(6, 0), none),
             Placement::Wait(None),
             "only a held pool could"
         );
@@ -821,7 +821,7 @@ mod tests {
             pools in proptest::collection::vec((1u32..6, 1u32..9, 0u32..3), 1..4),
             ops in proptest::collection::vec((0u32..10, 0u32..3, 0u8..4), 1..80),
         ) {
-            let mut m = Managers::new(Selector::Random, false);
+            let mut m = Pools::new(Selector::Random, false);
             for (i, (cap, cores, gpus)) in pools.iter().enumerate() {
                 let id = format!("p{i}");
                 m.register(id.clone().into_bytes(), sized(&id, &i.to_string(), *cap, *cores, *gpus));
@@ -832,9 +832,10 @@ mod tests {
                 match op {
                     0 | 1 => {
                         let req = want(cores, gpus);
-                        if let Placement::Fits(id) = m.place(&req, &HashSet::new()) {
-                            m.assign(&id, &[next]);
-                            m.grant(&id, next, req);
+                        if let Placement::Fits(slot) = m.place(&req, &[]) {
+                            m.assign_at(slot, &[next], Instant::now());
+                            m.grant_at(slot, next, req);
+                            let id = m.at(slot).unwrap().identity.clone();
                             outstanding.push((id, next, req));
                             next += 1;
                         }
@@ -870,11 +871,11 @@ mod tests {
 
     #[test]
     fn drained_idle_managers_are_removed() {
-        let mut m = Managers::new(Selector::Random, false);
+        let mut m = Pools::new(Selector::Random, false);
         let mut r = reg("a", "0", 1);
         r.drain_time = Some(0.0);
         m.register(b"a".to_vec(), r);
-        m.assign(b"a", &[1]);
+        assign(&mut m, b"a", &[1]);
         assert!(m.drained().is_empty());
         assert!(m.get(b"a").unwrap().draining);
         complete(&mut m, b"a", [1]);

@@ -1,4 +1,7 @@
-//! The managers that may take tasks, kept so that offering tasks to k of them costs
+//! Parsl's manager selector: the order in which pools with free capacity are offered
+//! tasks ([`Selector`]), kept as a set of candidates ([`Candidates`]).
+//!
+//! The pools that may take tasks, kept so that offering tasks to k of them costs
 //! O(k log n) at most, not O(all managers): with 1,000 pools and one task queued, the
 //! dispatch looks at one manager. Random order is a partial Fisher-Yates shuffle over a
 //! dense vector (the same distribution as shuffling all, as Parsl's
@@ -7,7 +10,13 @@
 
 use std::collections::BTreeSet;
 
-use super::managers::Selector;
+/// How pools with free capacity are ordered for dispatch (Parsl's selectors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    Random,
+    /// Highest block id first, compared as strings (Parsl's `BlockIdManagerSelector`).
+    BlockId,
+}
 
 /// Sort key of the block-id order: `(has a block id, block id, identity, slot)`, taken
 /// from the top.
