@@ -4,7 +4,7 @@ Each executor starts with no blocks (its real interchange: Parsl's as its own pr
 htex_rs's as a Rust thread); then N simulated managers connect to its worker port from
 child processes and speak that interchange's real manager protocol: Parsl's pickled
 dicts (one result message per task, as process_worker_pool.py sends them) or htex_rs's
-frames (results that finished together share a message, as the pool core sends them).
+frames (results that finished together share a message, as the pool sends them).
 Every manager has the same capacity and answers each task at once with a prepared
 result, so the figures are the interchange's and the submit path's, not the workers'.
 Tasks go in two ways (``--feed``), each executor in turn:
@@ -121,7 +121,7 @@ def parsl_managers(port: int, first: int, count: int, capacity: int, ready: Any,
 
 
 def htex_rs_managers(port: int, first: int, count: int, capacity: int, ready: Any, stop: Any) -> None:
-    """``count`` managers speaking htex_rs's protocol (rust/protocol, as the pool core does)."""
+    """``count`` managers speaking htex_rs's protocol (rust/protocol, as the pool does)."""
     from parsl.serialize import serialize
 
     from htex_rs import _core, wire

@@ -1,6 +1,6 @@
 //! Log records of htex_rs's threads, through the `log` crate, to where a Parsl user
 //! already looks: the interchange thread into `{run_dir}/{label}/interchange.log` in
-//! Parsl's line format (as Parsl's interchange process writes it); a pool core into a
+//! Parsl's line format (as Parsl's interchange process writes it); a pool into a
 //! queue that its pool's Python supervisor drains into Python `logging`, so the pool's
 //! `manager.log` (or the user's LogConfig) gets them without the core taking the GIL.
 //! One process can run several executors (and tests run many threads), so the
@@ -117,7 +117,7 @@ impl Sink {
 pub const MAX_PEERS_REMEMBERED: usize = 10_000;
 
 /// The peers already logged about, so that a chatty or hostile peer is logged once and
-/// then only counted, in bounded memory (interchange and pool core alike).
+/// then only counted, in bounded memory (interchange and pool alike).
 pub struct FirstSeen<K> {
     seen: HashSet<K>,
 }

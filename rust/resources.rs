@@ -4,7 +4,7 @@
 //!
 //! A task with a request carries [`FLAG_RESOURCES`] in its meta entry, and its payload
 //! starts with the request as JSON behind a u32 LE length; the interchange reads it to
-//! match the task to a pool with room, the pool core to grant it CPUs and accelerators,
+//! match the task to a pool with room, the pool to grant it CPUs and accelerators,
 //! and replaces it with the [`Grant`] (same layout) for the worker. Tasks without the flag
 //! are untouched: their payloads stay opaque and nothing here runs for them.
 
@@ -58,7 +58,7 @@ impl std::fmt::Display for Resources {
     }
 }
 
-/// What a pool core gives one task: the request, and the CPUs and accelerators granted.
+/// What a pool gives one task: the request, and the CPUs and accelerators granted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     #[serde(flatten)]

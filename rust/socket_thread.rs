@@ -1,4 +1,4 @@
-//! The thread that owns a component's ZMQ sockets (the interchange, a pool core) and how
+//! The thread that owns a component's ZMQ sockets (the interchange, a pool) and how
 //! other threads reach it. Sockets are `Send`, not `Sync`, so one thread owns them and
 //! others hand it work through a [`Mailbox`]; this type starts that thread, stops it
 //! (idempotent, from any thread, and on drop), and runs the component's exit hook when

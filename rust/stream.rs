@@ -1,4 +1,4 @@
-//! Multipart messages over a byte stream: the link between a pool core and its worker
+//! Multipart messages over a byte stream: the link between a pool and its worker
 //! processes, a plain Unix stream socket per worker. It replaces a ZMQ ipc hop, whose
 //! I/O threads cost four thread wake-ups per task round trip on each side.
 //!

@@ -1,4 +1,4 @@
-//! Socket plumbing shared by the interchange and the pool core: multipart receive and
+//! Socket plumbing shared by the interchange and the pool: multipart receive and
 //! send without a `Vec<u8>` per frame, and the mailbox through which other threads hand
 //! work to the thread that owns the ZMQ sockets (sockets are `Send`, not `Sync`).
 

@@ -1,4 +1,4 @@
-//! A worker process's end of its stream to the pool core. The worker's main thread takes
+//! A worker process's end of its stream to the pool. The worker's main thread takes
 //! tasks in order ([`Inbox::next`]) and sends each result the moment it has it
 //! ([`Inbox::send_result`]). While it has nothing to run it reads the stream itself, so a
 //! task reaches it with no hand-off between threads; while it runs a task, a helper

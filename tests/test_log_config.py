@@ -47,7 +47,7 @@ def die():
 
 
 def test_rust_records_reach_interchange_log_and_the_pools_manager_log(load_dfk, tmp_path):
-    """The interchange thread writes interchange.log in Parsl's format; the pool core's
+    """The interchange thread writes interchange.log in Parsl's format; the pool's
     records go through the pool's Python logging into manager.log (or a LogConfig)."""
     import re
     import time
@@ -69,7 +69,7 @@ def test_rust_records_reach_interchange_log_and_the_pools_manager_log(load_dfk, 
     assert parsl_line.search(interchange), interchange
     manager_log = next(run.glob("block-0/*/manager.log"))
     deadline = time.monotonic() + 10
-    while "htex_rs.manager" not in manager_log.read_text() and time.monotonic() < deadline:
+    while "htex_rs.pool" not in manager_log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     text = manager_log.read_text()
-    assert re.search(r"htex_rs\.manager:\d+ .* \[INFO\] worker pid \d+ ended \(exit code 3\)", text), text
+    assert re.search(r"htex_rs\.pool[\w.]*:\d+ .* \[INFO\] worker pid \d+ ended \(exit code 3\)", text), text

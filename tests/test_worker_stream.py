@@ -148,7 +148,7 @@ def test_a_worker_death_noticed_after_the_core_ended_is_answered_at_once():
     port = ix.bind_to_random_port("tcp://127.0.0.1")
     reg = json.dumps({"protocol_version": _core.PROTOCOL_VERSION, "uid": "late", "block_id": "0",
                       "worker_count": 1, "max_capacity": 1}).encode()
-    core = _core.PoolCore(f"tcp://127.0.0.1:{port}", b"late", f"@htex-rs-test-late-{os.getpid()}", reg,
+    core = _core.Pool(f"tcp://127.0.0.1:{port}", b"late", f"@htex-rs-test-late-{os.getpid()}", reg,
                           0.2, 1.0, "localhost", None, 1 << 20)
     try:
         assert ix.poll(5000), "the core did not register"

@@ -4,15 +4,15 @@ from __future__ import annotations
 from parsl.errors import ConfigurationError
 
 # Raised by the native module (defined once, in rust/python/mod.rs): the interchange
-# thread has ended; a query to it got no answer in time; a pool core was stopped.
-from htex_rs._core import CommandTimeout, InterchangeStopped, PoolCoreStopped
+# thread has ended; a query to it got no answer in time; a pool was stopped.
+from htex_rs._core import CommandTimeout, InterchangeStopped, PoolStopped
 
 # Raised where a worker connects to its pool (defined there: workers import stream.py
 # before Parsl, and this module imports Parsl).
 from htex_rs.stream import PoolSocketNotOurs
 
 __all__ = ["CommandTimeout", "HtexRsConfigurationError", "InterchangeDied", "InterchangeStopped",
-           "PoolCoreStopped", "PoolSocketNotOurs", "ProtocolVersionMismatch", "ResourceRequestTooLarge",
+           "PoolStopped", "PoolSocketNotOurs", "ProtocolVersionMismatch", "ResourceRequestTooLarge",
            "TaskTooLarge"]
 
 

@@ -3,7 +3,7 @@ batch job are shared by its workers, and a task asking for ``num_nodes`` runs wi
 many nodes to itself, told which through Parsl's ``PARSL_MPI_PREFIX`` and friends.
 
 Parsl's manager keeps a backlog of tasks waiting for nodes. htex_rs's workers take
-tasks straight from the Rust pool core, so the nodes are shared through lock files in
+tasks straight from the Rust pool, so the nodes are shared through lock files in
 the pool's directory instead: a task holds an exclusive ``flock`` on each of its nodes'
 files while it runs, the kernel drops them if its worker dies (no node leaks), and one
 allocation lock makes taking several nodes all-or-nothing. A task asking for more nodes

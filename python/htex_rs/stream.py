@@ -1,5 +1,5 @@
 """Multipart messages over a Unix stream socket: the worker's end of its link to the
-pool core. The codec is Rust's (rust/stream.rs, through ``_core``): a message is
+pool. The codec is Rust's (rust/stream.rs, through ``_core``): a message is
 ``u32 n``, ``n`` frame lengths (``u32`` each, little-endian), then the frames."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class PoolSocketNotOurs(ConnectionRefusedError):
 def connect(url: str) -> socket.socket:
     """Connect to the pool socket ``url`` (``@name`` is a Linux abstract socket, anything
     else a path); :class:`PoolSocketNotOurs` if its listener is not of our own user (the
-    pool checks its workers the same way, rust/manager/mod.rs ``peer_cred``)."""
+    pool checks its workers the same way, rust/stream.rs ``peer_cred``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect("\0" + url[1:] if url.startswith("@") else url)

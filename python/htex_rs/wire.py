@@ -29,7 +29,7 @@ RECLAIM = _core.KIND_RECLAIM
 STATUS_RESULT, STATUS_EXCEPTION = _core.STATUS_RESULT, _core.STATUS_EXCEPTION
 #: A worker-side monitoring message (task id 0): pickle({'type': 'monitoring', 'payload': m}).
 STATUS_MONITORING = _core.STATUS_MONITORING
-#: The task's worker died running it; the payload is the pool core's JSON
+#: The task's worker died running it; the payload is the pool's JSON
 #: ``{"worker_id", "hostname", "pid", "exit_code"}`` (see :func:`worker_lost`).
 STATUS_WORKER_LOST = _core.STATUS_WORKER_LOST
 #: The interchange's answer to a task bigger than every connected pool (payload: why).
@@ -37,7 +37,7 @@ STATUS_UNPLACEABLE = _core.STATUS_UNPLACEABLE
 #: The payload is pickle((context, buffer)) instead of the bare buffer.
 FLAG_CONTEXT = _core.FLAG_CONTEXT
 #: The payload starts with a JSON head behind a u32 LE length: the task's request
-#: (cores, memory MB, gpus) from the executor, the pool core's grant (plus cpus and
+#: (cores, memory MB, gpus) from the executor, the pool's grant (plus cpus and
 #: accelerators) for the worker. See rust/resources.rs.
 FLAG_RESOURCES = _core.FLAG_RESOURCES
 

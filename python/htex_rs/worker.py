@@ -63,7 +63,7 @@ class MonitoringChannel:
 
 @contextlib.contextmanager
 def granted(grant: Optional[dict[str, Any]]) -> Iterator[None]:
-    """Run with a pool core's grant (rust/resources.rs ``Grant::head``): pinned to its CPUs,
+    """Run with a pool's grant (rust/resources.rs ``Grant::head``): pinned to its CPUs,
     with its environment (OpenMP affinity, accelerator variables, PARSL_CORES/MEMORY/GPUS);
     the worker's own mask and environment come back afterwards."""
     if not grant or "cpus" not in grant:

@@ -44,7 +44,7 @@ QUICK_DEATH_S = 5.0
 MAX_QUICK_DEATHS = 5
 
 
-def emit_core_log(core: _core.PoolCore) -> None:
+def emit_core_log(core: _core.Pool) -> None:
     """The Rust core's log records, through this process's logging (manager.log, or the
     user's LogConfig): the core queues them instead of taking the GIL to log."""
     for r in core.drain_log():
@@ -311,7 +311,7 @@ class Pool:
         logger.info("Interchange found at %s", url)
         # Linux abstract socket: no file to leave behind if the pool is SIGKILLed.
         self.worker_url = f"@htex-rs-{self.uid}-{os.getpid()}"
-        self.core = _core.PoolCore(url, self.uid.encode(), self.worker_url, self.registration(),
+        self.core = _core.Pool(url, self.uid.encode(), self.worker_url, self.registration(),
                                    float(self.args.hb_period), float(self.args.hb_threshold),
                                    socket.gethostname(), self.curve_keys(), self.args.max_message_bytes,
                                    cpu_slots=self.resources.slots, memory_mb=self.resources.memory_mb,
@@ -337,23 +337,10 @@ class Pool:
             if stopped is None:
                 self.restart_due_workers()  # not once the core has ended: we exit below
                 continue
-            reason, detail = stopped.reason, stopped.detail
-            if reason == "refused":
-                logger.critical("Interchange refused this pool: %s", detail)
-                print(f"htex-rs-worker-pool: refused by the interchange: {detail}", file=sys.stderr, flush=True)
-                exit_code = 3
-            elif reason == "silent":
-                logger.critical("Missing contact with interchange beyond heartbeat_threshold; exiting")
-                exit_code = 1
-            elif reason == "disconnected":
-                logger.critical("The connection to the interchange broke; exiting, so the interchange "
-                                "fails this pool's tasks as ManagerLost instead of losing them")
-                exit_code = 1
-            elif reason == "crashed":
-                logger.critical("The pool's Rust core stopped unexpectedly (a bug); exiting")
-                exit_code = 4
-            else:
-                logger.info("Interchange asked this pool to exit (%s)", reason)
+            exit_code = stopped.exit_code
+            (logger.critical if exit_code else logger.info)("%s", stopped.message)
+            if stopped.refused:
+                print(f"htex-rs-worker-pool: {stopped.message}", file=sys.stderr, flush=True)
             break
         self.stop()
         print("Process worker pool exiting normally", flush=True)
@@ -365,8 +352,8 @@ class Pool:
         core = getattr(self, "core", None)
         if core is not None:
             try:
-                logger.info("Pool core counts: %s", core.counts())
-            except _core.PoolCoreStopped:
+                logger.info("Pool counts: %s", core.counts())
+            except _core.PoolStopped:
                 pass
             core.stop()
             emit_core_log(core)

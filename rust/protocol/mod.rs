@@ -31,7 +31,7 @@ pub enum Kind {
     Register = 2,
     Heartbeat = 3,
     Results = 4,
-    /// Worker -> pool core only: the tasks it had not started, answering a `Reclaim`.
+    /// Worker -> pool only: the tasks it had not started, answering a `Reclaim`.
     Returned = 5,
     ProbeAck = 65,
     Tasks = 66,
@@ -39,7 +39,7 @@ pub enum Kind {
     Shutdown = 68,
     Refused = 69,
     Registered = 70,
-    /// Pool core -> worker only: send back the tasks you have not started.
+    /// Pool -> worker only: send back the tasks you have not started.
     Reclaim = 71,
 }
 
@@ -154,7 +154,7 @@ pub const STATUS_RESULT: u8 = 0;
 pub const STATUS_EXCEPTION: u8 = 1;
 /// A monitoring message from a worker (task id 0), forwarded like a result.
 pub const STATUS_MONITORING: u8 = 2;
-/// The task's worker died while running it. The payload is JSON made by the pool core:
+/// The task's worker died while running it. The payload is JSON made by the pool:
 /// `{"worker_id", "hostname", "pid", "exit_code"}`; the executor raises Parsl's WorkerLost.
 pub const STATUS_WORKER_LOST: u8 = 3;
 /// The interchange's own answer to a task that asks for more resources than any

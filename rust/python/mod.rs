@@ -29,12 +29,12 @@ create_exception!(
 );
 create_exception!(
     htex_rs._core,
-    PoolCoreStopped,
+    PoolStopped,
     PyRuntimeError,
-    "The pool core's thread has been stopped."
+    "The pool's thread has been stopped."
 );
 
-/// The native thread behind a binding object (interchange, pool core): shared with
+/// The native thread behind a binding object (interchange, pool): shared with
 /// callers while it runs, gone once stopped. Calls from several Python threads share it.
 struct Running<T>(Mutex<Option<Arc<T>>>);
 
@@ -66,7 +66,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("InterchangeStopped", py.get_type::<InterchangeStopped>())?;
     m.add("CommandTimeout", py.get_type::<CommandTimeout>())?;
-    m.add("PoolCoreStopped", py.get_type::<PoolCoreStopped>())?;
+    m.add("PoolStopped", py.get_type::<PoolStopped>())?;
     m.add(
         "COMMAND_TIMEOUT_S",
         crate::interchange::COMMAND_TIMEOUT.as_secs_f64(),

@@ -1,4 +1,4 @@
-//! `PoolCore` (a worker pool's data path) and `WorkerInbox` (a worker's end of its
+//! `Pool` (a worker pool's data path) and `WorkerInbox` (a worker's end of its
 //! stream), with the typed records they return.
 
 use std::sync::Arc;
@@ -8,15 +8,15 @@ use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::{PoolCoreStopped, Running};
+use super::{PoolStopped, Running};
 use crate::logging::Sink;
-use crate::manager;
+use crate::pool;
 use crate::worker_inbox;
 
 /// The data path of one worker pool (see `manager`): a thread that never holds the GIL.
 #[pyclass(module = "htex_rs._core", frozen)]
-struct PoolCore {
-    handle: Running<manager::Handle>,
+struct Pool {
+    handle: Running<pool::Handle>,
     /// The core's log records, waiting for the pool's Python side (`drain_log`).
     log: Arc<Sink>,
 }
@@ -38,7 +38,7 @@ fn python_level(level: log::Level) -> u8 {
     }
 }
 
-/// What the core has done so far (see `manager::Counts`).
+/// What the core has done so far (see `pool::Counts`).
 #[pyclass(module = "htex_rs._core", frozen, get_all)]
 #[derive(Debug)]
 struct PoolCounts {
@@ -61,24 +61,25 @@ impl PoolCounts {
     }
 }
 
-/// Why the core stopped: `reason` is one of "shutdown", "refused" (`detail`: the
-/// interchange's reason), "silent", "disconnected", "requested", "crashed".
+/// Why the pool stopped (`pool::Stopped`): the process's exit status, the line it
+/// logs, and whether the interchange refused it (said on stderr too).
 #[pyclass(module = "htex_rs._core", frozen, get_all)]
-struct PoolStopped {
-    reason: &'static str,
-    detail: String,
+struct StopReason {
+    exit_code: i32,
+    message: String,
+    refused: bool,
 }
 
-impl PoolCore {
-    fn handle(&self) -> PyResult<Arc<manager::Handle>> {
+impl Pool {
+    fn handle(&self) -> PyResult<Arc<pool::Handle>> {
         self.handle
             .get()
-            .ok_or_else(|| PoolCoreStopped::new_err("the pool core has been stopped"))
+            .ok_or_else(|| PoolStopped::new_err("the pool has been stopped"))
     }
 }
 
 #[pymethods]
-impl PoolCore {
+impl Pool {
     #[new]
     #[pyo3(signature = (interchange_url, identity, worker_url, registration, heartbeat_period,
                         heartbeat_threshold, hostname, curve_keys=None,
@@ -102,7 +103,7 @@ impl PoolCore {
         debug: bool,
     ) -> PyResult<Self> {
         let log = Sink::queue(debug);
-        let config = manager::Config {
+        let config = pool::Config {
             interchange_url,
             identity,
             worker_url,
@@ -111,7 +112,7 @@ impl PoolCore {
             heartbeat_period: Duration::from_secs_f64(heartbeat_period.max(0.001)),
             heartbeat_threshold: Duration::from_secs_f64(heartbeat_threshold.max(0.001)),
             hostname,
-            curve: curve_keys.map(|(public, secret, server_public)| manager::ClientKeys {
+            curve: curve_keys.map(|(public, secret, server_public)| pool::ClientKeys {
                 public,
                 secret,
                 server_public,
@@ -125,9 +126,9 @@ impl PoolCore {
             log: Some(log.clone()),
         };
         let h = py
-            .detach(|| manager::Handle::start(config))
+            .detach(|| pool::Handle::start(config))
             .map_err(PyOSError::new_err)?;
-        Ok(PoolCore {
+        Ok(Pool {
             handle: Running::new(h),
             log,
         })
@@ -139,7 +140,7 @@ impl PoolCore {
     /// this pool's tasks as ManagerLost.
     fn worker_died(&self, pid: u32, exit_code: i32) {
         if let Ok(h) = self.handle() {
-            h.command(manager::Command::WorkerDied { pid, exit_code });
+            h.command(pool::Command::WorkerDied { pid, exit_code });
         }
     }
 
@@ -158,9 +159,9 @@ impl PoolCore {
         if lost > 0 {
             out.push(LogRecord {
                 levelno: 30,
-                name: "htex_rs.manager".into(),
+                name: "htex_rs.pool".into(),
                 message: format!(
-                    "{lost} log records of the pool core were dropped (nobody read them in time)"
+                    "{lost} log records of the pool were dropped (nobody read them in time)"
                 ),
             });
         }
@@ -184,19 +185,13 @@ impl PoolCore {
     }
 
     /// Wait up to `timeout_ms`; None while the core runs.
-    fn wait_stopped(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<PoolStopped>> {
+    fn wait_stopped(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Option<StopReason>> {
         let h = self.handle()?;
         let s = py.detach(move || h.wait_stopped(Duration::from_millis(timeout_ms)));
-        Ok(s.map(|s| {
-            let (reason, detail) = match s {
-                manager::Stopped::Shutdown => ("shutdown", String::new()),
-                manager::Stopped::Refused(why) => ("refused", why),
-                manager::Stopped::Silent => ("silent", String::new()),
-                manager::Stopped::Disconnected => ("disconnected", String::new()),
-                manager::Stopped::Requested => ("requested", String::new()),
-                manager::Stopped::Crashed => ("crashed", String::new()),
-            };
-            PoolStopped { reason, detail }
+        Ok(s.map(|s| StopReason {
+            exit_code: s.exit_code(),
+            message: s.message(),
+            refused: matches!(s, pool::Stopped::Refused(_)),
         }))
     }
 
@@ -263,9 +258,9 @@ impl WorkerInbox {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PoolCore>()?;
+    m.add_class::<Pool>()?;
     m.add_class::<PoolCounts>()?;
-    m.add_class::<PoolStopped>()?;
+    m.add_class::<StopReason>()?;
     m.add_class::<LogRecord>()?;
     m.add_class::<WorkerInbox>()?;
     m.add_class::<Task>()?;

@@ -1,0 +1,292 @@
+//! What the pool's Python supervisor calls: start the core thread, report a worker's
+//! death, read the counts, learn why the core stopped.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use super::tasks::Tasks;
+use super::{Core, ResultBatch};
+use crate::logging::{self, FirstSeen, Sink};
+use crate::protocol::{header, Kind};
+use crate::socket_thread::SocketThread;
+use crate::stream::{self};
+use crate::transport::Mailbox;
+
+/// CURVE client keys (40-character Z85 text or 32 raw bytes each).
+#[derive(Clone)]
+pub struct ClientKeys {
+    pub public: Vec<u8>,
+    pub secret: Vec<u8>,
+    pub server_public: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub interchange_url: String,
+    pub identity: Vec<u8>,
+    /// Where workers connect: `@name` for an abstract Unix socket, else a path.
+    pub worker_url: String,
+    /// Largest payload a worker may send (one result), in bytes; its framing comes on top.
+    pub max_message_bytes: usize,
+    pub registration: Vec<u8>,
+    pub heartbeat_period: Duration,
+    pub heartbeat_threshold: Duration,
+    /// This node's name, for the WorkerLost of a task whose worker died.
+    pub hostname: String,
+    pub curve: Option<ClientKeys>,
+    /// What the pool grants tasks that ask for resources: CPU slots, memory (MB),
+    /// accelerators (see `crate::resources`).
+    pub slots: Vec<crate::resources::Slot>,
+    pub memory: u64,
+    pub accelerators: Vec<String>,
+    /// Where the core's log records go (the pool drains a queue sink into Python's
+    /// `logging`); `None`: nowhere.
+    pub log: Option<Arc<Sink>>,
+}
+
+/// Why the core stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// The interchange told the pool to exit (drained, or the executor shut down).
+    Shutdown,
+    /// The interchange refused this pool; the text says why.
+    Refused(String),
+    /// Nothing heard from the interchange for longer than the heartbeat threshold.
+    Silent,
+    /// The TCP connection to the interchange broke. libzmq drops what the interchange had
+    /// queued for us, so the pool exits and its tasks end as ManagerLost instead of hanging.
+    Disconnected,
+    /// Python asked the core to stop.
+    Requested,
+    /// The core thread ended without a reason: a bug (a panic); see the pool's stderr.
+    Crashed,
+}
+
+impl Stopped {
+    /// The pool process's exit status: 0 when told or asked to stop, 1 when it lost the
+    /// interchange, 3 when refused, 4 for a bug.
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Stopped::Shutdown | Stopped::Requested => 0,
+            Stopped::Silent | Stopped::Disconnected => 1,
+            Stopped::Refused(_) => 3,
+            Stopped::Crashed => 4,
+        }
+    }
+
+    /// What the pool logs as it exits (critical when `exit_code` is not 0).
+    #[must_use]
+    pub fn message(&self) -> String {
+        match self {
+            Stopped::Shutdown => "Interchange asked this pool to exit".into(),
+            Stopped::Requested => "The pool was asked to stop".into(),
+            Stopped::Refused(why) => format!("Interchange refused this pool: {why}"),
+            Stopped::Silent => {
+                "Missing contact with interchange beyond heartbeat_threshold; exiting".into()
+            }
+            Stopped::Disconnected => "The connection to the interchange broke; exiting, so the \
+                 interchange fails this pool's tasks as ManagerLost instead of losing them"
+                .into(),
+            Stopped::Crashed => "The pool's Rust core stopped unexpectedly (a bug); exiting".into(),
+        }
+    }
+}
+
+pub enum Command {
+    /// The worker process `pid` ended with `exit_code` (negative: killed by that signal).
+    /// The core forwards what it sent before dying, fails its running task as WorkerLost
+    /// and forgets it.
+    WorkerDied {
+        pid: u32,
+        exit_code: i32,
+    },
+    Stop,
+}
+
+/// What the core has done, counted as it goes (read with [`Handle::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Tasks received from the interchange.
+    pub received: u64,
+    /// Tasks handed to a worker.
+    pub started: u64,
+    /// Results forwarded to the interchange (monitoring messages not included).
+    pub results: u64,
+    /// Tasks failed as WorkerLost because their worker died running them.
+    pub lost: u64,
+    /// Worker deaths reported by the supervisor.
+    pub deaths: u64,
+    /// Tasks returned unstarted (taken back for an idle worker, or held by a dead one).
+    pub requeued: u64,
+    /// Tasks queued now, held by workers now (running or look-ahead).
+    pub queued: u64,
+    pub held: u64,
+    /// Registered workers now (until their death is reported).
+    pub workers: u64,
+    /// Malformed or unexpected messages dropped (from the interchange or a worker stream).
+    pub dropped: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) received: AtomicU64,
+    pub(super) started: AtomicU64,
+    pub(super) results: AtomicU64,
+    pub(super) lost: AtomicU64,
+    pub(super) deaths: AtomicU64,
+    pub(super) requeued: AtomicU64,
+    pub(super) queued: AtomicU64,
+    pub(super) held: AtomicU64,
+    pub(super) workers: AtomicU64,
+    pub(super) dropped: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn snapshot(&self) -> Counts {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            received: get(&self.received),
+            started: get(&self.started),
+            results: get(&self.results),
+            lost: get(&self.lost),
+            deaths: get(&self.deaths),
+            requeued: get(&self.requeued),
+            queued: get(&self.queued),
+            held: get(&self.held),
+            workers: get(&self.workers),
+            dropped: get(&self.dropped),
+        }
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) inbox: Arc<Mailbox<Command>>,
+    pub(super) stopped: Mutex<Option<Stopped>>,
+    pub(super) stopped_cv: Condvar,
+    pub(super) counters: Counters,
+}
+
+pub struct Handle {
+    shared: Arc<Shared>,
+    thread: SocketThread<Command>,
+}
+
+impl Handle {
+    /// Connect to the interchange, bind the worker socket, register, start the thread.
+    pub fn start(mut config: Config) -> Result<Handle, String> {
+        let ctx = zmq::Context::new();
+        let ix = ctx.socket(zmq::DEALER).map_err(|e| e.to_string())?;
+        let setup = || -> zmq::Result<()> {
+            ix.set_identity(&config.identity)?;
+            ix.set_linger(0)?;
+            ix.set_ipv6(true)?;
+            ix.set_sndhwm(0)?;
+            ix.set_rcvhwm(0)?;
+            if let Some(k) = &config.curve {
+                ix.set_curve_publickey(&k.public)?;
+                ix.set_curve_secretkey(&k.secret)?;
+                ix.set_curve_serverkey(&k.server_public)?;
+            }
+            Ok(())
+        };
+        setup().map_err(|e| format!("cannot configure the pool sockets: {e}"))?;
+        let listener = bind_workers(&config.worker_url)
+            .map_err(|e| format!("cannot bind {}: {e}", config.worker_url))?;
+        // Watch the connection: a reset loses the tasks queued towards us (see `Disconnected`).
+        let monitor_url = format!("inproc://htex-rs-pool-monitor-{}", fastrand::u64(..));
+        ix.monitor(&monitor_url, zmq::SocketEvent::DISCONNECTED as i32)
+            .map_err(|e| format!("cannot monitor the interchange socket: {e}"))?;
+        let monitor = ctx.socket(zmq::PAIR).map_err(|e| e.to_string())?;
+        monitor.set_linger(0).map_err(|e| e.to_string())?;
+        monitor.connect(&monitor_url).map_err(|e| e.to_string())?;
+        ix.connect(&config.interchange_url)
+            .map_err(|e| format!("cannot connect to {}: {e}", config.interchange_url))?;
+        ix.send_multipart([&header(Kind::Register)[..], &config.registration], 0)
+            .map_err(|e| format!("cannot send the registration: {e}"))?;
+
+        let log = config.log.take();
+        let inbox = Arc::new(Mailbox::new().map_err(|e| e.to_string())?);
+        let shared = Arc::new(Shared {
+            inbox: inbox.clone(),
+            stopped: Mutex::new(None),
+            stopped_cv: Condvar::new(),
+            counters: Counters::default(),
+        });
+        // The allocator owns the pool's resources; the config keeps none of them.
+        let alloc = crate::resources::Allocator::new(
+            std::mem::take(&mut config.slots),
+            config.memory,
+            std::mem::take(&mut config.accelerators),
+        );
+        let mut core = Core {
+            config,
+            _ctx: ctx,
+            ix,
+            listener,
+            conns: HashMap::new(),
+            next_token: 0,
+            // SAFETY: geteuid cannot fail.
+            own_uid: unsafe { libc::geteuid() },
+            monitor,
+            shared: shared.clone(),
+            tasks: Tasks::new(alloc),
+            results: ResultBatch::default(),
+            warned_peers: FirstSeen::default(),
+            stop: None,
+        };
+        let on_exit = shared.clone();
+        let thread = SocketThread::spawn(
+            "htex-rs-pool-core",
+            inbox,
+            || Command::Stop,
+            move || {
+                logging::attach(log);
+                core.run();
+            },
+            // A thread that ended without saying why panicked: tell the supervisor.
+            move || {
+                let mut s = on_exit.stopped.lock().unwrap();
+                if s.is_none() {
+                    *s = Some(Stopped::Crashed);
+                }
+                on_exit.stopped_cv.notify_all();
+            },
+        )?;
+        Ok(Handle { shared, thread })
+    }
+
+    pub fn command(&self, c: Command) {
+        self.thread.push([c]);
+    }
+
+    /// Wait up to `timeout` for the core to stop; `None` while it runs.
+    pub fn wait_stopped(&self, timeout: Duration) -> Option<Stopped> {
+        let s = self.shared.stopped.lock().unwrap();
+        let (s, _) = self
+            .shared
+            .stopped_cv
+            .wait_timeout_while(s, timeout, |s| s.is_none())
+            .unwrap();
+        s.clone()
+    }
+
+    #[must_use]
+    pub fn counts(&self) -> Counts {
+        self.shared.counters.snapshot()
+    }
+
+    /// Stop the thread and wait for it (idempotent, callable from any thread).
+    pub fn stop(&self) {
+        self.thread.stop();
+    }
+}
+
+fn bind_workers(url: &str) -> std::io::Result<UnixListener> {
+    let listener = UnixListener::bind_addr(&stream::unix_addr(url)?)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}

@@ -1,0 +1,312 @@
+//! The worker pool's core (the Rust half of `htex_rs.worker_pool`): a thread that owns the DEALER to the interchange and
+//! the Unix stream socket its worker processes connect to (one stream per worker,
+//! framed by `crate::stream`: no ZMQ I/O threads between pool and worker). It registers
+//! the pool, heartbeats, and owns every task the pool holds (`tasks`): one queue; a task
+//! goes to an idle worker first, and a few to run next (a look-ahead, several tasks in
+//! one message) only to quick workers while no worker is idle, taken back when one is,
+//! so a free worker never waits behind a busy one.
+//! Results go to the interchange as their tasks end (results that finished together
+//! share a message). When the Python supervisor reports a worker's death (pid, exit
+//! code), the core fails that worker's running task with `STATUS_WORKER_LOST` itself.
+//! Python keeps only process supervision (start, pin, restart workers) and is told why
+//! the core stopped: shutdown, refusal, or interchange silence.
+
+//!
+//! - `handle.rs`: what the pool's Python supervisor calls (start, commands, counts, why
+//!   it stopped).
+//! - `tasks.rs`: every task the pool holds, and which worker gets which.
+//! - `workers.rs`: the worker streams (accept, read, write, their messages).
+//! - `upstream.rs`: the interchange side (its messages, results on their way back).
+//! - this file: the loop, a worker's death, and the dispatch pass.
+
+mod handle;
+mod tasks;
+mod upstream;
+mod workers;
+
+use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::logging::FirstSeen;
+use crate::protocol::{encode_meta, header, Kind, STATUS_WORKER_LOST};
+use crate::resources::{self};
+use crate::socket_thread::{self};
+use crate::stream::{self};
+use crate::transport::recv_frames;
+use handle::Shared;
+pub use handle::{ClientKeys, Command, Config, Counts, Handle, Stopped};
+use tasks::{Task, Tasks};
+use upstream::ResultBatch;
+use workers::Conn;
+
+struct Core {
+    config: Config,
+    _ctx: zmq::Context,
+    ix: zmq::Socket,
+    listener: UnixListener,
+    conns: HashMap<u64, Conn>,
+    next_token: u64,
+    own_uid: u32,
+    monitor: zmq::Socket,
+    shared: Arc<Shared>,
+    /// Every task the pool holds: queued, or held by a worker (keyed by stream token).
+    tasks: Tasks<zmq::Message>,
+    results: ResultBatch,
+    /// Peers (`None`: the interchange; else a worker stream's token) whose dropped
+    /// messages were logged once; later drops are only counted.
+    warned_peers: FirstSeen<Option<u64>>,
+    stop: Option<Stopped>,
+}
+impl Core {
+    fn run(&mut self) {
+        let mut last_beat = Instant::now();
+        let mut last_contact = Instant::now();
+        let hb = self.config.heartbeat_period;
+        let threshold = self.config.heartbeat_threshold;
+        while self.stop.is_none() {
+            let now = Instant::now();
+            if now.duration_since(last_beat) >= hb {
+                let _ = self.ix.send(&header(Kind::Heartbeat)[..], 0);
+                last_beat = now;
+            }
+            if now.duration_since(last_contact) > threshold {
+                self.stop = Some(Stopped::Silent);
+                break;
+            }
+            let mut next = (last_beat + hb).min(last_contact + threshold);
+            if self.tasks.has_lookahead() {
+                next = next.min(now + tasks::STALE / 2); // to take a stale one back
+            }
+            let timeout = next
+                .saturating_duration_since(now)
+                .as_millis()
+                .clamp(1, 1000) as i64;
+            let tokens: Vec<u64> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.open)
+                .map(|(t, _)| *t)
+                .collect();
+            let (ix_ready, listener_ready, wake_ready, monitor_ready, conn_events) = {
+                let mut items = vec![
+                    self.ix.as_poll_item(zmq::POLLIN),
+                    zmq::PollItem::from_fd(self.listener.as_raw_fd(), zmq::POLLIN),
+                    zmq::PollItem::from_fd(self.shared.inbox.fd(), zmq::POLLIN),
+                    self.monitor.as_poll_item(zmq::POLLIN),
+                ];
+                for t in &tokens {
+                    let c = &self.conns[t];
+                    let mut ev = zmq::POLLIN;
+                    if !c.out.is_empty() {
+                        ev |= zmq::POLLOUT;
+                    }
+                    items.push(zmq::PollItem::from_fd(c.stream.as_raw_fd(), ev));
+                }
+                if let Err(e) = socket_thread::poll(&mut items, timeout) {
+                    log::error!("the pool cannot poll its sockets: {e}; stopping");
+                    self.stop = Some(Stopped::Crashed);
+                    break;
+                }
+                let conn_events: Vec<(u64, bool, bool)> = tokens
+                    .iter()
+                    .zip(&items[4..])
+                    .filter(|(_, i)| i.get_revents().bits() != 0)
+                    .map(|(t, i)| (*t, i.is_readable() || i.is_error(), i.is_writable()))
+                    .collect();
+                (
+                    items[0].is_readable(),
+                    items[1].is_readable(),
+                    items[2].is_readable(),
+                    items[3].is_readable(),
+                    conn_events,
+                )
+            };
+            if ix_ready {
+                last_contact = Instant::now();
+                for _ in 0..1024 {
+                    match recv_frames(&self.ix) {
+                        Some(f) => self.on_interchange(f),
+                        None => break,
+                    }
+                }
+            }
+            if listener_ready {
+                self.accept();
+            }
+            for (token, readable, writable) in conn_events {
+                if writable {
+                    self.flush(token);
+                }
+                if readable {
+                    self.read(token);
+                }
+            }
+            if wake_ready {
+                self.take_inbox();
+            }
+            if monitor_ready && recv_frames(&self.monitor).is_some() && self.stop.is_none() {
+                self.stop = Some(Stopped::Disconnected);
+            }
+            self.dispatch();
+            // Counts first: whoever sees these results then sees counts that include them.
+            self.publish_counts();
+            self.results.send(&self.ix);
+        }
+        log::info!(
+            "pool stopped: {:?}; counts {:?}",
+            self.stop,
+            self.shared.counters.snapshot()
+        );
+        let mut s = self.shared.stopped.lock().unwrap();
+        *s = self.stop.take();
+        self.shared.stopped_cv.notify_all();
+    }
+
+    fn take_inbox(&mut self) {
+        for c in self.shared.inbox.take() {
+            match c {
+                Command::WorkerDied { pid, exit_code } => self.worker_died(pid, exit_code),
+                Command::Stop => self.stop = Some(Stopped::Requested),
+            }
+        }
+    }
+
+    /// The supervisor saw process `pid` end. Its stream (and a monitoring stream it may
+    /// have opened) is read to the end first: results it sent just before dying are
+    /// forwarded, so only a task that really did not finish is lost.
+    fn worker_died(&mut self, pid: u32, exit_code: i32) {
+        self.shared.counters.deaths.fetch_add(1, Ordering::Relaxed);
+        log::info!("worker pid {pid} ended (exit code {exit_code})");
+        // A worker that connected and died at once may still sit in the listen backlog.
+        self.accept();
+        let mut tokens: Vec<(bool, u64)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.pid == pid)
+            .map(|(t, c)| (c.rank.is_some(), *t))
+            .collect();
+        tokens.sort_unstable();
+        // One process has one worker stream; should a new worker ever get a pid whose
+        // death is still being handled, the older registered stream is the dead one.
+        if let Some(first) = tokens.iter().position(|(registered, _)| *registered) {
+            tokens.truncate(first + 1);
+        }
+        for (_, token) in tokens {
+            self.read(token);
+            let Some(conn) = self.conns.remove(&token) else {
+                continue;
+            };
+            let Some(task_id) = self.tasks.remove_worker(token) else {
+                continue;
+            };
+            self.shared.counters.lost.fetch_add(1, Ordering::Relaxed);
+            let rank = conn.rank.unwrap_or_default();
+            let lost = serde_json::json!({
+                "worker_id": String::from_utf8_lossy(&rank),
+                "hostname": self.config.hostname,
+                "pid": pid,
+                "exit_code": exit_code,
+            });
+            if self.results.full() {
+                self.results.send(&self.ix);
+            }
+            self.results
+                .push(task_id, STATUS_WORKER_LOST, lost.to_string().into_bytes());
+        }
+    }
+
+    fn publish_counts(&self) {
+        let c = &self.shared.counters;
+        c.queued
+            .store(self.tasks.queued() as u64, Ordering::Relaxed);
+        c.held.store(self.tasks.held() as u64, Ordering::Relaxed);
+        c.requeued.store(self.tasks.requeued(), Ordering::Relaxed);
+        c.workers
+            .store(self.tasks.workers() as u64, Ordering::Relaxed);
+    }
+
+    /// Count a message dropped from `peer` (`None`: the interchange, else a worker
+    /// stream) and log the first from each peer, as the interchange does.
+    pub(super) fn drop_junk(&mut self, peer: Option<u64>, why: &str) {
+        self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.warned_peers.first(peer) {
+            let from = match peer.and_then(|t| self.conns.get(&t)) {
+                None if peer.is_none() => "the interchange".to_string(),
+                None => "a closed worker stream".to_string(),
+                Some(c) => format!(
+                    "worker {} (pid {})",
+                    c.rank
+                        .as_deref()
+                        .map_or_else(|| "?".into(), String::from_utf8_lossy),
+                    c.pid
+                ),
+            };
+            log::warn!(
+                "dropping a message from {from}: {why} (further drops from it are counted, not logged)"
+            );
+        }
+    }
+
+    /// Give out queued tasks (idle workers first, then look-aheads) and take back
+    /// look-aheads when a worker is idle with nothing queued.
+    pub(super) fn dispatch(&mut self) {
+        let head = header(Kind::Tasks);
+        let mut touched = Vec::new();
+        let conns = &mut self.conns;
+        let started = &self.shared.counters.started;
+        let now = Instant::now();
+        self.tasks.assign(now, |token, given| {
+            let given: Vec<&Task<zmq::Message>> = given.collect();
+            started.fetch_add(given.len() as u64, Ordering::Relaxed);
+            let meta = encode_meta(&given.iter().map(|t| (t.id, t.flags)).collect::<Vec<_>>());
+            // A task with a grant goes with the grant in place of its request.
+            let granted: Vec<Option<Vec<u8>>> = given
+                .iter()
+                .map(|t| {
+                    let g = t.grant.as_ref()?;
+                    let (_, rest) = resources::split(&t.payload)?;
+                    Some(resources::join(&g.head(), rest))
+                })
+                .collect();
+            let mut frames: Vec<&[u8]> = vec![&head, &meta];
+            frames.extend(
+                given
+                    .iter()
+                    .zip(&granted)
+                    .map(|(t, g)| g.as_deref().unwrap_or(&t.payload[..])),
+            );
+            if let Some(c) = conns.get_mut(&token) {
+                match stream::encode(&frames) {
+                    Ok(bytes) => c.out.push(bytes),
+                    // Unreachable under max_message_bytes (< 4 GiB); should it happen, the
+                    // worker is ended, so its tasks fail as WorkerLost instead of hanging.
+                    Err(e) => {
+                        log::error!("cannot send tasks to pid {}: {e}; ending its stream", c.pid);
+                        c.close();
+                    }
+                }
+                touched.push(token);
+            }
+        });
+        let reclaim = header(Kind::Reclaim);
+        for token in self.tasks.reclaims(now) {
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.out
+                    .push(stream::encode(&[&reclaim[..]]).expect("one 4-byte frame"));
+                touched.push(token);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for token in touched {
+            self.flush(token);
+        }
+    }
+}
+
+#[cfg(test)]
+mod loop_tests;
