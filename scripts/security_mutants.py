@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CURVE = "rust/zmtp/curve.rs"
 ROUTER = "rust/zmtp/router.rs"
+CONN = "rust/zmtp/conn.rs"
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,12 @@ MUTANTS = [
            "let mut m = open(c, &nonce(b\"CurveZMQMESSAGEC\", tail), &self.precomputed)",
            "let mut m = open(c, &nonce(b\"CurveZMQMESSAGEC\", tail), &self.precomputed)"
            ".or_else(|| open(c, &nonce(b\"CurveZMQMESSAGES\", tail), &self.precomputed))"),
-    Mutant("plaintext", "a frame that is not a MESSAGE box passes in the clear after CURVE", ROUTER,
+    Mutant("plaintext", "a frame that is not a MESSAGE box passes in the clear after CURVE", CONN,
            "                    Some(s) => {\n                        let (f, d) = s.decode(body)?;",
            "                    Some(s) if body.starts_with(b\"\\x07MESSAGE\") => {\n"
            "                        let (f, d) = s.decode(body)?;"),
-    Mutant("handshake-frame", "frames over 64 KiB are taken before the handshake ends", ROUTER,
-           "if !matches!(state, State::Ready) && size > HANDSHAKE_FRAME {", "if false {"),
+    Mutant("handshake-frame", "frames over 64 KiB are taken before the handshake ends", CONN,
+           "if !self.is_ready() && size > HANDSHAKE_FRAME {", "if false {"),
     Mutant("timeout", "a handshake never times out", ROUTER,
            "if deadline > now {", "if true {"),
     Mutant("per-source", "one address may hold any number of handshakes", ROUTER,

@@ -13,6 +13,7 @@
 #[cfg(test)]
 mod attacks;
 pub mod certs;
+pub mod conn;
 pub mod curve;
 pub mod router;
 #[cfg(test)]

@@ -12,19 +12,15 @@
 //! [`Router::send`] by identity; both write at once when nothing waits on the connection,
 //! and [`Router::flush`] writes what the socket did not take.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::curve::{self, Handshake, Refusal, Session};
-use super::{
-    check_greeting, command, command_body, frame_header, greeting, metadata, next_frame,
-    parse_metadata, put_frame,
-};
-use super::{COMMAND, GREETING, MORE};
+use super::conn::{self, Upcalls};
+use super::curve;
 use crate::logging::FirstSeen;
 
 /// Whom the router admits and how large a frame it takes (the listener is [`bind`]'s).
@@ -67,31 +63,18 @@ impl Default for HandshakeLimits {
     }
 }
 
-enum State {
-    Greeting,
-    /// Greeted; NULL waits for the peer's READY.
-    Null,
-    Curve(Handshake),
-    Ready,
-}
-
-struct Conn {
+/// A connection: its socket and what the router keeps about it; the protocol is `conn`'s.
+struct Link {
     stream: TcpStream,
     peer: SocketAddr,
     gen: u32,
-    state: State,
     /// Counted among the CURVE handshakes pending (`Router::pending`).
     pending: bool,
-    session: Option<Session>,
-    identity: Vec<u8>,
+    /// The part of a frame still coming.
     inbuf: Vec<u8>,
-    out: Vec<u8>,
-    /// POLLOUT is armed (bytes are left that the socket would not take).
+    /// POLLOUT is armed (bytes are left in `conn.out` that the socket would not take).
     armed: bool,
-    /// The message being read: its routing identity, then its frames so far.
-    frames: Vec<zmq::Message>,
-    /// Bytes still missing of the frame being read (to size the next read).
-    need: usize,
+    conn: conn::Conn,
 }
 
 /// A connection as the router knows it: its slot and generation (a closed connection's
@@ -137,8 +120,9 @@ pub struct Router {
     listeners: Vec<TcpListener>,
     pub port: u16,
     options: Options,
-    mechanism: &'static [u8],
-    conns: Vec<Option<Conn>>,
+    /// The CURVE server (shared with each read's upcalls); `None`: NULL.
+    curve: Option<Arc<curve::Server>>,
+    conns: Vec<Option<Link>>,
     free: Vec<usize>,
     next_gen: u32,
     by_identity: foldhash::HashMap<Vec<u8>, usize>,
@@ -167,24 +151,14 @@ pub struct Router {
     pub counts: Counts,
 }
 
-/// Our READY's metadata (libzmq's ROUTER sends an empty Identity too).
-fn ready_metadata() -> Vec<u8> {
-    metadata(&[(b"Socket-Type", b"ROUTER"), (b"Identity", b"")])
-}
-
 /// Epoll tokens at and above this are listeners.
 const LISTENER: u64 = u64::MAX - 16;
 /// The epoll token of the caller's watched fd.
 const WATCHED: u64 = LISTENER - 1;
 /// Most bytes read from one connection per pass (others get their turn).
 const READ_CHUNK: usize = 256 * 1024;
-/// Largest frame a peer may send before its handshake is done (HELLO is 200 bytes,
-/// INITIATE and READY a few hundred): nothing unauthenticated sizes our buffers.
-const HANDSHAKE_FRAME: usize = 64 * 1024;
 /// Most bytes reserved ahead of a frame's arrival (the rest as it comes).
 const RESERVE_AHEAD: usize = 16 << 20;
-/// Most frames in one message (a batch of 64k tasks plus its header and meta).
-const MAX_FRAMES: usize = crate::stream::MAX_FRAMES + 8;
 /// Parsed messages waiting above which connections are not read (see [`Router::wait`]).
 const INCOMING_HIGH: usize = 8192;
 /// Most emptied message vectors kept for reuse.
@@ -246,17 +220,14 @@ impl Router {
             LISTENER,
         )?;
         let port = listener.local_addr()?.port();
-        let mechanism: &'static [u8] = if options.curve.is_some() {
-            b"CURVE"
-        } else {
-            b"NULL"
-        };
+        let mut options = options;
+        let curve = options.curve.take().map(Arc::new);
         Ok(Router {
             ep,
             listeners: vec![listener],
             port,
             options,
-            mechanism,
+            curve,
             conns: Vec::new(),
             free: Vec::new(),
             next_gen: 0,
@@ -396,7 +367,7 @@ impl Router {
             self.conns
                 .get(p.conn as usize)
                 .and_then(Option::as_ref)
-                .is_some_and(|x| x.gen == p.gen && matches!(x.state, State::Ready))
+                .is_some_and(|x| x.gen == p.gen && x.conn.is_ready())
         });
         let c = if let Some(p) = live {
             p.conn as usize
@@ -413,28 +384,21 @@ impl Router {
         let gen = conn.gen;
         // Nothing waiting on this connection: encode where it stays in cache and write
         // now; only what the socket does not take is kept with the connection.
-        let direct = conn.out.is_empty() && !conn.armed;
+        let direct = conn.conn.out.is_empty() && !conn.armed;
         let mut w = if direct {
             std::mem::take(&mut self.wbuf)
         } else {
-            std::mem::take(&mut conn.out)
+            std::mem::take(&mut conn.conn.out)
         };
-        let mut frames = frames.into_iter().peekable();
-        while let Some(f) = frames.next() {
-            let flags = if frames.peek().is_some() { MORE } else { 0 };
-            match conn.session.as_mut() {
-                Some(s) => s.encode(flags, f.as_ref(), &mut w),
-                None => put_frame(&mut w, flags, f.as_ref()),
-            }
-        }
+        conn.conn.encode(frames, &mut w);
         if !direct {
-            conn.out = w;
+            conn.conn.out = w;
             return gen;
         }
         // Would block, or failed: what is left goes to `flush()`, which finds out which.
         let (done, _) = write_some(&mut conn.stream, &w);
         if done < w.len() {
-            conn.out.extend_from_slice(&w[done..]);
+            conn.conn.out.extend_from_slice(&w[done..]);
             self.dirty.push(c);
         }
         w.clear();
@@ -456,10 +420,15 @@ impl Router {
     pub fn linger(&mut self, linger: Duration) {
         let deadline = Instant::now() + linger;
         self.flush();
-        while Instant::now() < deadline && self.conns.iter().flatten().any(|c| !c.out.is_empty()) {
+        while Instant::now() < deadline
+            && self.conns.iter().flatten().any(|c| !c.conn.out.is_empty())
+        {
             std::thread::sleep(Duration::from_millis(1));
             for c in 0..self.conns.len() {
-                if self.conns[c].as_ref().is_some_and(|c| !c.out.is_empty()) {
+                if self.conns[c]
+                    .as_ref()
+                    .is_some_and(|c| !c.conn.out.is_empty())
+                {
                     self.write(c);
                 }
             }
@@ -491,7 +460,7 @@ impl Router {
                 }
             };
             let source = peer.ip().to_canonical();
-            let curve = self.options.curve.is_some();
+            let curve = self.curve.is_some();
             if curve && !self.make_room_for(source) {
                 continue; // dropping `stream` closes it
             }
@@ -519,24 +488,14 @@ impl Router {
                 self.free.push(c);
                 continue;
             }
-            let mut out = greeting(self.mechanism).to_vec();
-            if self.options.curve.is_none() {
-                // NULL: our READY goes with the greeting (libzmq reads the greeting alone).
-                put_frame(&mut out, COMMAND, &command(b"READY", &ready_metadata()));
-            }
-            self.conns[c] = Some(Conn {
+            self.conns[c] = Some(Link {
                 stream,
                 peer,
                 gen,
-                state: State::Greeting,
                 pending: curve,
-                session: None,
-                identity: Vec::new(),
                 inbuf: Vec::new(),
-                out,
                 armed: false,
-                frames: Vec::new(),
-                need: 0,
+                conn: conn::Conn::new(curve),
             });
             if curve {
                 self.pending += 1;
@@ -609,11 +568,12 @@ impl Router {
             log::debug!(
                 "worker port: dropping {} ({:?}): {why}",
                 conn.peer,
-                String::from_utf8_lossy(&conn.identity)
+                String::from_utf8_lossy(conn.conn.identity())
             );
         }
-        if !conn.identity.is_empty() && self.by_identity.get(&conn.identity) == Some(&c) {
-            self.by_identity.remove(&conn.identity);
+        let identity = conn.conn.identity();
+        if !identity.is_empty() && self.by_identity.get(identity) == Some(&c) {
+            self.by_identity.remove(identity);
         }
         self.counts.closed += 1;
         self.free.push(c);
@@ -627,19 +587,20 @@ impl Router {
         let Some(conn) = self.conns[c].as_mut() else {
             return;
         };
-        let (done, failed) = write_some(&mut conn.stream, &conn.out);
+        let out = &mut conn.conn.out;
+        let (done, failed) = write_some(&mut conn.stream, out);
         if let Some(e) = failed {
             return self.close(c, &format!("write failed: {e}"));
         }
-        if done == conn.out.len() {
-            conn.out.clear();
-            if conn.out.capacity() > KEEP_CAPACITY {
-                conn.out = Vec::new();
+        if done == out.len() {
+            out.clear();
+            if out.capacity() > KEEP_CAPACITY {
+                *out = Vec::new();
             }
         } else {
-            conn.out.drain(..done);
+            out.drain(..done);
         }
-        let want = !conn.out.is_empty();
+        let want = !out.is_empty();
         if want != conn.armed {
             let events = if want {
                 libc::EPOLLIN | libc::EPOLLOUT
@@ -679,7 +640,7 @@ impl Router {
         let now = Instant::now();
         while let Some(&(deadline, c, gen)) = self.handshakes.front() {
             let live = self.conns[c].as_ref().filter(|x| x.gen == gen);
-            if live.is_none_or(|x| matches!(x.state, State::Ready)) {
+            if live.is_none_or(|x| x.conn.is_ready()) {
                 self.handshakes.pop_front();
                 continue;
             }
@@ -702,13 +663,13 @@ impl Router {
         let mut scratch = std::mem::take(&mut self.scratch);
         let (ended, consumed, parsed);
         if conn.inbuf.is_empty() {
-            ended = read_some(fd, &mut scratch, conn.need);
-            (consumed, parsed) = self.parse(c, &mut conn, &scratch);
+            ended = read_some(fd, &mut scratch, conn.conn.need);
+            (consumed, parsed) = self.receive(c, &mut conn, &scratch);
             conn.inbuf.extend_from_slice(&scratch[consumed..]);
         } else {
             let mut inbuf = std::mem::take(&mut conn.inbuf);
-            ended = read_some(fd, &mut inbuf, conn.need);
-            (consumed, parsed) = self.parse(c, &mut conn, &inbuf);
+            ended = read_some(fd, &mut inbuf, conn.conn.need);
+            (consumed, parsed) = self.receive(c, &mut conn, &inbuf);
             if consumed == inbuf.len() {
                 inbuf.clear();
                 if inbuf.capacity() > KEEP_CAPACITY {
@@ -724,7 +685,7 @@ impl Router {
             scratch = Vec::with_capacity(READ_CHUNK);
         }
         self.scratch = scratch;
-        let wants_write = !conn.out.is_empty() && !conn.armed;
+        let wants_write = !conn.conn.out.is_empty() && !conn.armed;
         self.conns[c] = Some(conn);
         if let Err(why) = parsed {
             self.write(c); // an ERROR for a refused client, best effort
@@ -738,234 +699,84 @@ impl Router {
         }
     }
 
-    /// Handle the whole frames at the start of `buf`; how many bytes they took.
-    fn parse(&mut self, c: usize, conn: &mut Conn, buf: &[u8]) -> (usize, Result<(), String>) {
-        let mut pos = 0;
-        if matches!(conn.state, State::Greeting) {
-            if buf.first().is_some_and(|&b| b != 0xff) {
-                return (0, Err("not a ZMTP peer".into()));
-            }
-            if buf.len() < GREETING {
-                return (0, Ok(()));
-            }
-            if let Err(e) = check_greeting(&buf[..GREETING], self.mechanism) {
-                return (0, Err(e));
-            }
-            pos = GREETING;
-            conn.state = if self.options.curve.is_some() {
-                State::Curve(Handshake::WaitHello)
-            } else {
-                State::Null
-            };
-        }
-        conn.need = 0;
-        let result = loop {
-            let frame = match next_frame(&buf[pos..]) {
-                Ok(f) => f,
-                Err(e) => break Err(e),
-            };
-            let Some((flags, head, size)) = frame else {
-                // A frame still coming: refuse it now if it is too large, else note
-                // how much is missing.
-                if let Ok(Some((_, head, size))) = frame_header(&buf[pos..]) {
-                    if let Err(e) = self.check_size(&conn.state, size) {
-                        break Err(e);
-                    }
-                    conn.need = (head + size).saturating_sub(buf.len() - pos);
-                }
-                break Ok(());
-            };
-            if let Err(e) = self.check_size(&conn.state, size) {
-                break Err(e);
-            }
-            let body = &buf[pos + head..pos + head + size];
-            pos += head + size;
-            if let Err(e) = self.on_frame(
-                c,
-                flags,
-                body,
-                &mut ConnParts {
-                    state: &mut conn.state,
-                    pending: &mut conn.pending,
-                    session: &mut conn.session,
-                    identity: &mut conn.identity,
-                    out: &mut conn.out,
-                    frames: &mut conn.frames,
-                    peer: conn.peer,
-                    gen: conn.gen,
-                },
-            ) {
-                break Err(e);
-            }
+    /// Hand `buf` to the connection's protocol state (taken out of `conns` meanwhile).
+    fn receive(&mut self, c: usize, link: &mut Link, buf: &[u8]) -> (usize, Result<(), String>) {
+        let curve = self.curve.clone();
+        let max_frame = self.options.max_frame;
+        let mut up = Up {
+            router: self,
+            c,
+            gen: link.gen,
+            peer: link.peer,
+            pending: &mut link.pending,
         };
-        (pos, result)
+        link.conn.receive(buf, curve.as_deref(), max_frame, &mut up)
     }
+}
 
-    /// A frame of `size` bytes is refused over `max_frame`, and before the handshake is
-    /// done over [`HANDSHAKE_FRAME`].
-    fn check_size(&self, state: &State, size: usize) -> Result<(), String> {
-        if !matches!(state, State::Ready) && size > HANDSHAKE_FRAME {
-            return Err(format!("a frame of {size} bytes during the handshake"));
-        }
-        if self.options.max_frame.is_some_and(|m| size > m) {
-            return Err(format!("a frame of {size} bytes, over max_message_size"));
-        }
-        Ok(())
-    }
+/// What a connection's reads ask of the router.
+struct Up<'a> {
+    router: &'a mut Router,
+    c: usize,
+    gen: u32,
+    peer: SocketAddr,
+    pending: &'a mut bool,
+}
 
-    fn on_frame(
-        &mut self,
-        c: usize,
-        flags: u8,
-        body: &[u8],
-        conn: &mut ConnParts<'_>,
-    ) -> Result<(), String> {
-        match conn.state {
-            State::Greeting => unreachable!("the greeting is read first"),
-            State::Null => {
-                let md = (flags & COMMAND != 0)
-                    .then(|| command_body(body, b"READY"))
-                    .flatten()
-                    .ok_or("a message before its READY")?;
-                let info = parse_metadata(md)?;
-                self.admit(c, info.identity, conn)
-            }
-            State::Curve(ref mut hs) => {
-                if flags & COMMAND == 0 {
-                    return Err("a message before the CURVE handshake ended".into());
-                }
-                let server = self.options.curve.as_ref().expect("a CURVE router");
-                self.steps += 1;
-                self.counts.handshake_steps += 1;
-                if matches!(hs, Handshake::WaitHello) {
-                    let welcome = hs.hello(server, body).map_err(|r| format!("{r:?}"))?;
-                    put_frame(conn.out, COMMAND, &welcome);
-                    return Ok(());
-                }
-                match hs.initiate(server, body, &ready_metadata()) {
-                    Ok((info, session, ready)) => {
-                        put_frame(conn.out, COMMAND, &ready);
-                        *conn.session = Some(session);
-                        self.admit(c, info.identity, conn)
-                    }
-                    Err(Refusal::NotAllowed(key)) => {
-                        self.counts.refused += 1;
-                        if self.refused_keys.first(key) {
-                            log::warn!(
-                                "refused a CURVE client from {}: client key {} not in the certificate directory \
-                                 (its retries are counted, not logged)",
-                                conn.peer.ip(),
-                                zmq::z85_encode(&key).unwrap_or_default()
-                            );
-                        }
-                        conn.out.extend_from_slice(&curve::error_frame());
-                        Err("client key not admitted".into())
-                    }
-                    Err(Refusal::Protocol(m)) => Err(m),
-                }
-            }
-            State::Ready => {
-                let (flags, data) = match conn.session.as_mut() {
-                    // Once CURVE is up every frame is a MESSAGE box (libzmq's rule too).
-                    Some(_) if flags & COMMAND != 0 => {
-                        return Err("a plain command after the CURVE handshake".into());
-                    }
-                    Some(s) => {
-                        let (f, d) = s.decode(body)?;
-                        (f, Cow::Owned(d))
-                    }
-                    None => (flags, Cow::Borrowed(body)),
-                };
-                if flags & COMMAND != 0 {
-                    return Self::on_command(&data, conn);
-                }
-                if conn.frames.is_empty() {
-                    // A spare vector only for the message being read: none stays parked
-                    // with an idle connection.
-                    if conn.frames.capacity() == 0 {
-                        *conn.frames = self.spare.pop().unwrap_or_default();
-                    }
-                    conn.frames.push(zmq::Message::from(&conn.identity[..]));
-                } else if conn.frames.len() > MAX_FRAMES {
-                    return Err(format!("a message of more than {MAX_FRAMES} frames"));
-                }
-                conn.frames.push(zmq::Message::from(&data[..]));
-                if flags & MORE == 0 {
-                    let peer = Peer::of(c, conn.gen);
-                    self.incoming.push_back((peer, std::mem::take(conn.frames)));
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// A command after the handshake: PING is answered (ZMTP 3.1 heartbeats), ERROR
-    /// ends the connection, the rest is ignored.
-    fn on_command(cmd: &[u8], conn: &mut ConnParts<'_>) -> Result<(), String> {
-        if let Some(ping) = command_body(cmd, b"PING") {
-            if !conn.out.is_empty() {
-                return Ok(()); // a peer that does not read gets one PONG, not a pile
-            }
-            let context = ping.get(2..).unwrap_or_default();
-            let pong = command(b"PONG", &context[..context.len().min(16)]);
-            match conn.session.as_mut() {
-                Some(s) => s.encode(COMMAND, &pong, conn.out),
-                None => put_frame(conn.out, COMMAND, &pong),
-            }
-            return Ok(());
-        }
-        if command_body(cmd, b"ERROR").is_some() {
-            return Err("the peer sent ERROR".into());
-        }
-        Ok(())
-    }
-
-    /// The handshake is done: route to this connection by `identity` (libzmq's rules:
-    /// none given gets a generated one; a leading zero byte is reserved; an identity
-    /// already connected is refused).
-    fn admit(
-        &mut self,
-        c: usize,
-        identity: Vec<u8>,
-        conn: &mut ConnParts<'_>,
-    ) -> Result<(), String> {
-        let identity = if identity.is_empty() {
-            self.next_anonymous = self.next_anonymous.wrapping_add(1);
+impl Upcalls for Up<'_> {
+    /// Route to this connection by `requested` (libzmq's rules: none given gets a
+    /// generated one; a leading zero byte is reserved; an identity already connected is
+    /// refused).
+    fn admit(&mut self, requested: Vec<u8>) -> Result<Vec<u8>, String> {
+        let r = &mut *self.router;
+        let identity = if requested.is_empty() {
+            r.next_anonymous = r.next_anonymous.wrapping_add(1);
             let mut id = vec![0u8];
-            id.extend_from_slice(&self.next_anonymous.to_be_bytes());
+            id.extend_from_slice(&r.next_anonymous.to_be_bytes());
             id
-        } else if identity[0] == 0 {
+        } else if requested[0] == 0 {
             return Err("a routing identity starting with a zero byte (reserved)".into());
         } else {
-            identity
+            requested
         };
-        if self.by_identity.contains_key(&identity) {
+        if r.by_identity.contains_key(&identity) {
             return Err(format!(
                 "identity {:?} is already connected",
                 String::from_utf8_lossy(&identity)
             ));
         }
-        self.by_identity.insert(identity.clone(), c);
-        *conn.identity = identity;
-        *conn.state = State::Ready;
-        if std::mem::take(conn.pending) {
-            self.settle(conn.peer);
+        r.by_identity.insert(identity.clone(), self.c);
+        if std::mem::take(self.pending) {
+            r.settle(self.peer);
         }
-        Ok(())
+        Ok(identity)
     }
-}
 
-/// The parts of a connection a frame's handling changes (its input buffer stays
-/// borrowed for the frame's body).
-struct ConnParts<'a> {
-    state: &'a mut State,
-    pending: &'a mut bool,
-    session: &'a mut Option<Session>,
-    identity: &'a mut Vec<u8>,
-    out: &'a mut Vec<u8>,
-    frames: &'a mut Vec<zmq::Message>,
-    peer: SocketAddr,
-    gen: u32,
+    fn message(&mut self, frames: Vec<zmq::Message>) {
+        let peer = Peer::of(self.c, self.gen);
+        self.router.incoming.push_back((peer, frames));
+    }
+
+    fn spare(&mut self) -> Vec<zmq::Message> {
+        self.router.spare.pop().unwrap_or_default()
+    }
+
+    fn step(&mut self) {
+        self.router.steps += 1;
+        self.router.counts.handshake_steps += 1;
+    }
+
+    fn refused(&mut self, key: [u8; 32]) {
+        self.router.counts.refused += 1;
+        if self.router.refused_keys.first(key) {
+            log::warn!(
+                "refused a CURVE client from {}: client key {} not in the certificate directory \
+                 (its retries are counted, not logged)",
+                self.peer.ip(),
+                zmq::z85_encode(&key).unwrap_or_default()
+            );
+        }
+    }
 }
 
 /// Write as much of `bytes` as the socket takes now: how much, and the error if the
@@ -1024,6 +835,7 @@ fn read_some(fd: i32, buf: &mut Vec<u8>, need: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zmtp::{greeting, COMMAND};
 
     fn router(curve: Option<curve::Server>, max_frame: Option<usize>) -> Router {
         let l = bind("127.0.0.1", 0, 128).unwrap();
