@@ -52,7 +52,7 @@ fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
         task_id: u64::MAX,
         priority: 0.0,
         flags: 0,
-        payload: vec![],
+        payload: bytes::Bytes::new(),
     }]);
     pool.join().unwrap();
     drop(h);
@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
         task_id: 0,
         priority: 0.0,
         flags: 0,
-        payload: vec![0; 64],
+        payload: vec![0; 64].into(),
     }]);
     wait_results(&h, 1);
     let mut id = 1u64;
@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
                 task_id: id,
                 priority: 0.0,
                 flags: 0,
-                payload: vec![0; 64],
+                payload: vec![0; 64].into(),
             }]);
             id += 1;
             wait_results(&h, 1);
@@ -88,7 +88,7 @@ fn bench(c: &mut Criterion) {
         task_id: 0,
         priority: 0.0,
         flags: 0,
-        payload: vec![0; 64],
+        payload: vec![0; 64].into(),
     }]);
     wait_results(&h, 1);
     let mut g = c.benchmark_group("batched");
@@ -103,7 +103,7 @@ fn bench(c: &mut Criterion) {
                     task_id: id + i,
                     priority: f64::INFINITY,
                     flags: 0,
-                    payload: vec![0; 64],
+                    payload: vec![0; 64].into(),
                 }));
                 id += n;
                 wait_results(&h, n as usize);

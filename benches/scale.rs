@@ -516,7 +516,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         task_id: i,
         priority: f64::INFINITY,
         flags: 0,
-        payload: vec![0; 100],
+        payload: vec![0; 100].into(),
     }));
     wait(tasks);
     let (throughput, ix_cpu_us, sim_cpu_us) = phase.end(tasks, &children);
@@ -528,7 +528,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
             task_id: tasks + 1 + i,
             priority: 0.0,
             flags: 0,
-            payload: vec![0; 100],
+            payload: vec![0; 100].into(),
         }]);
         wait(1);
         lat.push(t.elapsed().as_secs_f64() * 1e6);

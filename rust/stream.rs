@@ -10,6 +10,8 @@ use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
+use bytes::Bytes;
+
 /// The socket address of a pool's worker URL: `@name` is a Linux abstract socket,
 /// anything else a path. The pool binds it, its workers connect to it.
 pub fn unix_addr(url: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
@@ -58,6 +60,34 @@ pub fn encode<B: AsRef<[u8]>>(frames: &[B]) -> Result<Vec<u8>, DecodeError> {
     Ok(out)
 }
 
+/// Write one message to a blocking stream, each frame given as parts sent back to back
+/// (a header and a pickle, say): nothing is joined or copied on the way.
+pub fn write_parts(w: &mut impl Write, frames: &[&[&[u8]]]) -> std::io::Result<()> {
+    let lens = frames
+        .iter()
+        .map(|f| f.iter().map(|p| p.len()).sum::<usize>());
+    let head =
+        head_of(lens).map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e.to_string()))?;
+    let mut slices: Vec<IoSlice> = std::iter::once(IoSlice::new(&head))
+        .chain(
+            frames
+                .iter()
+                .flat_map(|f| f.iter().map(|p| IoSlice::new(p))),
+        )
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The frame count and lengths that start a message with frames of these lengths.
 fn head_of(lens: impl ExactSizeIterator<Item = usize>) -> Result<Vec<u8>, DecodeError> {
     let n = lens.len();
@@ -73,7 +103,7 @@ fn head_of(lens: impl ExactSizeIterator<Item = usize>) -> Result<Vec<u8>, Decode
     Ok(head)
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     TooManyFrames(usize),
     TooLarge(usize),
@@ -93,13 +123,33 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Incremental decoder: feed bytes as they arrive, take whole messages out.
+/// Frames at least this large are read straight into a buffer of their own (a payload
+/// reaches its consumer without a copy); smaller ones are cut from the decoder's buffer.
+pub const BIG_FRAME: usize = 64 * 1024;
+
+/// Incremental decoder: feed bytes as they arrive (or let it read), take whole messages
+/// out. Each frame comes out in a vector of exactly its size.
 pub struct Decoder {
+    /// Bytes read and not yet cut into frames (from `start`).
     buf: Vec<u8>,
     start: usize,
     max_bytes: usize,
-    /// Read buffer, allocated on first use and kept.
-    scratch: Vec<u8>,
+    /// The message whose head has been read.
+    open: Option<Open>,
+    /// Whole messages not yet taken, and their bytes.
+    ready: VecDeque<Vec<Vec<u8>>>,
+    held: usize,
+    /// What made the stream unreadable (given once the messages before it are taken).
+    failed: Option<DecodeError>,
+}
+
+/// A message being read: its frames' lengths, the frames done, and a large frame being
+/// filled in place (how much of it is).
+struct Open {
+    lens: Vec<usize>,
+    frames: Vec<Vec<u8>>,
+    big: Option<(Vec<u8>, usize)>,
+    size: usize,
 }
 
 impl Decoder {
@@ -109,30 +159,46 @@ impl Decoder {
             buf: Vec::new(),
             start: 0,
             max_bytes,
-            scratch: Vec::new(),
+            open: None,
+            ready: VecDeque::new(),
+            held: 0,
+            failed: None,
         }
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes); // consumed bytes are dropped by next_message
+        self.buf.extend_from_slice(bytes);
+        self.progress();
     }
 
-    /// Read from `r` until it would block, or until more is buffered than one message
-    /// may hold (`next_message` then yields what is whole, or the size error, and the
-    /// next call reads on); `Ok(false)` at end of stream. A peer cannot make the buffer
-    /// grow past the limit however fast it writes.
+    /// Read from `r` until it would block, or until more is held than one message may
+    /// hold (`next_message` then yields what is whole, or the size error, and the next
+    /// call reads on); `Ok(false)` at end of stream. A peer cannot make the decoder hold
+    /// more than that however fast it writes. A large frame's bytes are read into its own
+    /// buffer directly.
     pub fn fill_from(&mut self, r: &mut impl Read) -> std::io::Result<bool> {
-        if self.scratch.is_empty() {
-            self.scratch = vec![0; 64 * 1024];
-        }
         let bound = self.max_bytes.saturating_add(4 + 4 * MAX_FRAMES);
         loop {
-            if self.buf.len() - self.start >= bound {
+            if self.failed.is_some() || self.buf.len() - self.start + self.held >= bound {
                 return Ok(true);
             }
-            match r.read(&mut self.scratch) {
+            let got = if let Some((frame, filled)) = self.open.as_mut().and_then(|o| o.big.as_mut())
+            {
+                let got = r.read(&mut frame[*filled..]);
+                if let Ok(n) = got {
+                    *filled += n;
+                }
+                got
+            } else {
+                let end = self.buf.len();
+                self.buf.resize(end + READ_AHEAD, 0);
+                let got = r.read(&mut self.buf[end..]);
+                self.buf.truncate(end + got.as_ref().map_or(0, |n| *n));
+                got
+            };
+            match got {
                 Ok(0) => return Ok(false),
-                Ok(n) => self.buf.extend_from_slice(&self.scratch[..n]),
+                Ok(_) => self.progress(),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -142,6 +208,75 @@ impl Decoder {
 
     /// The next whole message, `Ok(None)` if more bytes are needed.
     pub fn next_message(&mut self) -> Result<Option<Vec<Vec<u8>>>, DecodeError> {
+        if self.ready.is_empty() {
+            self.progress();
+        }
+        if let Some(m) = self.ready.pop_front() {
+            self.held -= m.iter().map(Vec::len).sum::<usize>();
+            return Ok(Some(m));
+        }
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(None),
+        }
+    }
+
+    /// Cut what is buffered into frames and whole messages, as far as it goes.
+    fn progress(&mut self) {
+        while self.failed.is_none() {
+            if self.open.is_none() {
+                match self.head() {
+                    Ok(Some(open)) => self.open = Some(open),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            let open = self.open.as_mut().expect("opened above");
+            while open.frames.len() < open.lens.len() {
+                let len = open.lens[open.frames.len()];
+                let avail = &self.buf[self.start..];
+                if let Some((frame, filled)) = open.big.as_mut() {
+                    let take = (len - *filled).min(avail.len());
+                    frame[*filled..*filled + take].copy_from_slice(&avail[..take]);
+                    *filled += take;
+                    self.start += take;
+                    if *filled < len {
+                        break;
+                    }
+                    let (frame, _) = open.big.take().expect("a frame being filled");
+                    open.frames.push(frame);
+                } else if len >= BIG_FRAME {
+                    // Zeroed pages straight from the allocator: no pass over the memory.
+                    open.big = Some((vec![0; len], 0));
+                } else if avail.len() >= len {
+                    open.frames.push(avail[..len].to_vec());
+                    self.start += len;
+                } else {
+                    break;
+                }
+            }
+            if open.frames.len() < open.lens.len() {
+                break;
+            }
+            let done = self.open.take().expect("opened above");
+            self.held += done.size;
+            self.ready.push_back(done.frames);
+        }
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > (1 << 20) && self.start > self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+
+    /// The head of the next message (frame count and lengths), checked against the
+    /// limits and consumed; `Ok(None)` if it is not all here yet.
+    fn head(&mut self) -> Result<Option<Open>, DecodeError> {
         let avail = &self.buf[self.start..];
         let word = |at: usize| -> Option<usize> {
             avail
@@ -156,36 +291,23 @@ impl Decoder {
         if avail.len() < head {
             return Ok(None);
         }
-        let mut total = head;
-        for i in 0..n {
-            total = total.saturating_add(word(4 + 4 * i).unwrap_or(0));
-        }
+        let lens: Vec<usize> = (0..n).map(|i| word(4 + 4 * i).unwrap_or(0)).collect();
+        let total = lens.iter().fold(head, |t, l| t.saturating_add(*l));
         if total > self.max_bytes {
             return Err(DecodeError::TooLarge(total));
         }
-        if avail.len() < total {
-            return Ok(None);
-        }
-        let mut at = head;
-        let frames = (0..n)
-            .map(|i| {
-                let len = word(4 + 4 * i).unwrap_or(0);
-                let f = avail[at..at + len].to_vec();
-                at += len;
-                f
-            })
-            .collect();
-        self.start += total;
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > (1 << 20) && self.start > self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        Ok(Some(frames))
+        self.start += head;
+        Ok(Some(Open {
+            frames: Vec::with_capacity(n),
+            lens,
+            big: None,
+            size: total - head,
+        }))
     }
 }
+
+/// Bytes asked of the stream per read into the decoder's own buffer.
+const READ_AHEAD: usize = 64 * 1024;
 
 /// Tests: the next whole message from a blocking stream, waiting up to 5 s; panics if
 /// none comes or the peer closes the stream first.
@@ -207,19 +329,32 @@ pub(crate) fn recv_message(
     }
 }
 
-/// Bytes waiting to be written to a non-blocking stream.
+/// Bytes waiting to be written to a non-blocking stream: buffers shared with where they
+/// came from (a task's payload is queued, not copied), written with `writev`.
 #[derive(Default)]
 pub struct Outbox {
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<Bytes>,
     /// Bytes of the front buffer already written.
     offset: usize,
 }
 
 impl Outbox {
-    pub fn push(&mut self, bytes: Vec<u8>) {
+    pub fn push(&mut self, bytes: impl Into<Bytes>) {
+        let bytes = bytes.into();
         if !bytes.is_empty() {
             self.queue.push_back(bytes);
         }
+    }
+
+    /// Queue one message whose frames are each their parts back to back (a grant ahead of
+    /// a payload, say); only the head is new memory.
+    pub fn push_message(&mut self, frames: &[&[Bytes]]) -> Result<(), DecodeError> {
+        let head = head_of(frames.iter().map(|f| f.iter().map(Bytes::len).sum()))?;
+        self.push(head);
+        for part in frames.iter().flat_map(|f| f.iter()) {
+            self.push(part.clone());
+        }
+        Ok(())
     }
 
     #[must_use]
@@ -255,6 +390,18 @@ impl Outbox {
         }
         Ok(())
     }
+}
+
+/// A libzmq message as [`Bytes`], without a copy (it is freed when the last share goes).
+#[must_use]
+pub fn message_bytes(m: zmq::Message) -> Bytes {
+    struct Owner(zmq::Message);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    Bytes::from_owner(Owner(m))
 }
 
 #[cfg(test)]
@@ -333,7 +480,12 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         let mut out = Outbox::default();
         let big = vec![9u8; 3 << 20]; // more than the socket buffer: needs several flushes
-        out.push(encode(&[&big[..], b"x"]).unwrap());
+        let big = Bytes::from(big);
+        out.push_message(&[
+            &[big.slice(..1000), big.slice(1000..)],
+            &[Bytes::from_static(b"x")],
+        ])
+        .unwrap();
         out.push(encode(&[b"tail"]).unwrap());
         let reader = std::thread::spawn(move || {
             let mut d = Decoder::new(8 << 20);
@@ -355,7 +507,38 @@ mod tests {
         }
         let got = reader.join().unwrap();
         assert_eq!(got[0][0].len(), 3 << 20);
+        assert!(got[0][0].iter().all(|b| *b == 9));
         assert_eq!(got[1], vec![b"tail".to_vec()]);
+    }
+
+    #[test]
+    fn a_large_frame_is_read_into_a_buffer_of_exactly_its_size() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let big: Vec<u8> = (0..(5usize << 20)).map(|i| (i % 251) as u8).collect();
+        let expected = big.clone();
+        let writer = std::thread::spawn(move || {
+            let mut a = a;
+            write_parts(&mut a, &[&[b"HX"], &[&big[..7], &big[7..]], &[]]).unwrap();
+            write_parts(&mut a, &[&[b"next"]]).unwrap();
+        });
+        let mut d = Decoder::new(8 << 20);
+        let mut got = Vec::new();
+        let mut b = b;
+        // Blocking: it reads until the writer is done and has closed its end.
+        assert!(!d.fill_from(&mut b).unwrap());
+        while let Some(m) = d.next_message().unwrap() {
+            got.push(m);
+        }
+        writer.join().unwrap();
+        assert_eq!(got[0][0], b"HX");
+        assert_eq!(got[0][1], expected);
+        assert_eq!(got[0][1].capacity(), 5 << 20, "its own buffer, no spare");
+        assert!(got[0][2].is_empty());
+        assert_eq!(got[1], vec![b"next".to_vec()]);
+        assert!(
+            d.buf.capacity() <= 2 * READ_AHEAD,
+            "not staged in the decoder's buffer"
+        );
     }
 
     proptest! {

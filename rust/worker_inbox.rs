@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, message_limit, Kind};
-use crate::stream::{encode, peer_cred, unix_addr, Decoder};
+use crate::stream::{peer_cred, unix_addr, write_parts, Decoder};
 
 /// A task as the core sent it: its id, the flags of its meta entry, its payload.
 pub struct Task {
@@ -127,22 +127,21 @@ impl Inbox {
         }
     }
 
-    /// One task's result (or exception, or any other status), sent at once.
-    pub fn send_result(&self, task_id: u64, status: u8, payload: &[u8]) -> std::io::Result<()> {
-        self.shared.send(&[
-            &header(Kind::Results),
-            &encode_meta(&[(task_id, status)]),
-            payload,
-        ])
+    /// One task's result (or exception, or any other status), sent at once; the payload
+    /// is given in parts, written back to back as one frame.
+    pub fn send_result(&self, task_id: u64, status: u8, payload: &[&[u8]]) -> std::io::Result<()> {
+        let head = header(Kind::Results);
+        let meta = encode_meta(&[(task_id, status)]);
+        let _w = self.shared.writing.lock().unwrap();
+        write_parts(&mut &self.shared.stream, &[&[&head], &[&meta], payload])
     }
 }
 
 impl Shared {
     fn send(&self, frames: &[&[u8]]) -> std::io::Result<()> {
         let _w = self.writing.lock().unwrap();
-        let bytes = encode(frames)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        (&self.stream).write_all(&bytes)
+        let frames: Vec<&[&[u8]]> = frames.iter().map(std::slice::from_ref).collect();
+        write_parts(&mut &self.stream, &frames)
     }
 
     /// The helper: reads the stream while the main thread runs a task, until it ends.
@@ -266,6 +265,7 @@ fn wait_readable(fds: &[RawFd]) {
 mod tests {
     use super::*;
     use crate::protocol::{META_ENTRY, STATUS_RESULT};
+    use crate::stream::encode;
     use std::time::Duration;
 
     /// The core's end: whole messages in and out.
@@ -314,7 +314,9 @@ mod tests {
         for want in [5u64, 6, 7] {
             let t = inbox.next().unwrap();
             assert_eq!((t.id, t.payload), (want, want.to_le_bytes().to_vec()));
-            inbox.send_result(t.id, STATUS_RESULT, b"done").unwrap();
+            inbox
+                .send_result(t.id, STATUS_RESULT, &[b"do", b"ne"])
+                .unwrap();
             let r = core.recv();
             assert_eq!(decode_header(&r[0]), Ok(Kind::Results));
             assert_eq!(decode_meta(&r[1], 1).unwrap(), vec![(want, STATUS_RESULT)]);

@@ -1,6 +1,6 @@
 """Type stubs of htex_rs's native module (rust/python/). Keep in step with the binding;
 ``tests/test_core_stub.py`` checks with ``mypy.stubtest`` that they agree."""
-from typing import Optional, TypedDict, final
+from typing import Optional, Sequence, TypedDict, final
 
 VERSION: str
 HAS_CURVE: bool
@@ -243,7 +243,7 @@ class Task:
 class WorkerInbox:
     def __new__(cls, url: str, rank: str, max_message_bytes: int = ...) -> WorkerInbox: ...
     def next(self) -> Optional[Task]: ...
-    def send_result(self, task_id: int, status: int, payload: bytes) -> None: ...
+    def send_result(self, task_id: int, status: int, payload: Sequence[bytes]) -> None: ...
 
 # --------------------------------------------------------------------------- planner
 class WorkerPlan(TypedDict):

@@ -36,8 +36,9 @@ def _data_methods_are_parsls_default() -> bool:
     return len(methods) == 1 and type(methods.get(DillSerializer.identifier)) is DillSerializer
 
 
-def serialize(obj: Any, buffer_threshold: int = 1 << 20) -> bytes:
-    """What ``parsl.serialize.serialize(obj)`` means, by the C pickler where it is the same."""
+def serialize_parts(obj: Any, buffer_threshold: int = 1 << 20) -> list[bytes]:
+    """:func:`serialize`'s bytes as parts to be sent back to back: the pickle is not copied
+    behind its header (a copy of a 100 MB argument costs more than the pickling)."""
     if not callable(obj) and _data_methods_are_parsls_default():
         try:
             body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -47,8 +48,13 @@ def serialize(obj: Any, buffer_threshold: int = 1 << 20) -> bytes:
             if len(body) > buffer_threshold:
                 logger.warning("Serialized object exceeds buffer threshold of %s bytes, this could cause "
                                "overflows", buffer_threshold)
-            return _PICKLE_HEAD + body
-    return facade.serialize(obj, buffer_threshold=buffer_threshold)
+            return [_PICKLE_HEAD, body]
+    return [facade.serialize(obj, buffer_threshold=buffer_threshold)]
+
+
+def serialize(obj: Any, buffer_threshold: int = 1 << 20) -> bytes:
+    """What ``parsl.serialize.serialize(obj)`` means, by the C pickler where it is the same."""
+    return b"".join(serialize_parts(obj, buffer_threshold))
 
 
 def deserialize(data: bytes | memoryview) -> Any:
@@ -59,12 +65,14 @@ def deserialize(data: bytes | memoryview) -> Any:
     return facade.deserialize(bytes(view) if isinstance(data, memoryview) else data)
 
 
-def pack_buffers(buffers: Sequence[bytes]) -> bytes:
-    """Parsl's framing: per buffer its decimal length, a newline, then the bytes."""
+def pack_buffers(buffers: Sequence[bytes | Sequence[bytes]]) -> bytes:
+    """Parsl's framing: per buffer its decimal length, a newline, then the bytes. A buffer
+    may be given as its parts; everything is joined once."""
     parts: list[bytes] = []
     for b in buffers:
-        parts.append(b"%d\n" % len(b))
-        parts.append(b)
+        pieces = [b] if isinstance(b, bytes) else list(b)
+        parts.append(b"%d\n" % sum(len(p) for p in pieces))
+        parts.extend(pieces)
     return b"".join(parts)
 
 
@@ -86,7 +94,7 @@ def unpack_buffers(packed: bytes) -> list[memoryview]:
 def pack_apply_message(func: Any, args: Any, kwargs: Any, buffer_threshold: int = 1 << 20) -> bytes:
     """``parsl.serialize.pack_apply_message``, with :func:`serialize` for the data."""
     return pack_buffers([facade.serialize(func, buffer_threshold=buffer_threshold),
-                         serialize(args, buffer_threshold), serialize(kwargs, buffer_threshold)])
+                         serialize_parts(args, buffer_threshold), serialize_parts(kwargs, buffer_threshold)])
 
 
 def unpack_apply_message(packed: bytes) -> list[Any]:

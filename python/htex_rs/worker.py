@@ -167,34 +167,36 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("The stream to the pool broke; exiting", exc_info=True)
 
 
-def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, bytes], tuple[int, bytes]]:
-    """``execute(task_id, flags, frame) -> (status, serialized result or exception)``.
+def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, bytes], tuple[int, list[bytes]]]:
+    """``execute(task_id, flags, frame) -> (status, serialized result or exception)``, the
+    serialized bytes in parts that are sent back to back, never joined.
     Parsl's serializer is imported here, once, after the worker's CPU affinity is set."""
     from parsl.app.errors import RemoteExceptionWrapper
 
     from htex_rs.errors import TaskTooLarge
-    from htex_rs.serialization import serialize, unpack_apply_message
+    from htex_rs.serialization import serialize_parts, unpack_apply_message
 
-    def execute(task_id: int, flags: int, frame: bytes) -> tuple[int, bytes]:
+    def execute(task_id: int, flags: int, frame: bytes) -> tuple[int, list[bytes]]:
         try:
             grant = None
             if flags & wire.FLAG_RESOURCES:
                 grant, frame = wire.split_head(frame)
             context, buffer = wire.decode_task(flags, frame)
-            result = serialize(run_task(context, buffer, unpack_apply_message, nodes, grant),
-                               buffer_threshold=1_000_000)
-            if len(result) > limit:  # the interchange would drop the connection instead
-                raise TaskTooLarge(f"the result of task {task_id}", len(result), limit)
+            result = serialize_parts(run_task(context, buffer, unpack_apply_message, nodes, grant),
+                                     buffer_threshold=1_000_000)
+            size = sum(len(p) for p in result)
+            if size > limit:  # the interchange would drop the connection instead
+                raise TaskTooLarge(f"the result of task {task_id}", size, limit)
             return wire.STATUS_RESULT, result
         except Exception:
             logger.debug("Task %s raised", task_id, exc_info=True)
             try:
-                return wire.STATUS_EXCEPTION, serialize(RemoteExceptionWrapper(*sys.exc_info()))
+                return wire.STATUS_EXCEPTION, serialize_parts(RemoteExceptionWrapper(*sys.exc_info()))
             except Exception as e:
                 try:
                     raise RuntimeError(f"the task's exception could not be serialized: {e!r}") from None
                 except RuntimeError:
-                    return wire.STATUS_EXCEPTION, serialize(RemoteExceptionWrapper(*sys.exc_info()))
+                    return wire.STATUS_EXCEPTION, serialize_parts(RemoteExceptionWrapper(*sys.exc_info()))
     return execute
 
 

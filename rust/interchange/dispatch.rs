@@ -282,7 +282,7 @@ mod tests {
             task_id: id,
             priority,
             flags: 0,
-            payload: Vec::new(),
+            payload: bytes::Bytes::new(),
             request: None,
             blocked_since: None,
         }

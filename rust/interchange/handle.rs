@@ -8,6 +8,8 @@ use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::pools::{ManagerInfo, NodeInfo};
 use super::selector::Selector;
 use super::Interchange;
@@ -69,7 +71,9 @@ pub struct NewTask {
     pub task_id: u64,
     pub priority: f64,
     pub flags: u8,
-    pub payload: Vec<u8>,
+    /// The serialized task, shared (a Python `bytes` object's own buffer, say): it is
+    /// written to the pool from where it is, not copied.
+    pub payload: Bytes,
 }
 
 /// Queries and controls, answered by the interchange thread.

@@ -64,7 +64,7 @@ fn task(id: u64, priority: f64) -> NewTask {
         task_id: id,
         priority,
         flags: 0,
-        payload: id.to_le_bytes().to_vec(),
+        payload: id.to_le_bytes().to_vec().into(),
     }
 }
 
@@ -186,7 +186,7 @@ fn typed(id: u64, cores: u32) -> NewTask {
         task_id: id,
         priority: f64::INFINITY,
         flags: FLAG_RESOURCES,
-        payload: resources::join(head.as_bytes(), &id.to_le_bytes()),
+        payload: resources::join(head.as_bytes(), &id.to_le_bytes()).into(),
     }
 }
 

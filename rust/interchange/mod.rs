@@ -386,9 +386,11 @@ impl Outbox for router::Router {
         meta: &[(u64, u8)],
         tasks: &[PendingTask],
     ) -> Result<router::Peer, router::NotConnected> {
-        let head = [&header(Kind::Tasks)[..], &encode_meta(meta)[..]];
-        let payloads = tasks.iter().map(|t| &t.payload[..]);
-        self.send_to(peer, identity, head.iter().copied().chain(payloads))
+        let (head, meta) = (header(Kind::Tasks), encode_meta(meta));
+        let mut frames = Vec::with_capacity(2 + tasks.len());
+        frames.extend([router::Part::Copy(&head), router::Part::Copy(&meta)]);
+        frames.extend(tasks.iter().map(|t| router::Part::Shared(&t.payload)));
+        self.send_shared(peer, identity, &frames)
     }
 }
 

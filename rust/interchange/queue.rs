@@ -12,7 +12,7 @@ pub struct PendingTask {
     pub task_id: u64,
     pub priority: f64,
     pub flags: u8,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     /// What it asks for (`FLAG_RESOURCES`); `None` for a plain task.
     pub request: Option<Resources>,
     /// Since when it has found no pool with room (while others were placed).
@@ -99,7 +99,7 @@ mod tests {
             task_id: id,
             priority: prio,
             flags: 0,
-            payload: Vec::new(),
+            payload: bytes::Bytes::new(),
             request: None,
             blocked_since: None,
         }

@@ -12,7 +12,7 @@ use super::{Core, ResultBatch};
 use crate::logging::{self, FirstSeen, Sink};
 use crate::protocol::{header, Kind};
 use crate::socket_thread::SocketThread;
-use crate::stream::{self};
+use crate::stream;
 use crate::transport::Mailbox;
 
 /// CURVE client keys (40-character Z85 text or 32 raw bytes each).

@@ -31,11 +31,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use crate::logging::FirstSeen;
 use crate::protocol::{encode_meta, header, Kind, STATUS_WORKER_LOST};
-use crate::resources::{self};
-use crate::socket_thread::{self};
-use crate::stream::{self};
+use crate::resources;
+use crate::socket_thread;
+use crate::stream;
 use crate::transport::recv_frames;
 use handle::Shared;
 pub use handle::{ClientKeys, Command, Config, Counts, Handle, Stopped};
@@ -54,7 +56,7 @@ struct Core {
     monitor: zmq::Socket,
     shared: Arc<Shared>,
     /// Every task the pool holds: queued, or held by a worker (keyed by stream token).
-    tasks: Tasks<zmq::Message>,
+    tasks: Tasks<Bytes>,
     results: ResultBatch,
     /// Peers (`None`: the interchange; else a worker stream's token) whose dropped
     /// messages were logged once; later drops are only counted.
@@ -260,28 +262,28 @@ impl Core {
         let started = &self.shared.counters.started;
         let now = Instant::now();
         self.tasks.assign(now, |token, given| {
-            let given: Vec<&Task<zmq::Message>> = given.collect();
+            let given: Vec<&Task<Bytes>> = given.collect();
             started.fetch_add(given.len() as u64, Ordering::Relaxed);
             let meta = encode_meta(&given.iter().map(|t| (t.id, t.flags)).collect::<Vec<_>>());
-            // A task with a grant goes with the grant in place of its request.
-            let granted: Vec<Option<Vec<u8>>> = given
-                .iter()
-                .map(|t| {
-                    let g = t.grant.as_ref()?;
+            // Each payload frame is the task's own buffer, queued by reference; a task with
+            // a grant goes with the grant's head in place of its request, then the rest.
+            let mut frames: Vec<Vec<Bytes>> = Vec::with_capacity(2 + given.len());
+            frames.push(vec![Bytes::copy_from_slice(&head)]);
+            frames.push(vec![Bytes::from(meta)]);
+            frames.extend(given.iter().map(|t| {
+                let granted = t.grant.as_ref().and_then(|g| {
                     let (_, rest) = resources::split(&t.payload)?;
-                    Some(resources::join(&g.head(), rest))
-                })
-                .collect();
-            let mut frames: Vec<&[u8]> = vec![&head, &meta];
-            frames.extend(
-                given
-                    .iter()
-                    .zip(&granted)
-                    .map(|(t, g)| g.as_deref().unwrap_or(&t.payload[..])),
-            );
+                    Some(vec![
+                        Bytes::from(resources::join(&g.head(), &[])),
+                        t.payload.slice_ref(rest),
+                    ])
+                });
+                granted.unwrap_or_else(|| vec![t.payload.clone()])
+            }));
+            let frames: Vec<&[Bytes]> = frames.iter().map(Vec::as_slice).collect();
             if let Some(c) = conns.get_mut(&token) {
-                match stream::encode(&frames) {
-                    Ok(bytes) => c.out.push(bytes),
+                match c.out.push_message(&frames) {
+                    Ok(()) => {}
                     // Unreachable under max_message_bytes (< 4 GiB); should it happen, the
                     // worker is ended, so its tasks fail as WorkerLost instead of hanging.
                     Err(e) => {

@@ -7,6 +7,7 @@ use super::tasks::Task;
 use super::{Core, Stopped};
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind};
 use crate::resources::{self, FLAG_RESOURCES};
+use crate::stream;
 use crate::transport::send_frames;
 
 /// Results waiting to go to the interchange: those that arrived in one pass of the loop
@@ -62,6 +63,7 @@ impl Core {
                         .then(|| resources::request_of(&payload))
                         .flatten();
                     log::debug!("Received task {id} from the interchange");
+                    let payload = stream::message_bytes(payload);
                     self.tasks.push(Task::new(id, flags, payload, request));
                 }
             }

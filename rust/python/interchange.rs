@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
@@ -109,6 +110,33 @@ fn node_dict(py: Python<'_>, n: interchange::NodeInfo) -> PyResult<Bound<'_, PyD
     Ok(d)
 }
 
+/// A Python `bytes` object as [`Bytes`], without a copy: its buffer is immutable and
+/// lives as long as the reference held here (released, when the last share goes, the
+/// next time any thread holds the GIL).
+fn shared_bytes(b: Bound<'_, PyBytes>) -> Bytes {
+    struct Owner {
+        _object: Py<PyBytes>,
+        ptr: *const u8,
+        len: usize,
+    }
+    // SAFETY: the pointer is into an immutable `bytes` object kept alive by `_object`;
+    // reading it needs no GIL.
+    unsafe impl Send for Owner {}
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            // SAFETY: see above; ptr and len were read from the object itself.
+            unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        }
+    }
+    let view = b.as_bytes();
+    let (ptr, len) = (view.as_ptr(), view.len());
+    Bytes::from_owner(Owner {
+        _object: b.unbind(),
+        ptr,
+        len,
+    })
+}
+
 #[pymethods]
 impl Interchange {
     #[new]
@@ -186,13 +214,20 @@ impl Interchange {
         Ok(self.handle()?.port)
     }
 
-    /// Queue one task: id, priority (inf = none), flags, opaque payload.
-    fn submit(&self, task_id: u64, priority: f64, flags: u8, payload: &[u8]) -> PyResult<()> {
+    /// Queue one task: id, priority (inf = none), flags, opaque payload. The payload's
+    /// own buffer goes to the pool: the interchange holds a reference, not a copy.
+    fn submit(
+        &self,
+        task_id: u64,
+        priority: f64,
+        flags: u8,
+        payload: Bound<'_, PyBytes>,
+    ) -> PyResult<()> {
         self.handle()?.submit([NewTask {
             task_id,
             priority,
             flags,
-            payload: payload.to_vec(),
+            payload: shared_bytes(payload),
         }]);
         Ok(())
     }

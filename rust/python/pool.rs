@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use super::{PoolStopped, Running};
@@ -244,15 +245,17 @@ impl WorkerInbox {
         })
     }
 
-    /// Send one task's result (or exception) at once.
+    /// Send one task's result (or exception) at once, its payload in parts (never joined).
+    #[allow(clippy::needless_pass_by_value)] // PyO3 extracts the list as an owned Vec
     fn send_result(
         &self,
         py: Python<'_>,
         task_id: u64,
         status: u8,
-        payload: &[u8],
+        payload: Vec<PyBackedBytes>,
     ) -> PyResult<()> {
-        py.detach(|| self.inbox.send_result(task_id, status, payload))
+        let parts: Vec<&[u8]> = payload.iter().map(|p| &p[..]).collect();
+        py.detach(|| self.inbox.send_result(task_id, status, &parts))
             .map_err(|e| PyOSError::new_err(format!("cannot send a result to the pool: {e}")))
     }
 }

@@ -40,6 +40,10 @@ pub trait Upcalls {
     fn step(&mut self) {}
     /// A CURVE client whose long-term key is not admitted was refused.
     fn refused(&mut self, _key: [u8; 32]) {}
+    /// Bytes for the peer wait beyond [`Conn::out`] (so a PING gets no PONG yet).
+    fn backlogged(&self) -> bool {
+        false
+    }
 }
 
 enum State {
@@ -94,6 +98,12 @@ impl Conn {
     #[must_use]
     pub fn is_ready(&self) -> bool {
         matches!(self.state, State::Ready)
+    }
+
+    /// Frames go out in CURVE boxes (encrypted, so a copy), not as they are.
+    #[must_use]
+    pub fn is_encrypted(&self) -> bool {
+        self.session.is_some()
     }
 
     /// The routing identity (empty until admitted).
@@ -240,7 +250,7 @@ impl Conn {
                     None => (flags, Cow::Borrowed(body)),
                 };
                 if flags & COMMAND != 0 {
-                    return self.on_command(&data);
+                    return self.on_command(&data, up);
                 }
                 if self.frames.is_empty() {
                     // A spare vector only for the message being read: none stays parked
@@ -252,7 +262,11 @@ impl Conn {
                 } else if self.frames.len() > MAX_FRAMES {
                     return Err(format!("a message of more than {MAX_FRAMES} frames"));
                 }
-                self.frames.push(zmq::Message::from(&data[..]));
+                self.frames.push(match data {
+                    // A large decrypted frame is handed on as it is, not copied.
+                    Cow::Owned(d) if d.len() >= crate::stream::BIG_FRAME => zmq::Message::from(d),
+                    d => zmq::Message::from(&d[..]),
+                });
                 if flags & MORE == 0 {
                     up.message(std::mem::take(&mut self.frames));
                 }
@@ -263,9 +277,9 @@ impl Conn {
 
     /// A command after the handshake: PING is answered (ZMTP 3.1 heartbeats), ERROR
     /// ends the connection, the rest is ignored.
-    fn on_command(&mut self, cmd: &[u8]) -> Result<(), String> {
+    fn on_command(&mut self, cmd: &[u8], up: &impl Upcalls) -> Result<(), String> {
         if let Some(ping) = command_body(cmd, b"PING") {
-            if !self.out.is_empty() {
+            if !self.out.is_empty() || up.backlogged() {
                 return Ok(()); // a peer that does not read gets one PONG, not a pile
             }
             let context = ping.get(2..).unwrap_or_default();

@@ -17,11 +17,15 @@ use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 use super::conn::{self, Upcalls};
 use super::curve;
+use super::{frame_head, put_frame, MORE};
 use crate::logging::FirstSeen;
+use crate::stream::{Outbox, BIG_FRAME};
 
 /// Whom the router admits and how large a frame it takes (the listener is [`bind`]'s).
 pub struct Options {
@@ -72,9 +76,33 @@ struct Link {
     pending: bool,
     /// The part of a frame still coming.
     inbuf: Vec<u8>,
-    /// POLLOUT is armed (bytes are left in `conn.out` that the socket would not take).
+    /// POLLOUT is armed (bytes are left that the socket would not take).
     armed: bool,
     conn: conn::Conn,
+    /// What waits behind `conn.out` once a payload is queued by reference (see
+    /// [`Router::send_shared`]): written after it, and new bytes go here while it holds any.
+    shared: Outbox,
+}
+
+impl Link {
+    fn idle(&self) -> bool {
+        self.conn.out.is_empty() && self.shared.is_empty()
+    }
+}
+
+/// A frame to send: bytes to copy, or a buffer to queue by reference.
+pub enum Part<'a> {
+    Copy(&'a [u8]),
+    Shared(&'a Bytes),
+}
+
+impl Part<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Part::Copy(b) => b,
+            Part::Shared(b) => b,
+        }
+    }
 }
 
 /// A connection as the router knows it: its slot and generation (a closed connection's
@@ -363,17 +391,7 @@ impl Router {
         identity: &[u8],
         frames: impl IntoIterator<Item = B>,
     ) -> Result<Peer, NotConnected> {
-        let live = peer.filter(|p| {
-            self.conns
-                .get(p.conn as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|x| x.gen == p.gen && x.conn.is_ready())
-        });
-        let c = if let Some(p) = live {
-            p.conn as usize
-        } else {
-            *self.by_identity.get(identity).ok_or(NotConnected)?
-        };
+        let c = self.route(peer, identity)?;
         let gen = self.send_on(c, frames);
         Ok(Peer::of(c, gen))
     }
@@ -382,6 +400,12 @@ impl Router {
     fn send_on<B: AsRef<[u8]>>(&mut self, c: usize, frames: impl IntoIterator<Item = B>) -> u32 {
         let conn = self.conns[c].as_mut().expect("a mapped connection");
         let gen = conn.gen;
+        if !conn.shared.is_empty() {
+            let mut w = Vec::new();
+            conn.conn.encode(frames, &mut w);
+            conn.shared.push(w);
+            return gen;
+        }
         // Nothing waiting on this connection: encode where it stays in cache and write
         // now; only what the socket does not take is kept with the connection.
         let direct = conn.conn.out.is_empty() && !conn.armed;
@@ -409,6 +433,59 @@ impl Router {
         gen
     }
 
+    /// [`Router::send_to`] for a message whose large frames are shared buffers: on an
+    /// unencrypted connection those are queued by reference and written from where they
+    /// are (`writev`), not copied; under CURVE they are boxed like any frame.
+    pub fn send_shared(
+        &mut self,
+        peer: Option<Peer>,
+        identity: &[u8],
+        frames: &[Part<'_>],
+    ) -> Result<Peer, NotConnected> {
+        let c = self.route(peer, identity)?;
+        let link = self.conns[c].as_ref().expect("a routed connection");
+        let by_reference = !link.conn.is_encrypted()
+            && frames
+                .iter()
+                .any(|p| matches!(p, Part::Shared(b) if b.len() >= BIG_FRAME));
+        if !by_reference {
+            let gen = self.send_on(c, frames.iter().map(Part::bytes));
+            return Ok(Peer::of(c, gen));
+        }
+        let link = self.conns[c].as_mut().expect("a routed connection");
+        let mut small = Vec::new();
+        let last = frames.len().saturating_sub(1);
+        for (i, part) in frames.iter().enumerate() {
+            let flags = if i < last { MORE } else { 0 };
+            match part {
+                Part::Shared(b) if b.len() >= BIG_FRAME => {
+                    let (head, n) = frame_head(flags, b.len());
+                    small.extend_from_slice(&head[..n]);
+                    link.shared.push(std::mem::take(&mut small));
+                    link.shared.push((*b).clone());
+                }
+                _ => put_frame(&mut small, flags, part.bytes()),
+            }
+        }
+        link.shared.push(small);
+        self.dirty.push(c);
+        Ok(Peer::of(c, link.gen))
+    }
+
+    /// The ready connection `peer` while it lasts, else the one admitted as `identity`.
+    fn route(&self, peer: Option<Peer>, identity: &[u8]) -> Result<usize, NotConnected> {
+        let live = peer.filter(|p| {
+            self.conns
+                .get(p.conn as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|x| x.gen == p.gen && x.conn.is_ready())
+        });
+        match live {
+            Some(p) => Ok(p.conn as usize),
+            None => self.by_identity.get(identity).copied().ok_or(NotConnected),
+        }
+    }
+
     /// Write what [`Router::send`] queued.
     pub fn flush(&mut self) {
         for c in std::mem::take(&mut self.dirty) {
@@ -420,15 +497,10 @@ impl Router {
     pub fn linger(&mut self, linger: Duration) {
         let deadline = Instant::now() + linger;
         self.flush();
-        while Instant::now() < deadline
-            && self.conns.iter().flatten().any(|c| !c.conn.out.is_empty())
-        {
+        while Instant::now() < deadline && self.conns.iter().flatten().any(|c| !c.idle()) {
             std::thread::sleep(Duration::from_millis(1));
             for c in 0..self.conns.len() {
-                if self.conns[c]
-                    .as_ref()
-                    .is_some_and(|c| !c.conn.out.is_empty())
-                {
+                if self.conns[c].as_ref().is_some_and(|c| !c.idle()) {
                     self.write(c);
                 }
             }
@@ -496,6 +568,7 @@ impl Router {
                 inbuf: Vec::new(),
                 armed: false,
                 conn: conn::Conn::new(curve),
+                shared: Outbox::default(),
             });
             if curve {
                 self.pending += 1;
@@ -597,10 +670,13 @@ impl Router {
             if out.capacity() > KEEP_CAPACITY {
                 *out = Vec::new();
             }
+            if let Err(e) = conn.shared.flush(&mut conn.stream) {
+                return self.close(c, &format!("write failed: {e}"));
+            }
         } else {
             out.drain(..done);
         }
-        let want = !out.is_empty();
+        let want = !conn.idle();
         if want != conn.armed {
             let events = if want {
                 libc::EPOLLIN | libc::EPOLLOUT
@@ -685,7 +761,7 @@ impl Router {
             scratch = Vec::with_capacity(READ_CHUNK);
         }
         self.scratch = scratch;
-        let wants_write = !conn.conn.out.is_empty() && !conn.armed;
+        let wants_write = !conn.idle() && !conn.armed;
         self.conns[c] = Some(conn);
         if let Err(why) = parsed {
             self.write(c); // an ERROR for a refused client, best effort
@@ -703,14 +779,21 @@ impl Router {
     fn receive(&mut self, c: usize, link: &mut Link, buf: &[u8]) -> (usize, Result<(), String>) {
         let curve = self.curve.clone();
         let max_frame = self.options.max_frame;
+        let before = link.conn.out.len();
         let mut up = Up {
             router: self,
             c,
             gen: link.gen,
             peer: link.peer,
             pending: &mut link.pending,
+            backlogged: !link.shared.is_empty(),
         };
-        link.conn.receive(buf, curve.as_deref(), max_frame, &mut up)
+        let got = link.conn.receive(buf, curve.as_deref(), max_frame, &mut up);
+        // Bytes it answered with go behind what is already queued by reference.
+        if !link.shared.is_empty() && link.conn.out.len() > before {
+            link.shared.push(link.conn.out.split_off(before));
+        }
+        got
     }
 }
 
@@ -721,6 +804,7 @@ struct Up<'a> {
     gen: u32,
     peer: SocketAddr,
     pending: &'a mut bool,
+    backlogged: bool,
 }
 
 impl Upcalls for Up<'_> {
@@ -764,6 +848,10 @@ impl Upcalls for Up<'_> {
     fn step(&mut self) {
         self.router.steps += 1;
         self.router.counts.handshake_steps += 1;
+    }
+
+    fn backlogged(&self) -> bool {
+        self.backlogged
     }
 
     fn refused(&mut self, key: [u8; 32]) {
@@ -938,6 +1026,48 @@ mod tests {
             turn_for(&mut r, Duration::from_millis(5));
         }
         assert!(r.send(b"pool-a", [&b"y"[..]]).is_err());
+    }
+
+    /// Shared payloads, large and small, interleaved with copied frames and plain sends
+    /// on one connection, arrive whole and in order, on a socket too small to take them
+    /// at once; the receiver drains them only later.
+    #[test]
+    fn shared_payloads_go_by_reference_in_order_with_everything_else() {
+        let mut r = router(None, None);
+        let ctx = zmq::Context::new();
+        let d = dealer(&ctx, r.port, Some(b"pool"));
+        d.send(&b"hi"[..], 0).unwrap();
+        next(&mut r).unwrap();
+        let big = Bytes::from(
+            (0..(9usize << 20))
+                .map(|i| (i % 253) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let small = Bytes::from_static(b"small");
+        let parts = [
+            Part::Copy(b"head"),
+            Part::Shared(&big),
+            Part::Shared(&small),
+        ];
+        r.send_shared(None, b"pool", &parts).unwrap();
+        r.send(b"pool", [&b"after"[..]]).unwrap();
+        r.send_shared(None, b"pool", &[Part::Shared(&big.slice(1..=BIG_FRAME))])
+            .unwrap();
+        assert!(r.send_shared(None, b"nobody", &parts).is_err());
+        let want: Vec<Vec<Vec<u8>>> = vec![
+            vec![b"head".to_vec(), big.to_vec(), b"small".to_vec()],
+            vec![b"after".to_vec()],
+            vec![big[1..=BIG_FRAME].to_vec()],
+        ];
+        for w in want {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.poll(zmq::POLLIN, 1).unwrap() == 0 {
+                assert!(Instant::now() < deadline, "nothing arrived");
+                turn_for(&mut r, Duration::from_millis(1));
+            }
+            assert_eq!(d.recv_multipart(0).unwrap(), w);
+        }
+        assert!(r.conns.iter().flatten().all(Link::idle));
     }
 
     #[test]
