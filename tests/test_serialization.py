@@ -51,6 +51,28 @@ def test_what_pickle_cannot_write_or_names_main_goes_through_dill():
         del main.DefinedInMain  # type: ignore[attr-defined]
 
 
+def test_plain_data_skips_the_look_for_main_and_anything_else_still_takes_it():
+    import numpy
+
+    # Plain data: nothing of __main__ can be named, even by text that contains the word.
+    for obj in ((b"__main__" * 3,), {"k": ["__main__", 1.5]}, numpy.arange(10)):
+        assert serialization._plain(obj), obj
+        data = serialization.serialize(obj)
+        assert data.startswith(b"01\n")
+        back = serialization.deserialize(data)
+        assert (back == obj).all() if isinstance(obj, numpy.ndarray) else back == obj
+    main = sys.modules["__main__"]
+    cls = type("InMain", (), {"__module__": "__main__"})
+    main.InMain = cls  # type: ignore[attr-defined]
+    try:
+        # Not plain (a class, an object array, deeper nesting): the pickle is searched.
+        for obj in ((cls(),), numpy.array([cls()], dtype=object), [[[cls()]]], {"k": {"j": [cls()]}}):
+            assert not serialization._plain(obj), obj
+            assert serialization.serialize(obj).startswith(b"02\n"), obj
+    finally:
+        del main.InMain  # type: ignore[attr-defined]
+
+
 def test_a_users_own_data_serializer_keeps_parsls_path(monkeypatch):
     monkeypatch.setattr(facade, "methods_for_data", {b"01": PickleSerializer(), **facade.methods_for_data})
     assert serialization.serialize({"a": 1}) == facade.serialize({"a": 1})

@@ -29,6 +29,24 @@ logger = logging.getLogger(__name__)
 
 _PICKLE_HEAD = PickleSerializer.identifier + b"\n"
 _MAIN = b"__main__"
+# Values whose pickle names no global at all: plain data needs no look for ``__main__``
+# (a search through every byte, as costly as a copy for a 100 MB argument).
+_SCALARS = frozenset({bytes, bytearray, str, int, float, bool, complex, type(None)})
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    """``obj`` pickles without naming any function or class of ``__main__``: scalars and
+    bytes, small containers of them (two levels), and numpy arrays of plain numbers."""
+    t = type(obj)
+    if t in _SCALARS:
+        return True
+    if depth < 2 and (t is tuple or t is list) and len(obj) <= 64:
+        return all(_plain(o, depth + 1) for o in obj)
+    if depth < 2 and t is dict and len(obj) <= 64:
+        return all(type(k) in _SCALARS and _plain(v, depth + 1) for k, v in obj.items())
+    if t.__name__ == "ndarray" and t.__module__ == "numpy":
+        return not obj.dtype.hasobject
+    return False
 
 
 def _data_methods_are_parsls_default() -> bool:
@@ -44,7 +62,7 @@ def serialize_parts(obj: Any, buffer_threshold: int = 1 << 20) -> list[bytes]:
             body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 (what pickle cannot write, dill may: Parsl's path says)
             body = None
-        if body is not None and _MAIN not in body:
+        if body is not None and (_plain(obj) or _MAIN not in body):
             if len(body) > buffer_threshold:
                 logger.warning("Serialized object exceeds buffer threshold of %s bytes, this could cause "
                                "overflows", buffer_threshold)
