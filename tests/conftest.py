@@ -70,6 +70,24 @@ def _fault_ledger(request):
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if fault_ledger.LEDGER.cases:
         terminalreporter.write_sep("-", fault_ledger.LEDGER.summary())
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped and os.environ.get("HTEX_RS_REQUIRE_ALL") == "1":
+        terminalreporter.write_sep("!", f"HTEX_RS_REQUIRE_ALL=1: {len(skipped)} tests skipped, "
+                                        "which fails the run (CI has root, namespaces, cgroups, Slurm)")
+        for r in skipped:
+            where = r.nodeid or str(r.fspath)
+            reason = r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
+            terminalreporter.write_line(f"  {where}: {reason}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With ``HTEX_RS_REQUIRE_ALL=1`` (CI) a test that skipped for want of root, Slurm,
+    namespaces or cgroups fails the run instead of passing unseen."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if (os.environ.get("HTEX_RS_REQUIRE_ALL") == "1" and reporter is not None
+            and reporter.stats.get("skipped") and session.exitstatus == 0):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
