@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use htex_rs::interchange::{Config, Event, Handle, NewTask};
+use htex_rs::api::interchange::{Config, Event, Handle, NewTask};
 
 mod common;
 
@@ -53,6 +53,7 @@ fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
         priority: 0.0,
         flags: 0,
         payload: bytes::Bytes::new(),
+        request: None,
     }]);
     pool.join().unwrap();
     drop(h);
@@ -66,6 +67,7 @@ fn bench(c: &mut Criterion) {
         priority: 0.0,
         flags: 0,
         payload: vec![0; 64].into(),
+        request: None,
     }]);
     wait_results(&h, 1);
     let mut id = 1u64;
@@ -76,6 +78,7 @@ fn bench(c: &mut Criterion) {
                 priority: 0.0,
                 flags: 0,
                 payload: vec![0; 64].into(),
+                request: None,
             }]);
             id += 1;
             wait_results(&h, 1);
@@ -89,6 +92,7 @@ fn bench(c: &mut Criterion) {
         priority: 0.0,
         flags: 0,
         payload: vec![0; 64].into(),
+        request: None,
     }]);
     wait_results(&h, 1);
     let mut g = c.benchmark_group("batched");
@@ -104,6 +108,7 @@ fn bench(c: &mut Criterion) {
                     priority: f64::INFINITY,
                     flags: 0,
                     payload: vec![0; 64].into(),
+                    request: None,
                 }));
                 id += n;
                 wait_results(&h, n as usize);

@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use htex_rs::planner::{plan, Strategy, Topology};
+use htex_rs::api::planner::{plan, Strategy, Topology};
 
 fn bench(c: &mut Criterion) {
     let topo = Topology::synthetic(4, 32, 2, 2);

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use htex_rs::interchange::{Config, Event, Handle, NewTask};
-use htex_rs::protocol::{header, Kind};
+use htex_rs::api::interchange::{Config, Event, Handle, NewTask};
+use htex_rs::api::protocol::{header, Kind};
 
 mod common;
 #[path = "common/floor.rs"]
@@ -488,7 +488,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
     // Wait for every registration.
     loop {
         let (tx, rx) = std::sync::mpsc::channel();
-        h.command(htex_rs::interchange::Command::Managers(tx));
+        h.command(htex_rs::api::interchange::Command::Managers(tx));
         if rx.recv().unwrap().len() == pools {
             break;
         }
@@ -517,6 +517,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         priority: f64::INFINITY,
         flags: 0,
         payload: vec![0; 100].into(),
+        request: None,
     }));
     wait(tasks);
     let (throughput, ix_cpu_us, sim_cpu_us) = phase.end(tasks, &children);
@@ -529,6 +530,7 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
             priority: 0.0,
             flags: 0,
             payload: vec![0; 100].into(),
+            request: None,
         }]);
         wait(1);
         lat.push(t.elapsed().as_secs_f64() * 1e6);

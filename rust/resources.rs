@@ -194,6 +194,7 @@ impl Allocator {
         }
     }
 
+    #[cfg(test)]
     /// The pool's totals, as it advertises them.
     #[must_use]
     pub fn totals(&self) -> Resources {

@@ -166,6 +166,7 @@ impl Decoder {
         }
     }
 
+    #[cfg(test)]
     pub fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
         self.progress();

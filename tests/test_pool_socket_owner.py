@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 from typing import Iterator
 
 import pytest
+from stream_peer import Reader
 
 from htex_rs import stream, wire
 from htex_rs.errors import PoolSocketNotOurs
@@ -98,7 +99,7 @@ def test_a_pool_socket_served_by_our_own_user_is_accepted(kind: str, tmp_path) -
         served, _ = listener.accept()
         with sock, served:
             stream.send(sock, [wire.header(wire.REGISTER), b"0"])
-            assert stream.Reader(served).recv() == [wire.header(wire.REGISTER), b"0"]
+            assert Reader(served).recv() == [wire.header(wire.REGISTER), b"0"]
     finally:
         listener.close()
 

@@ -12,9 +12,9 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
-use htex_rs::protocol::{encode_meta, header, Kind};
+use htex_rs::api::protocol::{encode_meta, header, Kind};
 
-use htex_rs::zmtp::{command, greeting, metadata};
+use htex_rs::api::zmtp::{command, greeting, metadata};
 
 use crate::zmtp::{next_frame, put_frame, COMMAND, GREETING, MORE};
 

@@ -2,7 +2,7 @@
 //! answers every task batch with its payloads as results. Shared by `interchange` and
 //! `scale` (a subdirectory, so cargo does not take it for a bench of its own).
 
-use htex_rs::protocol::{
+use htex_rs::api::protocol::{
     decode_meta, encode_meta, header, Kind, Registration, PROTOCOL_VERSION, STATUS_RESULT,
 };
 

@@ -16,13 +16,13 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
 // The framing is the crate's own (`htex_rs::zmtp`, the interchange's worker port).
-use htex_rs::zmtp::{command, greeting, metadata};
-pub use htex_rs::zmtp::{put_frame, COMMAND, GREETING, MORE};
+use htex_rs::api::zmtp::{command, greeting, metadata};
+pub use htex_rs::api::zmtp::{put_frame, COMMAND, GREETING, MORE};
 
 /// The frame at the start of `b`, if all of it is there: its flags, header length and
 /// body length.
 pub fn next_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
-    htex_rs::zmtp::next_frame(b).ok().flatten()
+    htex_rs::api::zmtp::next_frame(b).ok().flatten()
 }
 
 /// Append a message (its frames, `MORE` on all but the last).

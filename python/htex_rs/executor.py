@@ -382,31 +382,42 @@ class HighThroughputExecutor(ParslHTEX):
     def validate_resource_spec(self, resource_specification: dict[str, Any]) -> None:
         validation.check_resource_spec(resource_specification)
 
+    def _parsed_spec(self, spec: Optional[dict[str, Any]]) -> tuple[float, Optional[dict[str, int]]]:
+        """(priority, request) of a task's resource specification, checked once here.
+        MPI mode's keys (num_nodes, ...) are checked by ``validate_resource_spec`` in
+        ``submit``; they carry no priority and no request for the interchange."""
+        if self.enable_mpi_mode:
+            return math.inf, None
+        return validation.parse_resource_spec(spec)
+
     def submit(self, func: Callable[..., Any], resource_specification: dict[str, Any], *args: Any,
                **kwargs: Any) -> HTEXFuture:
         """Serialize ``func(*args, **kwargs)`` and queue it; returns a future."""
-        self.validate_resource_spec(resource_specification)
+        if self.enable_mpi_mode:
+            self.validate_resource_spec(resource_specification)
+        parsed = self._parsed_spec(resource_specification)
         try:
             buffer = pack_apply_message(func, args, kwargs, buffer_threshold=1 << 20)
         except TypeError as e:
             raise SerializationError(func.__name__) from e
         context = {"resource_spec": resource_specification} if resource_specification else {}
-        return self.submit_payload(context, buffer)
+        return self._submit(context, buffer, *parsed)
 
     def submit_payload(self, context: dict[str, Any], buffer: bytes) -> HTEXFuture:
         """Queue an already-serialized task. ``context['task_executor']`` = {f, a, k}
         makes the worker call the importable function ``f(buffer, *a, **k)`` instead."""
+        return self._submit(context, buffer, *self._parsed_spec(context.get("resource_spec")))
+
+    def _submit(self, context: dict[str, Any], buffer: bytes, priority: float,
+                request: Optional[dict[str, int]]) -> HTEXFuture:
         if self.bad_state_is_set:
             raise self.executor_exception
         if self._ix is None:
             raise RuntimeError("the executor has not been started; call start() or use it as a context manager")
-        # MPI mode's keys (num_nodes, ...) were checked by submit; they carry no priority.
-        priority, request = ((math.inf, None) if self.enable_mpi_mode
-                             else validation.parse_resource_spec(context.get("resource_spec")))
         flags, payload = wire.encode_task(context, buffer)
-        if request is not None:  # packed onto a pool with room (see rust/resources.rs)
-            flags |= wire.FLAG_RESOURCES
-            payload = wire.join_head(request, payload)
+        # A request travels typed: the interchange packs the task onto a pool with room and
+        # puts the request at the head of its payload for the pool (rust/resources.rs).
+        typed = None if request is None else (request["cores"], request.get("memory", 0), request.get("gpus", 0))
         if len(payload) > self.max_message_bytes:
             raise TaskTooLarge("this task", len(payload), self.max_message_bytes)
         with self._submit_lock:
@@ -419,7 +430,7 @@ class HighThroughputExecutor(ParslHTEX):
                 self.tasks.pop(task_id, None)
                 raise self.executor_exception
             try:
-                self._ix.submit(task_id, priority, flags, payload)
+                self._ix.submit(task_id, priority, flags, payload, typed)
             except BaseException:
                 self.tasks.pop(task_id, None)
                 raise

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Optional, Sequence
+from typing import Sequence
 
 from htex_rs import _core
 
@@ -47,23 +47,3 @@ def connect(url: str) -> socket.socket:
 
 def send(sock: socket.socket, frames: Sequence[bytes]) -> None:
     sock.sendall(_core.encode_stream(list(frames)))
-
-
-class Reader:
-    """Whole messages from a stream socket, read as they arrive."""
-
-    def __init__(self, sock: socket.socket, max_message_bytes: int = 1 << 30) -> None:
-        self.sock = sock
-        self.decoder = _core.StreamDecoder(max_message_bytes)
-
-    def recv(self) -> Optional[list[bytes]]:
-        """The next message; None at the end of the stream (a message cut short by the
-        end included). ValueError for bytes that cannot be a message."""
-        while True:
-            message = self.decoder.next_message()
-            if message is not None:
-                return message
-            data = self.sock.recv(1 << 16)
-            if not data:
-                return None
-            self.decoder.feed(data)

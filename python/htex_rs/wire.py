@@ -63,13 +63,9 @@ def encode_task(context: dict[str, Any], buffer: bytes) -> tuple[int, bytes]:
     return 0, buffer
 
 
-def join_head(head: dict[str, Any], payload: bytes) -> bytes:
-    """A FLAG_RESOURCES payload: ``head`` as JSON behind its length, then ``payload``."""
-    return _core.join_head(json.dumps(head, separators=(",", ":")).encode(), payload)
-
-
 def split_head(payload: bytes) -> tuple[dict[str, Any], bytes]:
-    """The inverse of :func:`join_head`; ValueError for a head cut short."""
+    """A FLAG_RESOURCES payload's head (a JSON object behind its length, put there by the
+    interchange or the pool) and the rest; ValueError for a head cut short."""
     head, rest = _core.split_head(payload)
     doc = json.loads(head)
     if not isinstance(doc, dict):

@@ -117,8 +117,7 @@ def curve_client(sock: zmq.Socket[bytes], cert_dir: Optional[str]) -> None:
     if cert_dir is None:
         return
     check_private(cert_dir)
-    pub, sec = zmq.auth.load_certificate(os.path.join(cert_dir, "client.key_secret"))
-    server_pub, _ = zmq.auth.load_certificate(os.path.join(cert_dir, "server.key_secret"))
+    pub, sec, server_pub = _core.client_keys(cert_dir)
     sock.curve_publickey = pub
     sock.curve_secretkey = sec
     sock.curve_serverkey = server_pub
@@ -208,9 +207,9 @@ class Pool:
         except Exception:
             packages = {}
         vm = psutil.virtual_memory()
-        return json.dumps({
-            "protocol_version": _core.PROTOCOL_VERSION,
-            "htex_rs_version": _core.VERSION,
+        # The document's one definition is Rust's (rust/protocol Registration): it adds the
+        # protocol and htex_rs versions and refuses a field it does not know.
+        return _core.registration(json.dumps({
             "python_version": platform.python_version(),
             "parsl_version": parsl.__version__,
             "uid": self.uid,
@@ -227,7 +226,7 @@ class Pool:
             "total_memory": vm.total,
             "packages": packages,
             "resources": self.resources.totals(),
-        }).encode()
+        }).encode())
 
     # ----------------------------------------------------------------- workers
     def start_worker(self, rank: int) -> Worker:
@@ -296,11 +295,7 @@ class Pool:
         if self.cert_dir is None:
             return None
         check_private(self.cert_dir)
-        pub, sec = zmq.auth.load_certificate(os.path.join(self.cert_dir, "client.key_secret"))
-        server_pub, _ = zmq.auth.load_certificate(os.path.join(self.cert_dir, "server.key_secret"))
-        if sec is None:
-            raise ValueError(f"no secret key in {self.cert_dir}/client.key_secret")
-        return bytes(pub), bytes(sec), bytes(server_pub)
+        return _core.client_keys(self.cert_dir)
 
     def run(self) -> int:
         """Probe, hand the data path to the Rust core, then supervise the workers."""

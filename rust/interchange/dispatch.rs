@@ -69,6 +69,7 @@ impl Dispatch {
         }
     }
 
+    #[cfg(test)]
     /// Tasks waiting for a pool.
     #[must_use]
     pub fn queued(&self) -> usize {
@@ -224,8 +225,7 @@ fn forget(pools: &mut Pools, slot: u32, requeued: &[u64], events: &mut Vec<Event
 }
 
 /// A task that fails at once, with `message` for its exception.
-#[must_use]
-pub fn unplaceable(task_id: u64, message: String) -> Event {
+fn unplaceable(task_id: u64, message: String) -> Event {
     log::warn!("Task {task_id} failed: {message}");
     Event::Result {
         task_id,

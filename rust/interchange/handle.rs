@@ -15,6 +15,7 @@ use super::selector::Selector;
 use super::Interchange;
 use crate::logging::{self, Sink};
 use crate::protocol::{message_limit, PROTOCOL_VERSION};
+use crate::resources::{self, Resources, FLAG_RESOURCES};
 use crate::socket_thread::SocketThread;
 use crate::transport::Mailbox;
 use crate::zmtp::{curve, router};
@@ -72,8 +73,33 @@ pub struct NewTask {
     pub priority: f64,
     pub flags: u8,
     /// The serialized task, shared (a Python `bytes` object's own buffer, say): it is
-    /// written to the pool from where it is, not copied.
+    /// written to the pool from where it is, not copied. With `request`, it starts with
+    /// the request as the pool reads it ([`NewTask::sized`]).
     pub payload: Bytes,
+    /// What it asks for (cores, memory, GPUs); `None`: any free slot will do.
+    pub request: Option<Resources>,
+}
+
+impl NewTask {
+    /// A task asking for `request`: `FLAG_RESOURCES` set, the request written at the head
+    /// of its payload for the pool (the one copy such a task costs).
+    #[must_use]
+    pub fn sized(
+        task_id: u64,
+        priority: f64,
+        flags: u8,
+        payload: &[u8],
+        request: Resources,
+    ) -> NewTask {
+        let head = serde_json::to_vec(&request).expect("three numbers serialize");
+        NewTask {
+            task_id,
+            priority,
+            flags: flags | FLAG_RESOURCES,
+            payload: resources::join(&head, payload).into(),
+            request: Some(request),
+        }
+    }
 }
 
 /// Queries and controls, answered by the interchange thread.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::protocol::{STATUS_RESULT, STATUS_UNPLACEABLE};
+use crate::resources;
 use crate::zmtp::curve;
 
 #[test]
@@ -65,6 +66,7 @@ fn task(id: u64, priority: f64) -> NewTask {
         priority,
         flags: 0,
         payload: id.to_le_bytes().to_vec().into(),
+        request: None,
     }
 }
 
@@ -181,13 +183,11 @@ fn a_pool_that_reconnects_under_its_identity_keeps_its_tasks_and_gets_new_ones()
 }
 
 fn typed(id: u64, cores: u32) -> NewTask {
-    let head = format!("{{\"cores\":{cores}}}");
-    NewTask {
-        task_id: id,
-        priority: f64::INFINITY,
-        flags: FLAG_RESOURCES,
-        payload: resources::join(head.as_bytes(), &id.to_le_bytes()).into(),
-    }
+    let request = resources::Resources {
+        cores,
+        ..resources::Resources::default()
+    };
+    NewTask::sized(id, f64::INFINITY, 0, &id.to_le_bytes(), request)
 }
 
 fn sent_ids(p: &zmq::Socket) -> Vec<u64> {

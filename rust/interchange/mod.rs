@@ -27,16 +27,14 @@ use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
     PROTOCOL_VERSION,
 };
-use crate::resources::{self, FLAG_RESOURCES};
 use crate::zmtp::router;
-pub use dispatch::BACKFILL_WINDOW;
-use dispatch::{unplaceable, Dispatch, Outbox};
+use dispatch::{Dispatch, Outbox};
 pub use handle::{
-    AskError, Command, Config, Event, Handle, NewTask, Stats, COMMAND_TIMEOUT, HTEX_RS_VERSION,
+    AskError, Command, Config, Event, Handle, NewTask, COMMAND_TIMEOUT, HTEX_RS_VERSION,
 };
 use handle::{Input, Shared};
+pub use pools::NodeInfo;
 use pools::Pools;
-pub use pools::{ManagerInfo, NodeInfo};
 use queue::PendingTask;
 pub use selector::Selector;
 
@@ -161,19 +159,12 @@ impl Interchange {
                 Input::Task(t) => {
                     received += 1;
                     log::debug!("Put task {} onto pending_task_queue", t.task_id);
-                    let request =
-                        (t.flags & FLAG_RESOURCES != 0).then(|| resources::request_of(&t.payload));
-                    if request == Some(None) {
-                        let e = unplaceable(t.task_id, "its resource request is malformed".into());
-                        self.events.push(e);
-                        continue;
-                    }
                     self.dispatch.push(PendingTask {
                         task_id: t.task_id,
                         priority: t.priority,
                         flags: t.flags,
                         payload: t.payload,
-                        request: request.flatten(),
+                        request: t.request,
                         blocked_since: None,
                     });
                 }

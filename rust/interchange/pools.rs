@@ -288,6 +288,7 @@ impl Pools {
         self.map.get(identity)
     }
 
+    #[cfg(test)]
     #[must_use]
     pub fn len(&self) -> usize {
         self.map.len()
@@ -364,6 +365,7 @@ impl Pools {
         }
     }
 
+    #[cfg(test)]
     /// The slot of the pool `identity`, if it is registered.
     #[must_use]
     pub fn slot(&self, identity: &[u8]) -> Option<u32> {

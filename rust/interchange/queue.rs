@@ -53,6 +53,7 @@ pub struct TaskQueue {
 }
 
 impl TaskQueue {
+    #[cfg(test)]
     #[must_use]
     pub fn new() -> Self {
         Self::default()

@@ -110,6 +110,7 @@ impl Candidates {
         }
     }
 
+    #[cfg(test)]
     #[must_use]
     pub fn len(&self) -> usize {
         match self {
@@ -118,6 +119,7 @@ impl Candidates {
         }
     }
 
+    #[cfg(test)]
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -68,6 +68,7 @@ impl<V> Table<V> {
         self.slots[s as usize].take()
     }
 
+    #[cfg(test)]
     #[must_use]
     pub fn len(&self) -> usize {
         self.index.len()

@@ -240,7 +240,7 @@ impl Handle {
         };
         let on_exit = shared.clone();
         let thread = SocketThread::spawn(
-            "htex-rs-pool-core",
+            "htex-rs-pool",
             inbox,
             || Command::Stop,
             move || {

@@ -1,6 +1,7 @@
 //! The pool core end to end: a real core thread, a libzmq ROUTER as the interchange,
 //! real Unix streams as workers.
 
+use super::handle::Counts;
 use super::*;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;

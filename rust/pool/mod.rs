@@ -40,7 +40,7 @@ use crate::socket_thread;
 use crate::stream;
 use crate::transport::recv_frames;
 use handle::Shared;
-pub use handle::{ClientKeys, Command, Config, Counts, Handle, Stopped};
+pub use handle::{ClientKeys, Command, Config, Handle, Stopped};
 use tasks::{Task, Tasks};
 use upstream::ResultBatch;
 use workers::Conn;

@@ -189,6 +189,30 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// A pool's registration document from the fields it measured (a JSON object): this
+    /// struct is the document's one definition, so a field it does not have is refused,
+    /// and the protocol and htex_rs versions are this build's, not the caller's.
+    pub fn from_fields(fields: &[u8]) -> Result<Vec<u8>, String> {
+        let given: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(fields).map_err(|e| format!("registration fields: {e}"))?;
+        let known = serde_json::to_value(Registration::default()).expect("a struct serializes");
+        for key in given.keys() {
+            let ours = matches!(key.as_str(), "protocol_version" | "htex_rs_version");
+            if ours || known.get(key).is_none() {
+                return Err(format!(
+                    "a registration has no field {key:?} for a pool to set"
+                ));
+            }
+        }
+        let mut reg: Registration = serde_json::from_value(serde_json::Value::Object(given))
+            .map_err(|e| format!("registration fields: {e}"))?;
+        reg.protocol_version = PROTOCOL_VERSION;
+        reg.htex_rs_version = env!("CARGO_PKG_VERSION").into();
+        let doc = serde_json::to_vec(&reg).expect("a struct serializes");
+        Registration::decode(&doc).map_err(|e| e.to_string())?;
+        Ok(doc)
+    }
+
     pub fn decode(frame: &[u8]) -> Result<Registration, DecodeError> {
         let reg: Registration = serde_json::from_slice(frame)
             .map_err(|e| DecodeError::BadRegistration(e.to_string()))?;
@@ -205,6 +229,25 @@ impl Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_registration_is_made_from_known_fields_with_this_builds_versions() {
+        let doc =
+            Registration::from_fields(br#"{"uid":"p","max_capacity":2,"block_id":"0"}"#).unwrap();
+        let reg = Registration::decode(&doc).unwrap();
+        assert_eq!(reg.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(reg.htex_rs_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!((reg.uid.as_str(), reg.max_capacity), ("p", 2));
+        for bad in [
+            &br#"{"uid":"p","max_capacity":2,"colour":"red"}"#[..],
+            br#"{"uid":"p","max_capacity":2,"protocol_version":9}"#,
+            br#"{"uid":"","max_capacity":2}"#,
+            br#"{"uid":"p","max_capacity":"two"}"#,
+            b"[1]",
+        ] {
+            assert!(Registration::from_fields(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn header_round_trip() {

@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::resources::Resources;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
@@ -214,21 +216,40 @@ impl Interchange {
         Ok(self.handle()?.port)
     }
 
-    /// Queue one task: id, priority (inf = none), flags, opaque payload. The payload's
-    /// own buffer goes to the pool: the interchange holds a reference, not a copy.
+    /// Queue one task: id, priority (inf = none), flags, opaque payload, and what it asks
+    /// for as `(cores, memory MB, gpus)` (validated by the executor; `None`: nothing).
+    /// The payload's own buffer goes to the pool: the interchange holds a reference, not
+    /// a copy (a task with a request costs one, to put the request at its head).
+    #[pyo3(signature = (task_id, priority, flags, payload, request=None))]
     fn submit(
         &self,
         task_id: u64,
         priority: f64,
         flags: u8,
         payload: Bound<'_, PyBytes>,
+        request: Option<(u32, u64, u32)>,
     ) -> PyResult<()> {
-        self.handle()?.submit([NewTask {
-            task_id,
-            priority,
-            flags,
-            payload: shared_bytes(payload),
-        }]);
+        let task = match request {
+            Some((cores, memory, gpus)) => NewTask::sized(
+                task_id,
+                priority,
+                flags,
+                payload.as_bytes(),
+                Resources {
+                    cores,
+                    memory,
+                    gpus,
+                },
+            ),
+            None => NewTask {
+                task_id,
+                priority,
+                flags,
+                payload: shared_bytes(payload),
+                request: None,
+            },
+        };
+        self.handle()?.submit([task]);
         Ok(())
     }
 

@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::protocol::{self as wire, Kind};
+use crate::protocol::{self as wire, Kind, Registration};
 use crate::{resources, stream};
 
 /// `b"HX" + version + kind`.
@@ -34,13 +34,36 @@ fn decode_meta(meta: &[u8], count: usize) -> PyResult<Vec<(u64, u8)>> {
     wire::decode_meta(meta, count).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// A `FLAG_RESOURCES` payload: `head` (JSON bytes) behind its u32 length, then `payload`.
+/// A pool's registration document from the fields it measured (JSON); see
+/// `Registration::from_fields`.
 #[pyfunction]
-fn join_head<'py>(py: Python<'py>, head: &[u8], payload: &[u8]) -> Bound<'py, PyBytes> {
-    PyBytes::new(py, &resources::join(head, payload))
+fn registration<'py>(py: Python<'py>, fields: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    Registration::from_fields(fields)
+        .map(|doc| PyBytes::new(py, &doc))
+        .map_err(PyValueError::new_err)
 }
 
-/// The inverse of [`join_head`]: `(head, payload)`.
+/// A pool's CURVE keys from `cert_dir`, read where the interchange's are
+/// (`zmtp::certs`): `(public, secret, server public)`, 32 bytes each.
+#[pyfunction]
+fn client_keys<'py>(
+    py: Python<'py>,
+    cert_dir: &str,
+) -> PyResult<(
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+)> {
+    let (public, secret, server) = crate::zmtp::certs::load_client(std::path::Path::new(cert_dir))
+        .map_err(PyValueError::new_err)?;
+    Ok((
+        PyBytes::new(py, &public),
+        PyBytes::new(py, &secret[..]),
+        PyBytes::new(py, &server),
+    ))
+}
+
+/// A `FLAG_RESOURCES` payload's head (JSON bytes) and the rest: `(head, payload)`.
 #[pyfunction]
 fn split_head<'py>(
     py: Python<'py>,
@@ -59,37 +82,6 @@ fn encode_stream(py: Python<'_>, frames: Vec<Vec<u8>>) -> PyResult<Bound<'_, PyB
     stream::encode(&frames)
         .map(|b| PyBytes::new(py, &b))
         .map_err(|e| PyValueError::new_err(e.to_string()))
-}
-
-/// The incremental decoder of the worker stream: feed bytes, take whole messages.
-#[pyclass(module = "htex_rs._core")]
-struct StreamDecoder {
-    inner: stream::Decoder,
-}
-
-#[pymethods]
-impl StreamDecoder {
-    #[new]
-    #[pyo3(signature = (max_message_bytes=1 << 30))]
-    fn new(max_message_bytes: usize) -> Self {
-        StreamDecoder {
-            inner: stream::Decoder::new(wire::message_limit(max_message_bytes)),
-        }
-    }
-
-    fn feed(&mut self, data: &[u8]) {
-        self.inner.feed(data);
-    }
-
-    /// The next whole message, None until enough bytes came; ValueError for a stream
-    /// that cannot be a message (too many frames, over the size limit).
-    fn next_message<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Vec<Bound<'py, PyBytes>>>> {
-        match self.inner.next_message() {
-            Ok(Some(frames)) => Ok(Some(frames.iter().map(|f| PyBytes::new(py, f)).collect())),
-            Ok(None) => Ok(None),
-            Err(e) => Err(PyValueError::new_err(e.to_string())),
-        }
-    }
 }
 
 /// Every message kind as `KIND_<NAME>`, so Python names them as Rust does.
@@ -124,12 +116,12 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STATUS_UNPLACEABLE", wire::STATUS_UNPLACEABLE)?;
     m.add("FLAG_CONTEXT", wire::FLAG_CONTEXT)?;
     m.add("FLAG_RESOURCES", resources::FLAG_RESOURCES)?;
-    m.add_class::<StreamDecoder>()?;
     m.add_function(wrap_pyfunction!(header, m)?)?;
+    m.add_function(wrap_pyfunction!(registration, m)?)?;
+    m.add_function(wrap_pyfunction!(client_keys, m)?)?;
     m.add_function(wrap_pyfunction!(kind_of, m)?)?;
     m.add_function(wrap_pyfunction!(encode_meta, m)?)?;
     m.add_function(wrap_pyfunction!(decode_meta, m)?)?;
-    m.add_function(wrap_pyfunction!(join_head, m)?)?;
     m.add_function(wrap_pyfunction!(split_head, m)?)?;
     m.add_function(wrap_pyfunction!(encode_stream, m)?)?;
     Ok(())

@@ -27,6 +27,28 @@ fn field<'a>(text: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
         })
 }
 
+/// A worker pool's keys from a certificate directory: its public and secret key
+/// (`client.key_secret`) and the interchange's public key (`server.key_secret`).
+pub fn load_client(dir: &Path) -> Result<([u8; 32], SecretKey, [u8; 32]), String> {
+    let read = |name: &str, field_name: &[u8]| -> Result<SecretKey, String> {
+        let path = dir.join(name);
+        let text = Zeroizing::new(
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+        );
+        field(&text, field_name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                let what = String::from_utf8_lossy(field_name);
+                format!("no {what} in {}", path.display())
+            })
+            .and_then(|v| decode_key(v).map_err(|e| format!("{}: {e}", path.display())))
+    };
+    let public = read("client.key_secret", b"public-key")?;
+    let secret = read("client.key_secret", b"secret-key")?;
+    let server = read("server.key_secret", b"public-key")?;
+    Ok((*public, secret, *server))
+}
+
 /// The server of a certificate directory: the secret key of `server.key_secret`, admitting
 /// the public key of every `*.key` file (the server's own included, as Parsl's
 /// interchange does).
@@ -97,6 +119,11 @@ mod tests {
         for (name, text) in &files {
             std::fs::write(dir.join(name), text).unwrap();
         }
+        let (public, secret, server_public) = load_client(&dir).unwrap();
+        assert_eq!(
+            (public, *secret, server_public),
+            (client.public_key, client.secret_key, server.public_key)
+        );
         let s = load_server(&dir).unwrap();
         assert_eq!(s.public_key(), server.public_key);
         assert!(s.admits(&client.public_key) && s.admits(&server.public_key));
@@ -108,6 +135,16 @@ mod tests {
         .unwrap();
         let err = load_server(&dir).err().unwrap();
         assert!(err.contains("no secret-key"), "{err}");
+        std::fs::write(
+            dir.join("client.key_secret"),
+            cert(&client.public_key, None),
+        )
+        .unwrap();
+        let err = load_client(&dir).err().unwrap();
+        assert!(
+            err.contains("no secret-key") && err.contains("client.key_secret"),
+            "{err}"
+        );
         std::fs::write(dir.join("server.key_secret"), files[1].1.clone()).unwrap();
         std::fs::write(dir.join("bad.key"), "public-key = \"tooshort\"\n").unwrap();
         let err = load_server(&dir).err().unwrap();

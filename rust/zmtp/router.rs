@@ -354,6 +354,7 @@ impl Router {
         Ok(woken)
     }
 
+    #[cfg(test)]
     /// Connections that have finished their handshake.
     #[must_use]
     pub fn peers(&self) -> usize {
