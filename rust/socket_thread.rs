@@ -1,5 +1,5 @@
-//! The thread that owns a component's ZMQ sockets (the interchange, a pool) and how
-//! other threads reach it. Sockets are `Send`, not `Sync`, so one thread owns them and
+//! The thread that owns a component's sockets (the interchange's worker port, a pool's
+//! DEALER and worker streams) and how other threads reach it. One thread owns them and
 //! others hand it work through a [`Mailbox`]; this type starts that thread, stops it
 //! (idempotent, from any thread, and on drop), and runs the component's exit hook when
 //! the thread ends for any reason, a panic included, so callers waiting on it are told.

@@ -1,6 +1,6 @@
-//! Socket plumbing shared by the interchange and the pool: multipart receive and
-//! send without a `Vec<u8>` per frame, and the mailbox through which other threads hand
-//! work to the thread that owns the ZMQ sockets (sockets are `Send`, not `Sync`).
+//! Socket plumbing: the pool's libzmq multipart receive and send, and the mailbox
+//! through which other threads hand work to the thread that owns a component's sockets
+//! (the interchange's, a pool's).
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};

@@ -8,7 +8,7 @@ import socket
 import struct
 from typing import Sequence
 
-from htex_rs import _core
+from htex_rs._core import encode_stream
 
 _UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
 
@@ -46,4 +46,4 @@ def connect(url: str) -> socket.socket:
 
 
 def send(sock: socket.socket, frames: Sequence[bytes]) -> None:
-    sock.sendall(_core.encode_stream(list(frames)))
+    sock.sendall(encode_stream(list(frames)))

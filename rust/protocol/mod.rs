@@ -2,7 +2,8 @@
 //!
 //! Every message is a ZMQ multipart message whose first frame is a 4-byte header
 //! `b"HX" + version + kind`. Task and result payloads are opaque bytes in frames of
-//! their own, so the interchange forwards them without copying or parsing them.
+//! their own, so the interchange never parses them (and writes a task's payload from
+//! the submitter's own buffer: docs/design.md counts the copies).
 //! Fixed fields (task ids, flags) travel in one packed "meta" frame per batch.
 
 use serde::{Deserialize, Serialize};
