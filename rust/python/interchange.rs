@@ -245,7 +245,13 @@ impl Interchange {
                 task_id,
                 priority,
                 flags,
-                payload: shared_bytes(payload),
+                // A small payload is copied: cheaper than holding the object, which
+                // only a thread with the GIL may release.
+                payload: if payload.as_bytes().len() < crate::stream::BIG_FRAME {
+                    Bytes::copy_from_slice(payload.as_bytes())
+                } else {
+                    shared_bytes(payload)
+                },
                 request: None,
             },
         };
