@@ -54,8 +54,9 @@ def test_what_pickle_cannot_write_or_names_main_goes_through_dill():
 def test_plain_data_skips_the_look_for_main_and_anything_else_still_takes_it():
     import numpy
 
-    # Plain data: nothing of __main__ can be named, even by text that contains the word.
-    for obj in ((b"__main__" * 3,), {"k": ["__main__", 1.5]}, numpy.arange(10)):
+    # Plain data over 64 KiB: not searched, nothing of __main__ can be named, even by text
+    # that contains the word (a small pickle is searched: quicker than the object).
+    for obj in ((b"__main__" * 10_000,), {"k": ["__main__" * 10_000, 1.5]}, numpy.arange(10_000)):
         assert serialization._plain(obj), obj
         data = serialization.serialize(obj)
         assert data.startswith(b"01\n")
