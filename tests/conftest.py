@@ -70,8 +70,8 @@ def _fault_ledger(request):
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if fault_ledger.LEDGER.cases:
         terminalreporter.write_sep("-", fault_ledger.LEDGER.summary())
-    skipped = terminalreporter.stats.get("skipped", [])
-    if skipped and os.environ.get("HTEX_RS_REQUIRE_ALL") == "1":
+    skipped = _skips_that_fail(terminalreporter)
+    if skipped:
         terminalreporter.write_sep("!", f"HTEX_RS_REQUIRE_ALL=1: {len(skipped)} tests skipped, "
                                         "which fails the run (CI has root, namespaces, cgroups, Slurm)")
         for r in skipped:
@@ -85,9 +85,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """With ``HTEX_RS_REQUIRE_ALL=1`` (CI) a test that skipped for want of root, Slurm,
     namespaces or cgroups fails the run instead of passing unseen."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if (os.environ.get("HTEX_RS_REQUIRE_ALL") == "1" and reporter is not None
-            and reporter.stats.get("skipped") and session.exitstatus == 0):
+    if reporter is not None and _skips_that_fail(reporter) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _skips_that_fail(reporter: t.Any) -> list[t.Any]:
+    """The skipped tests' reports, when ``HTEX_RS_REQUIRE_ALL=1`` makes a skip a failure."""
+    if os.environ.get("HTEX_RS_REQUIRE_ALL") != "1":
+        return []
+    return list(reporter.stats.get("skipped", []))
 
 
 @pytest.fixture

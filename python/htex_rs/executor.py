@@ -394,9 +394,9 @@ class HighThroughputExecutor(ParslHTEX):
                **kwargs: Any) -> HTEXFuture:
         """Serialize ``func(*args, **kwargs)`` and queue it; returns a future."""
         # Parsl's hook (a subclass or a test may wrap it), then the parse the task travels
-        # with: a second look only at a specification that names something.
+        # with (an empty specification returns at once).
         self.validate_resource_spec(resource_specification)
-        parsed = self._parsed_spec(resource_specification) if resource_specification else (math.inf, None)
+        parsed = self._parsed_spec(resource_specification)
         try:
             buffer = pack_apply_message(func, args, kwargs, buffer_threshold=1 << 20)
         except TypeError as e:
