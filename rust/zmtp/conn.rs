@@ -316,6 +316,8 @@ mod tests {
         admitted: Vec<Vec<u8>>,
         messages: Vec<Vec<Vec<u8>>>,
         taken: Vec<Vec<u8>>,
+        /// What `backlogged` answers (bytes queued by the owner beyond `out`).
+        backlog: bool,
     }
 
     impl Upcalls for Recorder {
@@ -330,6 +332,9 @@ mod tests {
             };
             self.admitted.push(id.clone());
             Ok(id)
+        }
+        fn backlogged(&self) -> bool {
+            self.backlog
         }
         fn message(&mut self, frames: Vec<zmq::Message>) {
             self.messages
@@ -426,6 +431,17 @@ mod tests {
         let mut pong = Vec::new();
         put_frame(&mut pong, COMMAND, &command(b"PONG", b"CTX"));
         assert_eq!(c.out, pong, "one PONG while the first is unwritten");
+        // Bytes the owner still holds (a payload queued by reference): no PONG either,
+        // so a peer that does not read cannot pile them up.
+        c.out.clear();
+        r.backlog = true;
+        let mut b = Vec::new();
+        put_frame(&mut b, COMMAND, &command(b"PING", b"\0\x0aCTX"));
+        c.receive(&b, None, None, &mut r).1.unwrap();
+        assert!(c.out.is_empty(), "no PONG while the owner is backlogged");
+        r.backlog = false;
+        c.receive(&b, None, None, &mut r).1.unwrap();
+        assert_eq!(c.out, pong);
         let mut b = Vec::new();
         put_frame(&mut b, COMMAND, &command(b"ERROR", b"\x03bye"));
         assert_eq!(
