@@ -12,6 +12,7 @@
 // caller: dead code is judged in the `python` build (`cargo clippy --features python`).
 #![cfg_attr(not(feature = "python"), allow(dead_code, unused_imports))]
 
+mod epoll;
 mod interchange;
 mod logging;
 mod planner;

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, Once};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
+use crate::transport::Signal;
+
 /// A record kept for another thread to emit (see [`Sink::queue`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
@@ -28,7 +30,8 @@ pub struct Queued {
 
 enum Out {
     File(Mutex<File>),
-    Queue(Mutex<Queue>),
+    /// Records, and the signal raised when one is queued (the drainer polls its fd).
+    Queue(Mutex<Queue>, Option<Arc<Signal>>),
 }
 
 #[derive(Default)]
@@ -69,11 +72,12 @@ impl Sink {
         }))
     }
 
-    /// Keep records for [`Sink::take`] (at most [`QUEUE_LIMIT`]).
+    /// Keep records for [`Sink::take`] (at most [`QUEUE_LIMIT`]), raising `signal` (if
+    /// any) as each is queued.
     #[must_use]
-    pub fn queue(debug: bool) -> Arc<Sink> {
+    pub fn queue(debug: bool, signal: Option<Arc<Signal>>) -> Arc<Sink> {
         Arc::new(Sink {
-            out: Out::Queue(Mutex::default()),
+            out: Out::Queue(Mutex::default(), signal),
             level: level_for(debug),
         })
     }
@@ -81,7 +85,7 @@ impl Sink {
     /// The queued records, oldest first, and how many were dropped since the last take.
     pub fn take(&self) -> (Vec<Queued>, u64) {
         match &self.out {
-            Out::Queue(q) => {
+            Out::Queue(q, _) => {
                 let mut q = q.lock().unwrap();
                 let lost = std::mem::take(&mut q.lost);
                 (q.records.drain(..).collect(), lost)
@@ -97,17 +101,22 @@ impl Sink {
             Out::File(f) => {
                 let _ = f.lock().unwrap().write_all(format_line(record).as_bytes());
             }
-            Out::Queue(q) => {
-                let mut q = q.lock().unwrap();
-                if q.records.len() >= QUEUE_LIMIT {
-                    q.lost += 1;
-                    return;
+            Out::Queue(q, signal) => {
+                {
+                    let mut q = q.lock().unwrap();
+                    if q.records.len() >= QUEUE_LIMIT {
+                        q.lost += 1;
+                        return;
+                    }
+                    q.records.push_back(Queued {
+                        level: record.level(),
+                        target: record.target().replace("::", "."),
+                        message: record.args().to_string(),
+                    });
                 }
-                q.records.push_back(Queued {
-                    level: record.level(),
-                    target: record.target().replace("::", "."),
-                    message: record.args().to_string(),
-                });
+                if let Some(s) = signal {
+                    s.raise();
+                }
             }
         }
     }
@@ -301,7 +310,8 @@ mod tests {
 
     #[test]
     fn a_queue_sink_keeps_records_for_another_thread_up_to_its_limit() {
-        let sink = Sink::queue(false);
+        let signal = Arc::new(Signal::new().unwrap());
+        let sink = Sink::queue(false, Some(signal.clone()));
         let s = sink.clone();
         std::thread::spawn(move || {
             attach(Some(s));
@@ -325,5 +335,11 @@ mod tests {
             }
         );
         assert_eq!(sink.take(), (Vec::new(), 0), "taken once");
+        assert!(
+            signal.pending(),
+            "queued records raise the drainer's signal"
+        );
+        signal.clear();
+        assert!(!signal.pending());
     }
 }

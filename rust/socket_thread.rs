@@ -82,17 +82,6 @@ impl<I: Send + 'static> Drop for SocketThread<I> {
     }
 }
 
-/// `zmq::poll` for a socket loop: an interrupted call is retried, any other failure is
-/// returned, so a loop ends with a reason instead of spinning on an error that repeats.
-pub fn poll(items: &mut [zmq::PollItem<'_>], timeout_ms: i64) -> Result<i32, zmq::Error> {
-    loop {
-        match zmq::poll(items, timeout_ms) {
-            Err(zmq::Error::EINTR) => {}
-            r => return r,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,8 +101,9 @@ mod tests {
             inbox,
             || Msg::Stop,
             move || loop {
-                let mut items = [zmq::PollItem::from_fd(ib.fd(), zmq::POLLIN)];
-                poll(&mut items, 1000).unwrap();
+                let mut ep = crate::epoll::Epoll::new(1).unwrap();
+                ep.add(ib.fd(), crate::epoll::IN, 0).unwrap();
+                ep.wait(1000, &mut Vec::new()).unwrap();
                 for m in ib.take() {
                     match m {
                         Msg::Work(13, tx) => {

@@ -47,27 +47,74 @@ pub fn send_frames<T: zmq::Sendable>(
     Ok(())
 }
 
-/// Items for the socket thread plus a wake-up fd it polls beside its sockets. A push
-/// writes to the fd only when no wake-up is already pending, so a burst of pushes costs
-/// one system call.
-pub struct Mailbox<T> {
-    /// `None` once the socket thread has ended (`close`): pushes are dropped at once.
-    items: Mutex<Option<Vec<T>>>,
+/// A wake-up fd another thread can poll: raised any number of times, it reads as one
+/// wake-up until cleared. A raise writes to the fd only when no wake-up is already
+/// pending, so a burst costs one system call.
+pub struct Signal {
     pending: AtomicBool,
     tx: UnixStream,
     rx: UnixStream,
 }
 
-impl<T> Mailbox<T> {
+impl Signal {
     pub fn new() -> std::io::Result<Self> {
         let (rx, tx) = UnixStream::pair()?;
         rx.set_nonblocking(true)?;
         tx.set_nonblocking(true)?;
-        Ok(Mailbox {
-            items: Mutex::new(Some(Vec::new())),
+        Ok(Signal {
             pending: AtomicBool::new(false),
             tx,
             rx,
+        })
+    }
+
+    pub fn raise(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            // A full socket buffer already means a wake-up is pending.
+            let _ = (&self.tx).write(&[1]);
+        }
+    }
+
+    /// The fd to poll for readability.
+    #[must_use]
+    pub fn fd(&self) -> RawFd {
+        self.rx.as_raw_fd()
+    }
+
+    /// Raised since the last [`Signal::clear`]: an atomic load, for a thread whose poll
+    /// may report the fd late (an epoll with more ready fds than one wait returns).
+    #[must_use]
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Empty the fd and lower the signal; look at what it announced after this, so that a
+    /// raise racing with the clear wakes the next poll.
+    pub fn clear(&self) {
+        let mut buf = [0u8; 256];
+        loop {
+            match (&self.rx).read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+/// Items for the socket thread, announced by a [`Signal`] it polls beside its sockets.
+pub struct Mailbox<T> {
+    /// `None` once the socket thread has ended (`close`): pushes are dropped at once.
+    items: Mutex<Option<Vec<T>>>,
+    signal: Signal,
+}
+
+impl<T> Mailbox<T> {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Mailbox {
+            items: Mutex::new(Some(Vec::new())),
+            signal: Signal::new()?,
         })
     }
 
@@ -78,10 +125,7 @@ impl<T> Mailbox<T> {
             Some(q) => q.extend(items),
             None => return,
         }
-        if !self.pending.swap(true, Ordering::AcqRel) {
-            // A full socket buffer already means a wake-up is pending.
-            let _ = (&self.tx).write(&[1]);
-        }
+        self.signal.raise();
     }
 
     /// The socket thread has ended: drop what is queued and everything pushed later.
@@ -92,29 +136,18 @@ impl<T> Mailbox<T> {
     /// The fd to poll for readability.
     #[must_use]
     pub fn fd(&self) -> RawFd {
-        self.rx.as_raw_fd()
+        self.signal.fd()
     }
 
-    /// Items were pushed since the last [`Mailbox::take`]: an atomic load, for a thread
-    /// whose poll may report the fd late (an epoll with more ready fds than one wait
-    /// returns).
+    /// Items were pushed since the last [`Mailbox::take`] (see [`Signal::pending`]).
     #[must_use]
     pub fn pending(&self) -> bool {
-        self.pending.load(Ordering::Acquire)
+        self.signal.pending()
     }
 
     /// Take everything pushed so far (socket thread only).
     pub fn take(&self) -> Vec<T> {
-        let mut buf = [0u8; 256];
-        loop {
-            match (&self.rx).read(&mut buf) {
-                Ok(n) if n > 0 => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                _ => break,
-            }
-        }
-        // Clear before taking, so a push racing with us wakes the next poll.
-        self.pending.store(false, Ordering::Release);
+        self.signal.clear();
         self.items
             .lock()
             .unwrap()

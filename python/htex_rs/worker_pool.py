@@ -283,6 +283,12 @@ class Pool:
             return
         self.restart_at[w.rank] = time.monotonic() + (min(30.0, 0.5 * 2 ** (n - 1)) if n else 0.0)
 
+    def until_next_restart_ms(self) -> Optional[int]:
+        """Milliseconds until the next worker restart is due; None when none is waiting."""
+        if not self.restart_at:
+            return None
+        return max(0, math.ceil((min(self.restart_at.values()) - time.monotonic()) * 1000))
+
     def restart_due_workers(self) -> None:
         now = time.monotonic()
         for rank, when in list(self.restart_at.items()):
@@ -316,9 +322,12 @@ class Pool:
         self.poller = select.poll()
         for rank in range(self.count):
             self.poller.register(self.start_worker(rank).pidfd, select.POLLIN)
+        # The core raises this fd when it logs or stops: the loop sleeps until a worker
+        # dies, the core has news, or a worker's restart is due; it never polls for them.
+        self.poller.register(self.core.events_fd(), select.POLLIN)
         exit_code = 0
         while not self.stopping:
-            dead = {fd for fd, _ in self.poller.poll(200)}
+            dead = {fd for fd, _ in self.poller.poll(self.until_next_restart_ms())}
             gave_up = False
             for w in list(self.workers.values()):
                 if w.pidfd in dead:
@@ -327,7 +336,7 @@ class Pool:
             if gave_up:  # a worker kept dying at start-up
                 exit_code = 5
                 break
-            emit_core_log(self.core)
+            emit_core_log(self.core)  # lowers the core's fd: look at its state after
             stopped = self.core.wait_stopped(0)
             if stopped is None:
                 self.restart_due_workers()  # not once the core has ended: we exit below

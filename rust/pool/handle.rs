@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use crate::logging::{self, FirstSeen, Sink};
 use crate::protocol::{header, Kind};
 use crate::socket_thread::SocketThread;
 use crate::stream;
-use crate::transport::Mailbox;
+use crate::transport::{Mailbox, Signal};
 
 /// CURVE client keys (40-character Z85 text or 32 raw bytes each).
 #[derive(Clone)]
@@ -45,6 +44,9 @@ pub struct Config {
     /// Where the core's log records go (the pool drains a queue sink into Python's
     /// `logging`); `None`: nowhere.
     pub log: Option<Arc<Sink>>,
+    /// Raised when the core stops (and, through the log sink, when it logs): the
+    /// supervisor waits on its fd instead of asking every so often.
+    pub events: Arc<Signal>,
 }
 
 /// Why the core stopped.
@@ -107,7 +109,8 @@ pub enum Command {
     Stop,
 }
 
-/// What the core has done, counted as it goes (read with [`Handle::counts`]).
+/// What the core has done: counted by the core as it goes, published once a turn (read
+/// with [`Handle::counts`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Tasks received from the interchange.
@@ -131,43 +134,12 @@ pub struct Counts {
     pub dropped: u64,
 }
 
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) received: AtomicU64,
-    pub(super) started: AtomicU64,
-    pub(super) results: AtomicU64,
-    pub(super) lost: AtomicU64,
-    pub(super) deaths: AtomicU64,
-    pub(super) requeued: AtomicU64,
-    pub(super) queued: AtomicU64,
-    pub(super) held: AtomicU64,
-    pub(super) workers: AtomicU64,
-    pub(super) dropped: AtomicU64,
-}
-
-impl Counters {
-    pub(super) fn snapshot(&self) -> Counts {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Counts {
-            received: get(&self.received),
-            started: get(&self.started),
-            results: get(&self.results),
-            lost: get(&self.lost),
-            deaths: get(&self.deaths),
-            requeued: get(&self.requeued),
-            queued: get(&self.queued),
-            held: get(&self.held),
-            workers: get(&self.workers),
-            dropped: get(&self.dropped),
-        }
-    }
-}
-
 pub(super) struct Shared {
     pub(super) inbox: Arc<Mailbox<Command>>,
     pub(super) stopped: Mutex<Option<Stopped>>,
     pub(super) stopped_cv: Condvar,
-    pub(super) counters: Counters,
+    /// The core's counts as of its last turn.
+    pub(super) counts: Mutex<Counts>,
 }
 
 pub struct Handle {
@@ -214,7 +186,7 @@ impl Handle {
             inbox: inbox.clone(),
             stopped: Mutex::new(None),
             stopped_cv: Condvar::new(),
-            counters: Counters::default(),
+            counts: Mutex::default(),
         });
         // The allocator owns the pool's resources; the config keeps none of them.
         let alloc = crate::resources::Allocator::new(
@@ -225,6 +197,7 @@ impl Handle {
         let mut core = Core {
             config,
             _ctx: ctx,
+            ep: crate::epoll::Epoll::new(64).map_err(|e| format!("cannot create an epoll: {e}"))?,
             ix,
             listener,
             conns: HashMap::new(),
@@ -236,9 +209,11 @@ impl Handle {
             tasks: Tasks::new(alloc),
             results: ResultBatch::default(),
             warned_peers: FirstSeen::default(),
+            counts: Counts::default(),
             stop: None,
         };
         let on_exit = shared.clone();
+        let events = core.config.events.clone();
         let thread = SocketThread::spawn(
             "htex-rs-pool",
             inbox,
@@ -254,6 +229,8 @@ impl Handle {
                     *s = Some(Stopped::Crashed);
                 }
                 on_exit.stopped_cv.notify_all();
+                drop(s);
+                events.raise();
             },
         )?;
         Ok(Handle { shared, thread })
@@ -276,7 +253,7 @@ impl Handle {
 
     #[must_use]
     pub fn counts(&self) -> Counts {
-        self.shared.counters.snapshot()
+        *self.shared.counts.lock().unwrap()
     }
 
     /// Stop the thread and wait for it (idempotent, callable from any thread).

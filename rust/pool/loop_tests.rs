@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind, STATUS_WORKER_LOST};
 use crate::stream::{self, Decoder};
+use crate::transport::Signal;
 
 use crate::protocol::{STATUS_EXCEPTION, STATUS_RESULT};
 
@@ -21,6 +22,7 @@ struct Rig {
     core: Handle,
     worker_addr: std::os::unix::net::SocketAddr,
     log: Arc<crate::logging::Sink>,
+    events: Arc<Signal>,
 }
 
 struct FakeWorker {
@@ -129,7 +131,8 @@ fn rig(threshold: Duration) -> Rig {
         std::process::id(),
         fastrand::u64(..)
     );
-    let log = crate::logging::Sink::queue(false);
+    let events = Arc::new(Signal::new().unwrap());
+    let log = crate::logging::Sink::queue(false, Some(events.clone()));
     let core = Handle::start(Config {
         interchange_url: url,
         identity: b"pool-1".to_vec(),
@@ -144,6 +147,7 @@ fn rig(threshold: Duration) -> Rig {
         memory: 0,
         accelerators: Vec::new(),
         log: Some(log.clone()),
+        events: events.clone(),
     })
     .unwrap();
     let addr = {
@@ -158,6 +162,7 @@ fn rig(threshold: Duration) -> Rig {
         core,
         worker_addr: addr,
         log,
+        events,
     }
 }
 
@@ -389,16 +394,32 @@ fn junk_is_dropped_counted_and_logged_once_per_peer() {
 }
 
 #[test]
-fn heartbeats_then_stops_on_shutdown() {
+fn heartbeats_then_stops_on_shutdown_and_raises_its_signal() {
     let r = rig(Duration::from_secs(30));
     recv_kind(&r.ix, Kind::Register);
     recv_kind(&r.ix, Kind::Heartbeat);
+    r.events.clear();
+    let mut ep = crate::epoll::Epoll::new(1).unwrap();
+    ep.add(r.events.fd(), crate::epoll::IN, 0).unwrap();
+    let mut ready = Vec::new();
+    ep.wait(0, &mut ready).unwrap();
+    assert!(ready.is_empty(), "running and quiet: nothing to wake for");
     r.ix.send_multipart([&b"pool-1"[..], &header(Kind::Shutdown)[..]], 0)
         .unwrap();
-    assert_eq!(
-        r.core.wait_stopped(Duration::from_secs(5)),
-        Some(Stopped::Shutdown)
-    );
+    // The supervisor's loop: wait on the fd (no timeout of its own), lower the signal,
+    // drain the log, ask for the reason. A log record wakes it too, so a few turns.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stopped = loop {
+        ep.wait(5000, &mut ready).unwrap();
+        assert_eq!(ready.len(), 1, "woken only by the signal, never by a timeout");
+        r.events.clear();
+        let _ = r.log.take();
+        if let Some(s) = r.core.wait_stopped(Duration::ZERO) {
+            break s;
+        }
+        assert!(Instant::now() < deadline);
+    };
+    assert_eq!(stopped, Stopped::Shutdown);
 }
 
 #[test]

@@ -27,20 +27,19 @@ mod workers;
 use std::collections::HashMap;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::epoll::{self, zmq_ready, Epoll};
 use crate::logging::FirstSeen;
 use crate::protocol::{encode_meta, header, Kind, STATUS_WORKER_LOST};
 use crate::resources;
-use crate::socket_thread;
 use crate::stream;
 use crate::transport::recv_frames;
 use handle::Shared;
-pub use handle::{ClientKeys, Command, Config, Handle, Stopped};
+pub use handle::{ClientKeys, Command, Config, Counts, Handle, Stopped};
 use tasks::{Task, Tasks};
 use upstream::ResultBatch;
 use workers::Conn;
@@ -48,6 +47,7 @@ use workers::Conn;
 struct Core {
     config: Config,
     _ctx: zmq::Context,
+    ep: Epoll,
     ix: zmq::Socket,
     listener: UnixListener,
     conns: HashMap<u64, Conn>,
@@ -61,14 +61,38 @@ struct Core {
     /// Peers (`None`: the interchange; else a worker stream's token) whose dropped
     /// messages were logged once; later drops are only counted.
     warned_peers: FirstSeen<Option<u64>>,
+    counts: Counts,
     stop: Option<Stopped>,
 }
+/// Epoll tokens of the core's own fds; a worker stream's token is its key in `conns`
+/// (counted up from 1).
+const IX: u64 = u64::MAX;
+const MONITOR: u64 = u64::MAX - 1;
+const LISTENER: u64 = u64::MAX - 2;
+const INBOX: u64 = u64::MAX - 3;
+
 impl Core {
+    /// Watch the core's own fds: the interchange socket and its monitor through their
+    /// `ZMQ_FD`s, the worker listener, the inbox.
+    fn watch(&self) -> std::io::Result<()> {
+        let zmq_fd = |s: &zmq::Socket| s.get_fd().map_err(std::io::Error::from);
+        self.ep.add(zmq_fd(&self.ix)?, epoll::IN, IX)?;
+        self.ep.add(zmq_fd(&self.monitor)?, epoll::IN, MONITOR)?;
+        self.ep
+            .add(self.listener.as_raw_fd(), epoll::IN, LISTENER)?;
+        self.ep.add(self.shared.inbox.fd(), epoll::IN, INBOX)
+    }
+
     fn run(&mut self) {
+        if let Err(e) = self.watch() {
+            log::error!("the pool cannot watch its sockets: {e}; stopping");
+            self.stop = Some(Stopped::Crashed);
+        }
         let mut last_beat = Instant::now();
         let mut last_contact = Instant::now();
         let hb = self.config.heartbeat_period;
         let threshold = self.config.heartbeat_threshold;
+        let mut ready = Vec::with_capacity(64);
         while self.stop.is_none() {
             let now = Instant::now();
             if now.duration_since(last_beat) >= hb {
@@ -83,51 +107,38 @@ impl Core {
             if self.tasks.has_lookahead() {
                 next = next.min(now + tasks::STALE / 2); // to take a stale one back
             }
-            let timeout = next
-                .saturating_duration_since(now)
-                .as_millis()
-                .clamp(1, 1000) as i64;
-            let tokens: Vec<u64> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.open)
-                .map(|(t, _)| *t)
-                .collect();
-            let (ix_ready, listener_ready, wake_ready, monitor_ready, conn_events) = {
-                let mut items = vec![
-                    self.ix.as_poll_item(zmq::POLLIN),
-                    zmq::PollItem::from_fd(self.listener.as_raw_fd(), zmq::POLLIN),
-                    zmq::PollItem::from_fd(self.shared.inbox.fd(), zmq::POLLIN),
-                    self.monitor.as_poll_item(zmq::POLLIN),
-                ];
-                for t in &tokens {
-                    let c = &self.conns[t];
-                    let mut ev = zmq::POLLIN;
-                    if !c.out.is_empty() {
-                        ev |= zmq::POLLOUT;
-                    }
-                    items.push(zmq::PollItem::from_fd(c.stream.as_raw_fd(), ev));
-                }
-                if let Err(e) = socket_thread::poll(&mut items, timeout) {
-                    log::error!("the pool cannot poll its sockets: {e}; stopping");
-                    self.stop = Some(Stopped::Crashed);
-                    break;
-                }
-                let conn_events: Vec<(u64, bool, bool)> = tokens
-                    .iter()
-                    .zip(&items[4..])
-                    .filter(|(_, i)| i.get_revents().bits() != 0)
-                    .map(|(t, i)| (*t, i.is_readable() || i.is_error(), i.is_writable()))
-                    .collect();
-                (
-                    items[0].is_readable(),
-                    items[1].is_readable(),
-                    items[2].is_readable(),
-                    items[3].is_readable(),
-                    conn_events,
-                )
+            // libzmq's fds say only that something may have changed: a message taken in
+            // by an earlier send or receive leaves them quiet, so ask before waiting.
+            let (ix_waiting, monitor_waiting) = (zmq_ready(&self.ix), zmq_ready(&self.monitor));
+            let timeout = if ix_waiting || monitor_waiting {
+                0
+            } else {
+                next.saturating_duration_since(now)
+                    .as_millis()
+                    .clamp(1, 1000) as i32
             };
-            if ix_ready {
+            if let Err(e) = self.ep.wait(timeout, &mut ready) {
+                log::error!("the pool cannot wait on its sockets: {e}; stopping");
+                self.stop = Some(Stopped::Crashed);
+                break;
+            }
+            let mut wake_ready = false;
+            for r in &ready {
+                match r.token {
+                    IX | MONITOR => {} // asked below, whether their fd fired or not
+                    LISTENER => self.accept(),
+                    INBOX => wake_ready = true,
+                    token => {
+                        if r.writable() {
+                            self.flush(token);
+                        }
+                        if r.readable() {
+                            self.read(token);
+                        }
+                    }
+                }
+            }
+            if zmq_ready(&self.ix) {
                 last_contact = Instant::now();
                 for _ in 0..1024 {
                     match recv_frames(&self.ix) {
@@ -136,36 +147,55 @@ impl Core {
                     }
                 }
             }
-            if listener_ready {
-                self.accept();
-            }
-            for (token, readable, writable) in conn_events {
-                if writable {
-                    self.flush(token);
-                }
-                if readable {
-                    self.read(token);
-                }
-            }
             if wake_ready {
                 self.take_inbox();
             }
-            if monitor_ready && recv_frames(&self.monitor).is_some() && self.stop.is_none() {
+            if zmq_ready(&self.monitor)
+                && recv_frames(&self.monitor).is_some()
+                && self.stop.is_none()
+            {
                 self.stop = Some(Stopped::Disconnected);
             }
             self.dispatch();
             // Counts first: whoever sees these results then sees counts that include them.
             self.publish_counts();
             self.results.send(&self.ix);
+            self.arm_streams();
         }
-        log::info!(
-            "pool stopped: {:?}; counts {:?}",
-            self.stop,
-            self.shared.counters.snapshot()
-        );
+        self.publish_counts();
+        log::info!("pool stopped: {:?}; counts {:?}", self.stop, self.counts);
         let mut s = self.shared.stopped.lock().unwrap();
         *s = self.stop.take();
         self.shared.stopped_cv.notify_all();
+    }
+
+    /// Watch each open worker stream for output only while it has some to write, and
+    /// stop watching a closed one (its entry stays until its worker's death is reported).
+    fn arm_streams(&mut self) {
+        for (&token, c) in &mut self.conns {
+            let want = if !c.open {
+                None
+            } else if c.out.is_empty() {
+                Some(epoll::IN)
+            } else {
+                Some(epoll::IN | epoll::OUT)
+            };
+            if want == c.watched {
+                continue;
+            }
+            let fd = c.stream.as_raw_fd();
+            let done = match (c.watched, want) {
+                (_, None) => self.ep.delete(fd),
+                (None, Some(w)) => self.ep.add(fd, w, token),
+                (Some(_), Some(w)) => self.ep.modify(fd, w, token),
+            };
+            c.watched = want;
+            if let Err(e) = done {
+                log::error!("cannot watch the stream of pid {}: {e}; ending it", c.pid);
+                c.close();
+                self.tasks.retire(token);
+            }
+        }
     }
 
     fn take_inbox(&mut self) {
@@ -181,7 +211,7 @@ impl Core {
     /// have opened) is read to the end first: results it sent just before dying are
     /// forwarded, so only a task that really did not finish is lost.
     fn worker_died(&mut self, pid: u32, exit_code: i32) {
-        self.shared.counters.deaths.fetch_add(1, Ordering::Relaxed);
+        self.counts.deaths += 1;
         log::info!("worker pid {pid} ended (exit code {exit_code})");
         // A worker that connected and died at once may still sit in the listen backlog.
         self.accept();
@@ -205,7 +235,7 @@ impl Core {
             let Some(task_id) = self.tasks.remove_worker(token) else {
                 continue;
             };
-            self.shared.counters.lost.fetch_add(1, Ordering::Relaxed);
+            self.counts.lost += 1;
             let rank = conn.rank.unwrap_or_default();
             let lost = serde_json::json!({
                 "worker_id": String::from_utf8_lossy(&rank),
@@ -221,20 +251,19 @@ impl Core {
         }
     }
 
-    fn publish_counts(&self) {
-        let c = &self.shared.counters;
-        c.queued
-            .store(self.tasks.queued() as u64, Ordering::Relaxed);
-        c.held.store(self.tasks.held() as u64, Ordering::Relaxed);
-        c.requeued.store(self.tasks.requeued(), Ordering::Relaxed);
-        c.workers
-            .store(self.tasks.workers() as u64, Ordering::Relaxed);
+    fn publish_counts(&mut self) {
+        let c = &mut self.counts;
+        c.queued = self.tasks.queued() as u64;
+        c.held = self.tasks.held() as u64;
+        c.requeued = self.tasks.requeued();
+        c.workers = self.tasks.workers() as u64;
+        *self.shared.counts.lock().unwrap() = *c;
     }
 
     /// Count a message dropped from `peer` (`None`: the interchange, else a worker
     /// stream) and log the first from each peer, as the interchange does.
     pub(super) fn drop_junk(&mut self, peer: Option<u64>, why: &str) {
-        self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        self.counts.dropped += 1;
         if self.warned_peers.first(peer) {
             let from = match peer.and_then(|t| self.conns.get(&t)) {
                 None if peer.is_none() => "the interchange".to_string(),
@@ -259,11 +288,11 @@ impl Core {
         let head = header(Kind::Tasks);
         let mut touched = Vec::new();
         let conns = &mut self.conns;
-        let started = &self.shared.counters.started;
+        let started = &mut self.counts.started;
         let now = Instant::now();
         self.tasks.assign(now, |token, given| {
             let given: Vec<&Task<Bytes>> = given.collect();
-            started.fetch_add(given.len() as u64, Ordering::Relaxed);
+            *started += given.len() as u64;
             let meta = encode_meta(&given.iter().map(|t| (t.id, t.flags)).collect::<Vec<_>>());
             // Each payload frame is the task's own buffer, queued by reference; a task with
             // a grant goes with the grant's head in place of its request, then the rest.

@@ -1,8 +1,6 @@
 //! The interchange side: messages from the interchange, and results on their way back
 //! to it (those that finished in one pass of the loop leave together).
 
-use std::sync::atomic::Ordering;
-
 use super::tasks::Task;
 use super::{Core, Stopped};
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind};
@@ -54,10 +52,7 @@ impl Core {
                     Ok(m) => m,
                     Err(e) => return self.drop_junk(None, &e.to_string()),
                 };
-                self.shared
-                    .counters
-                    .received
-                    .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+                self.counts.received += payloads.len() as u64;
                 for ((id, flags), payload) in meta.into_iter().zip(payloads) {
                     let request = (flags & FLAG_RESOURCES != 0)
                         .then(|| resources::request_of(&payload))

@@ -2,7 +2,6 @@
 //! write what it is sent, and act on its messages (registration, results, monitoring).
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::Core;
@@ -24,6 +23,8 @@ pub(super) struct Conn {
     /// False once the stream ended or broke; the entry stays until the worker's death is
     /// reported, so the task it was running can be failed.
     pub(super) open: bool,
+    /// What the loop's epoll watches this stream for (`None`: not watched).
+    pub(super) watched: Option<u32>,
 }
 
 impl Conn {
@@ -57,6 +58,7 @@ impl Core {
                             pid,
                             rank: None,
                             open: true,
+                            watched: None,
                         },
                     );
                 }
@@ -159,7 +161,7 @@ impl Core {
                             continue;
                         }
                         self.tasks.finished(token, task_id, Instant::now());
-                        self.shared.counters.results.fetch_add(1, Ordering::Relaxed);
+                        self.counts.results += 1;
                     }
                     if self.results.full() {
                         self.results.send(&self.ix);

@@ -12,14 +12,17 @@ use pyo3::types::PyBytes;
 use super::{PoolStopped, Running};
 use crate::logging::Sink;
 use crate::pool;
+use crate::transport::Signal;
 use crate::worker_inbox;
 
-/// The data path of one worker pool (see `manager`): a thread that never holds the GIL.
+/// The data path of one worker pool (see `pool`): a thread that never holds the GIL.
 #[pyclass(module = "htex_rs._core", frozen)]
 struct Pool {
     handle: Running<pool::Handle>,
     /// The core's log records, waiting for the pool's Python side (`drain_log`).
     log: Arc<Sink>,
+    /// Raised when the core logs or stops (`events_fd`).
+    events: Arc<Signal>,
 }
 
 /// One of the core's log records, for Python's `logging` (`levelno` as Python's).
@@ -103,7 +106,8 @@ impl Pool {
         accelerators: Vec<String>,
         debug: bool,
     ) -> PyResult<Self> {
-        let log = Sink::queue(debug);
+        let events = Arc::new(Signal::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
+        let log = Sink::queue(debug, Some(events.clone()));
         let config = pool::Config {
             interchange_url,
             identity,
@@ -125,6 +129,7 @@ impl Pool {
             memory: memory_mb,
             accelerators,
             log: Some(log.clone()),
+            events: events.clone(),
         };
         let h = py
             .detach(|| pool::Handle::start(config))
@@ -132,6 +137,7 @@ impl Pool {
         Ok(Pool {
             handle: Running::new(h),
             log,
+            events,
         })
     }
 
@@ -145,9 +151,16 @@ impl Pool {
         }
     }
 
+    /// An fd that turns readable when the core logs or stops: poll it, then call
+    /// `drain_log` (which lowers it) and `wait_stopped(0)`.
+    fn events_fd(&self) -> i32 {
+        self.events.fd()
+    }
+
     /// The core's log records since the last call, oldest first, for the pool to emit
-    /// through Python's `logging` (also after the core stopped).
+    /// through Python's `logging` (also after the core stopped). Lowers `events_fd`.
     fn drain_log(&self) -> Vec<LogRecord> {
+        self.events.clear();
         let (records, lost) = self.log.take();
         let mut out: Vec<LogRecord> = records
             .into_iter()

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use super::conn::{self, Upcalls};
 use super::curve;
 use super::{frame_head, put_frame, MORE};
+use crate::epoll::{self, Epoll, Ready};
 use crate::logging::FirstSeen;
 use crate::stream::{Outbox, BIG_FRAME};
 
@@ -144,7 +145,9 @@ pub struct Counts {
 }
 
 pub struct Router {
-    ep: OwnedFd,
+    ep: Epoll,
+    /// What the last wait found ready (kept between turns for its allocation).
+    ready: Vec<Ready>,
     listeners: Vec<TcpListener>,
     pub port: u16,
     options: Options,
@@ -196,16 +199,6 @@ const SPARE_FRAMES: usize = 1024;
 /// A buffer emptied with more capacity than this is given back.
 const KEEP_CAPACITY: usize = 4 * READ_CHUNK;
 
-fn epoll_ctl(ep: &OwnedFd, op: i32, fd: i32, events: u32, token: u64) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: token };
-    // SAFETY: ep and fd are open descriptors; ev lives across the call.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &raw mut ev) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Bind `address` (an IP literal, or `*` for every interface) on `port`.
 pub fn bind(address: &str, port: u16, backlog: i32) -> std::io::Result<TcpListener> {
     let listener = if address == "*" {
@@ -233,25 +226,14 @@ pub fn bind(address: &str, port: u16, backlog: i32) -> std::io::Result<TcpListen
 impl Router {
     /// Serve on `listener` (see [`bind`]).
     pub fn new(listener: TcpListener, options: Options) -> std::io::Result<Router> {
-        // SAFETY: epoll_create1 has no preconditions; the fd is owned from here on.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: ep is a fresh descriptor nobody else owns.
-        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        epoll_ctl(
-            &ep,
-            libc::EPOLL_CTL_ADD,
-            listener.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            LISTENER,
-        )?;
+        let ep = Epoll::new(256)?;
+        ep.add(listener.as_raw_fd(), epoll::IN, LISTENER)?;
         let port = listener.local_addr()?.port();
         let mut options = options;
         let curve = options.curve.take().map(Arc::new);
         Ok(Router {
             ep,
+            ready: Vec::with_capacity(256),
             listeners: vec![listener],
             port,
             options,
@@ -280,14 +262,7 @@ impl Router {
     /// Watch `fd` for input too: [`Router::wait`] returns when it is readable, and says
     /// so (the caller's wake-up, so that one `epoll_wait` a turn serves both).
     pub fn watch(&mut self, fd: i32) -> std::io::Result<()> {
-        epoll_ctl(
-            &self.ep,
-            libc::EPOLL_CTL_ADD,
-            fd,
-            libc::EPOLLIN as u32,
-            WATCHED,
-        )?;
-        Ok(())
+        self.ep.add(fd, epoll::IN, WATCHED)
     }
 
     /// Wait up to `timeout_ms` (not at all while parsed messages wait) for the sockets,
@@ -301,22 +276,21 @@ impl Router {
         } else {
             0
         };
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
-        // SAFETY: events has room for 256 entries.
-        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), 256, timeout) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.kind() == ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
+        let mut ready = std::mem::take(&mut self.ready);
+        let waited = self.ep.wait(timeout, &mut ready);
+        let woken = waited.map(|()| self.handle(&ready));
+        self.ready = ready;
+        self.flush();
+        woken
+    }
+
+    /// Handle what one wait found ready; whether the watched fd was among it.
+    fn handle(&mut self, ready: &[Ready]) -> bool {
         let reading = self.incoming.len() < INCOMING_HIGH;
         self.steps = 0;
         let mut woken = false;
-        for e in events.iter().take(usize::try_from(n).unwrap_or(0)) {
-            let (token, flags) = (e.u64, e.events);
+        for r in ready {
+            let token = r.token;
             if token == WATCHED {
                 woken = true;
                 continue;
@@ -335,10 +309,10 @@ impl Router {
             {
                 continue; // closed since (and perhaps the slot reused)
             }
-            if flags & libc::EPOLLOUT as u32 != 0 {
+            if r.writable() {
                 self.write(c);
             }
-            if reading && flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+            if reading && r.readable() {
                 if self.steps >= self.options.handshakes.steps_per_turn
                     && self.conns[c].as_ref().is_some_and(|x| x.pending)
                 {
@@ -350,8 +324,7 @@ impl Router {
                 self.read(c);
             }
         }
-        self.flush();
-        Ok(woken)
+        woken
     }
 
     #[cfg(test)]
@@ -527,7 +500,7 @@ impl Router {
                          raise the open-file limit, `ulimit -n`, if this repeats)"
                     );
                     let fd = self.listeners[l].as_raw_fd();
-                    let _ = epoll_ctl(&self.ep, libc::EPOLL_CTL_MOD, fd, 0, LISTENER + l as u64);
+                    let _ = self.ep.modify(fd, epoll::NONE, LISTENER + l as u64);
                     self.paused = true;
                     return;
                 }
@@ -550,13 +523,7 @@ impl Router {
             self.next_gen = self.next_gen.wrapping_add(1) & 0x7fff_ffff;
             let gen = self.next_gen;
             let token = Self::token(c, gen);
-            if let Err(e) = epoll_ctl(
-                &self.ep,
-                libc::EPOLL_CTL_ADD,
-                stream.as_raw_fd(),
-                libc::EPOLLIN as u32,
-                token,
-            ) {
+            if let Err(e) = self.ep.add(stream.as_raw_fd(), epoll::IN, token) {
                 log::warn!("worker port: cannot watch a connection from {peer}: {e}");
                 self.free.push(c);
                 continue;
@@ -653,7 +620,7 @@ impl Router {
         self.free.push(c);
         // Out of the epoll and shut down explicitly: a forked child of the user's process
         // may hold the fd open, which would keep both alive.
-        let _ = epoll_ctl(&self.ep, libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, 0);
+        let _ = self.ep.delete(conn.stream.as_raw_fd());
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
     }
 
@@ -679,20 +646,14 @@ impl Router {
         }
         let want = !conn.idle();
         if want != conn.armed {
-            let events = if want {
-                libc::EPOLLIN | libc::EPOLLOUT
+            let interest = if want {
+                epoll::IN | epoll::OUT
             } else {
-                libc::EPOLLIN
-            } as u32;
+                epoll::IN
+            };
             let token = Self::token(c, conn.gen);
             conn.armed = want;
-            if let Err(e) = epoll_ctl(
-                &self.ep,
-                libc::EPOLL_CTL_MOD,
-                conn.stream.as_raw_fd(),
-                events,
-                token,
-            ) {
+            if let Err(e) = self.ep.modify(conn.stream.as_raw_fd(), interest, token) {
                 self.close(c, &format!("epoll: {e}"));
             }
         }
@@ -703,15 +664,9 @@ impl Router {
     pub fn expire_handshakes(&mut self) {
         if std::mem::take(&mut self.paused) {
             for (l, listener) in self.listeners.iter().enumerate() {
-                let token = LISTENER + l as u64;
-                let events = libc::EPOLLIN as u32;
-                let _ = epoll_ctl(
-                    &self.ep,
-                    libc::EPOLL_CTL_MOD,
-                    listener.as_raw_fd(),
-                    events,
-                    token,
-                );
+                let _ = self
+                    .ep
+                    .modify(listener.as_raw_fd(), epoll::IN, LISTENER + l as u64);
             }
         }
         let now = Instant::now();
