@@ -3,14 +3,14 @@
 # tests start (apt), the wheel users install (scripts/wheel.sh: libzmq and libsodium
 # inside), and virtual environments with that wheel and the test tools: .venv with the
 # newest Parsl htex_rs supports, .venv-parsl-oldest with the oldest, .venv-gce with a
-# Globus Compute endpoint (its engine tests run on htex_rs: tests/test_globus_compute_engine.py).
+# Globus Compute endpoint (its engine tests run on htex_rs: tests/compat/test_globus_compute_engine.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 # openssh-server + rsync: the rsync
 # staging tests run a private sshd on loopback. openssl: the HTTPS test certificate.
 # slurmd slurmctld slurm-client munge: the provider tests run a one-node Slurm cluster
-# on loopback (tests/slurm_cluster.py); nothing is started system-wide.
+# on loopback (tests/support/slurm_cluster.py); nothing is started system-wide.
 APT_PACKAGES="openssh-server rsync openssl slurmd slurmctld slurm-client munge"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then

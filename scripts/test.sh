@@ -29,7 +29,7 @@ for env in .venv .venv-parsl-oldest; do
     parsl_version=$(python -c 'import parsl; print(parsl.__version__)')
     echo "==> [$env: parsl $parsl_version] pytest tests/ (real executors, pools, sockets)"
     # The Globus Compute engine tests run in .venv-gce whichever env drives them: once.
-    gce="--ignore=tests/test_globus_compute_engine.py"; [ $env = .venv ] && gce=""
+    gce="--ignore=tests/compat/test_globus_compute_engine.py"; [ $env = .venv ] && gce=""
     # Every test must run here: one that would skip (no root, Slurm, namespaces,
     # cgroups, the endpoint's sdist) fails CI instead.
     HTEX_RS_REQUIRE_ALL=1 HTEX_RS_REQUIRE_GCE=1 python -m pytest tests -q --durations 10 $gce || status=1
@@ -38,7 +38,7 @@ for env in .venv .venv-parsl-oldest; do
     PT=$(python -c 'import parsl, os; print(os.path.dirname(parsl.__file__))')/tests
     # The two unix_filesystem_permissions_required tests cannot pass as root (they fail
     # with Parsl's own HTEX too); cleannet tests need the internet.
-    ( cd "$(mktemp -d)" && python -m pytest "$PT" --config "$OLDPWD/tests/parsl_suite/htex_rs_config.py" \
+    ( cd "$(mktemp -d)" && python -m pytest "$PT" --config "$OLDPWD/tests/compat/parsl_suite/htex_rs_config.py" \
         -k "not cleannet and not unix_filesystem_permissions_required" -q --random-order --timeout 300 ) || status=1
 done
 

@@ -1,6 +1,6 @@
 """Shared pytest fixtures for the htex_rs test suite.
 
-Parsl-derived fixtures (used by the vendored tests/test_parsl_*.py, which are
+Parsl-derived fixtures (used by the vendored tests/compat/test_parsl_*.py, which are
 adapted from Parsl's local-mode tests under parsl/tests/):
 
 * ``try_assert``  - copied from parsl/tests/conftest.py: poll a predicate until
@@ -24,16 +24,17 @@ import random
 import time
 import typing as t
 
-import fault_ledger
 import parsl
 import pytest
 from parsl.config import Config
 from parsl.dataflow.dflow import DataFlowKernelLoader
 from parsl.utils import RepresentationMixin
 
+from support import TESTS_DIR, fault_ledger, worker_pythonpath
+
 
 def _load_suite_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parsl_suite", "htex_rs_config.py")
+    path = os.path.join(TESTS_DIR, "compat", "parsl_suite", "htex_rs_config.py")
     spec = importlib.util.spec_from_file_location("htex_rs_suite_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -48,7 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Marker kept from Parsl's originals (documentation only; nothing filters on it).
     config.addinivalue_line("markers", "multiple_cores_required: needs at least two usable CPU cores")
     config.addinivalue_line("markers", "fault: a fault-injection case; its tasks and processes are "
-                                       "accounted for by the fault ledger (tests/fault_ledger.py)")
+                                       "accounted for by the fault ledger (tests/support/fault_ledger.py)")
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +139,7 @@ def try_assert():
 
 
 @pytest.fixture
-def load_dfk(tmp_path, monkeypatch):
+def load_dfk(request, tmp_path, monkeypatch):
     """``load_dfk(config) -> DataFlowKernel``, like Parsl's local-mode loader.
 
     Puts the default run_dir and every executor's working_dir under tmp_path,
@@ -147,13 +148,12 @@ def load_dfk(tmp_path, monkeypatch):
 
     Apps defined in a test module are pickled by reference (module name), as in
     Parsl's own suite, where the tests are importable as ``parsl.tests.*``. Our
-    test modules are imported by pytest from tests/ (rootdir-style), so that
-    directory is put on PYTHONPATH for the worker pools the DFK launches.
+    test modules are imported by pytest from their own folder (tests/compat, ...;
+    rootdir-style), so that folder and tests/ (for ``support``) are put on
+    PYTHONPATH for the worker pools the DFK launches.
     """
     assert DataFlowKernelLoader._dfk is None, "a DFK leaked from an earlier test"
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("PYTHONPATH", worker_pythonpath(request.node.path))
     old_validate = RepresentationMixin._validate_repr
     RepresentationMixin._validate_repr = True
     loaded: list = []
