@@ -48,13 +48,7 @@ fn wait_results(h: &Handle, n: usize) {
 }
 
 fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
-    h.submit([NewTask {
-        task_id: u64::MAX,
-        priority: 0.0,
-        flags: 0,
-        payload: bytes::Bytes::new(),
-        request: None,
-    }]);
+    h.submit([NewTask::plain(u64::MAX, 0.0, 0, bytes::Bytes::new())]);
     pool.join().unwrap();
     drop(h);
 }
@@ -62,24 +56,12 @@ fn stop(h: Handle, pool: std::thread::JoinHandle<()>) {
 fn bench(c: &mut Criterion) {
     let (h, pool) = setup(1);
     // Warm-up outside the timer: TCP connect and registration.
-    h.submit([NewTask {
-        task_id: 0,
-        priority: 0.0,
-        flags: 0,
-        payload: vec![0; 64].into(),
-        request: None,
-    }]);
+    h.submit([NewTask::plain(0, 0.0, 0, vec![0; 64].into())]);
     wait_results(&h, 1);
     let mut id = 1u64;
     c.bench_function("round_trip_one_task", |b| {
         b.iter(|| {
-            h.submit([NewTask {
-                task_id: id,
-                priority: 0.0,
-                flags: 0,
-                payload: vec![0; 64].into(),
-                request: None,
-            }]);
+            h.submit([NewTask::plain(id, 0.0, 0, vec![0; 64].into())]);
             id += 1;
             wait_results(&h, 1);
         });
@@ -87,13 +69,7 @@ fn bench(c: &mut Criterion) {
     stop(h, pool);
 
     let (h, pool) = setup(1024);
-    h.submit([NewTask {
-        task_id: 0,
-        priority: 0.0,
-        flags: 0,
-        payload: vec![0; 64].into(),
-        request: None,
-    }]);
+    h.submit([NewTask::plain(0, 0.0, 0, vec![0; 64].into())]);
     wait_results(&h, 1);
     let mut g = c.benchmark_group("batched");
     let n = 10_000u64;
@@ -103,13 +79,9 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let start = Instant::now();
             for _ in 0..iters {
-                h.submit((0..n).map(|i| NewTask {
-                    task_id: id + i,
-                    priority: f64::INFINITY,
-                    flags: 0,
-                    payload: vec![0; 64].into(),
-                    request: None,
-                }));
+                h.submit(
+                    (0..n).map(|i| NewTask::plain(id + i, f64::INFINITY, 0, vec![0; 64].into())),
+                );
                 id += n;
                 wait_results(&h, n as usize);
             }

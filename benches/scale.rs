@@ -512,26 +512,14 @@ fn run(pools: usize, capacity: u32, tasks: u64) -> Figures {
         }
     };
     let phase = Phase::start(&children);
-    h.submit((1..=tasks).map(|i| NewTask {
-        task_id: i,
-        priority: f64::INFINITY,
-        flags: 0,
-        payload: vec![0; 100].into(),
-        request: None,
-    }));
+    h.submit((1..=tasks).map(|i| NewTask::plain(i, f64::INFINITY, 0, vec![0; 100].into())));
     wait(tasks);
     let (throughput, ix_cpu_us, sim_cpu_us) = phase.end(tasks, &children);
     let rss_mib = (rss_kib().saturating_sub(before)) as f64 / 1024.0;
     let mut lat = Vec::new();
     for i in 0..500 {
         let t = Instant::now();
-        h.submit([NewTask {
-            task_id: tasks + 1 + i,
-            priority: 0.0,
-            flags: 0,
-            payload: vec![0; 100].into(),
-            request: None,
-        }]);
+        h.submit([NewTask::plain(tasks + 1 + i, 0.0, 0, vec![0; 100].into())]);
         wait(1);
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }

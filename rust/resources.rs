@@ -12,6 +12,36 @@ use serde::{Deserialize, Serialize};
 
 /// Meta flag: the payload starts with a length-prefixed JSON request (or grant).
 pub const FLAG_RESOURCES: u8 = 2;
+/// Meta flag: the task has a time limit, `walltime` (seconds) in the same JSON head. The
+/// pool ends the task past it, and takes the head off (or puts its grant there) before
+/// the task goes to a worker, which never sees this flag.
+pub const FLAG_WALLTIME: u8 = 4;
+
+/// A task's head as the interchange writes it: what it asks for, and its time limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Head {
+    #[serde(flatten)]
+    pub request: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub walltime: Option<f64>,
+}
+
+impl Head {
+    /// The head's JSON (`walltime` only when set).
+    #[must_use]
+    pub fn to_json(self) -> Vec<u8> {
+        serde_json::to_vec(&self).expect("numbers serialize")
+    }
+}
+
+/// The time limit in a flagged payload's head (`None`: none, or malformed).
+#[must_use]
+pub fn walltime_of(payload: &[u8]) -> Option<std::time::Duration> {
+    let head: Head = serde_json::from_slice(split(payload)?.0).ok()?;
+    head.walltime
+        .filter(|w| w.is_finite() && *w > 0.0)
+        .map(|w| std::time::Duration::from_secs_f64(w.min(1e9)))
+}
 
 /// Cores, memory (MB) and GPUs: a task's request, or a pool's totals or free share.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
 """Type stubs of htex_rs's native module (rust/python/). Keep in step with the binding;
-``tests/test_core_stub.py`` checks with ``mypy.stubtest`` that they agree."""
+``tests/unit/test_core_stub.py`` checks with ``mypy.stubtest`` that they agree."""
 from typing import Optional, Sequence, TypedDict, final
 
 VERSION: str
@@ -36,6 +36,7 @@ STATUS_EXCEPTION: int
 STATUS_MONITORING: int
 STATUS_WORKER_LOST: int
 STATUS_UNPLACEABLE: int
+STATUS_TIMEOUT: int
 FLAG_CONTEXT: int
 FLAG_RESOURCES: int
 
@@ -93,7 +94,8 @@ class NodeInfo(TypedDict):
     idle_since: Optional[float]
 
 class ManagerRecord(TypedDict):
-    """One entry of ``connected_managers()`` (Parsl's keys)."""
+    """One entry of ``connected_managers()`` (Parsl's keys, and ``time_left``: seconds
+    left in the pool's block, None when its end is unknown)."""
 
     manager: str
     block_id: Optional[str]
@@ -105,6 +107,7 @@ class ManagerRecord(TypedDict):
     python_version: str
     draining: bool
     hostname: str
+    time_left: Optional[float]
 
 @final
 class Events:
@@ -150,7 +153,7 @@ class Interchange:
     @property
     def port(self) -> int: ...
     def submit(self, task_id: int, priority: float, flags: int, payload: bytes,
-               request: Optional[tuple[int, int, int]] = None) -> None: ...
+               request: Optional[tuple[int, int, int]] = None, walltime: Optional[float] = None) -> None: ...
     def wait_events(self, timeout_ms: int, max_events: int) -> Events: ...
     def alive(self) -> bool: ...
     def managers(self) -> list[ManagerRecord]: ...
@@ -171,6 +174,8 @@ class PoolCounts:
     def results(self) -> int: ...
     @property
     def lost(self) -> int: ...
+    @property
+    def timed_out(self) -> int: ...
     @property
     def deaths(self) -> int: ...
     @property

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import typeguard
 from parsl import curvezmq
-from parsl.app.errors import RemoteExceptionWrapper
+from parsl.app.errors import AppTimeout, RemoteExceptionWrapper
 from parsl.data_provider.staging import Staging
 from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
@@ -44,7 +44,7 @@ from parsl.providers import LocalProvider
 from parsl.providers.base import ExecutionProvider
 from parsl.serialize.errors import DeserializationError, SerializationError
 
-from htex_rs import _core, fd_limits, validation, wire
+from htex_rs import _core, block_end, fd_limits, validation, wire
 from htex_rs.addresses import is_loopback, local_addresses, resolve_address
 from htex_rs.errors import (
     CommandTimeout,
@@ -82,7 +82,8 @@ DEFAULT_LAUNCH_CMD = ("htex-rs-worker-pool {debug} {max_workers_per_node} "
                       "{enable_mpi_mode} "
                       "--mpi-launcher={mpi_launcher} "
                       "--available-accelerators {accelerators} "
-                      "--max-message-bytes={{max_message_bytes}}")
+                      "--max-message-bytes={{max_message_bytes}} "
+                      "--block-walltime={{block_walltime}}")
 
 #: Most events taken from the interchange per GIL acquisition.
 _RESULT_BATCH = 4096
@@ -333,6 +334,10 @@ class HighThroughputExecutor(ParslHTEX):
         atexit.register(self._stop_at_exit)
         self.initialize_scaling()  # type: ignore[no-untyped-call]  # Parsl's, in its own class
         self.launch_cmd = self.launch_cmd.replace("{max_message_bytes}", str(self.max_message_bytes))
+        # A pool counts its block's end from the provider's walltime where the batch
+        # system does not say (htex_rs/block_end.py).
+        walltime = block_end.parse_walltime(getattr(self.provider, "walltime", None))
+        self.launch_cmd = self.launch_cmd.replace("{block_walltime}", str(walltime))
 
     def _warn_if_open_and_unencrypted(self, bind: str) -> None:
         """Without CURVE the worker port authenticates nobody, and what crosses it is
@@ -397,20 +402,22 @@ class HighThroughputExecutor(ParslHTEX):
         # with (an empty specification returns at once).
         self.validate_resource_spec(resource_specification)
         parsed = self._parsed_spec(resource_specification)
+        walltime = validation.walltime_of(resource_specification, kwargs)
         try:
             buffer = pack_apply_message(func, args, kwargs, buffer_threshold=1 << 20)
         except TypeError as e:
             raise SerializationError(func.__name__) from e
         context = {"resource_spec": resource_specification} if resource_specification else {}
-        return self._submit(context, buffer, *parsed)
+        return self._submit(context, buffer, *parsed, walltime)
 
     def submit_payload(self, context: dict[str, Any], buffer: bytes) -> HTEXFuture:
         """Queue an already-serialized task. ``context['task_executor']`` = {f, a, k}
         makes the worker call the importable function ``f(buffer, *a, **k)`` instead."""
-        return self._submit(context, buffer, *self._parsed_spec(context.get("resource_spec")))
+        spec = context.get("resource_spec")
+        return self._submit(context, buffer, *self._parsed_spec(spec), validation.walltime_of(spec, {}))
 
     def _submit(self, context: dict[str, Any], buffer: bytes, priority: float,
-                request: Optional[dict[str, int]]) -> HTEXFuture:
+                request: Optional[dict[str, int]], walltime: Optional[float] = None) -> HTEXFuture:
         if self.bad_state_is_set:
             raise self.executor_exception
         if self._ix is None:
@@ -431,7 +438,7 @@ class HighThroughputExecutor(ParslHTEX):
                 self.tasks.pop(task_id, None)
                 raise self.executor_exception
             try:
-                self._ix.submit(task_id, priority, flags, payload, typed)
+                self._ix.submit(task_id, priority, flags, payload, typed, walltime)
             except BaseException:
                 self.tasks.pop(task_id, None)
                 raise
@@ -503,6 +510,14 @@ class HighThroughputExecutor(ParslHTEX):
             why = bytes(data).decode(errors="replace")
             logger.warning("Task %s failed: %s", task_id, why)
             _settle(fut, exception=ResourceRequestTooLarge(task_id, why))
+            return
+        if status == wire.STATUS_TIMEOUT:
+            try:
+                why = wire.timed_out(task_id, data)
+            except ValueError as e:
+                why = f"task {task_id} ran past its walltime (unreadable report: {e})"
+            logger.warning("Task %s failed: %s", task_id, why)
+            _settle(fut, exception=AppTimeout(why))
             return
         if status == wire.STATUS_WORKER_LOST:
             try:

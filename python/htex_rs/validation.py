@@ -12,7 +12,8 @@ from htex_rs.errors import HtexRsConfigurationError
 #: Per-task resources (Parsl's WorkQueue/TaskVine names and units): counts of cores and
 #: GPUs, memory in MB. A task that names any of them is packed onto a pool with room.
 RESOURCE_KEYS = ("cores", "memory", "gpus")
-ACCEPTED_RESOURCE_KEYS = frozenset({"priority", *RESOURCE_KEYS})
+#: ``walltime``: seconds the task may run; the pool ends it past that (see ``walltime_of``).
+ACCEPTED_RESOURCE_KEYS = frozenset({"priority", "walltime", *RESOURCE_KEYS})
 _MINIMUM = {"cores": 1, "memory": 0, "gpus": 0}
 _UNIT = {"cores": "a whole number of cores, at least 1", "memory": "whole megabytes (MB), 0 or more",
          "gpus": "a whole number of GPUs, 0 or more"}
@@ -77,6 +78,25 @@ def parse_resource_spec(spec: Optional[dict[str, Any]]) -> Tuple[float, Optional
     if request:
         request.setdefault("cores", 1)  # a task runs on at least one core
     return priority, request or None
+
+
+def walltime_of(spec: Optional[dict[str, Any]], kwargs: dict[str, Any]) -> Optional[float]:
+    """A task's time limit in seconds: Parsl's ``walltime=`` app argument (python and bash
+    apps pass it to the executor in ``kwargs``), else ``parsl_resource_specification``'s
+    ``walltime``; None for no limit."""
+    if kwargs.get("walltime") is not None:
+        where, value = "walltime=", kwargs["walltime"]
+    elif spec and spec.get("walltime") is not None:
+        where, value = "parsl_resource_specification's walltime", spec["walltime"]
+    else:
+        return None
+    # bool first: True is 1 to Python, not a duration to a user.
+    seconds = math.nan if isinstance(value, bool) else float(value) if isinstance(value, numbers.Real) else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidResourceSpecification(
+            {"walltime"}, f"{where} {value!r} is not valid: write a number of seconds greater than 0, "
+                          "e.g. walltime=60")
+    return seconds
 
 
 def _count(key: str, value: Any) -> int:

@@ -32,6 +32,9 @@ STATUS_MONITORING = _core.STATUS_MONITORING
 #: The task's worker died running it; the payload is the pool's JSON
 #: ``{"worker_id", "hostname", "pid", "exit_code"}`` (see :func:`worker_lost`).
 STATUS_WORKER_LOST = _core.STATUS_WORKER_LOST
+#: The task ran past its walltime and the pool ended its worker. The payload is JSON:
+#: ``{"worker_id", "hostname", "pid", "walltime", "ran"}`` (see :func:`timed_out`).
+STATUS_TIMEOUT = _core.STATUS_TIMEOUT
 #: The interchange's answer to a task bigger than every connected pool (payload: why).
 STATUS_UNPLACEABLE = _core.STATUS_UNPLACEABLE
 #: The payload is pickle((context, buffer)) instead of the bare buffer.
@@ -93,3 +96,12 @@ def worker_lost(payload: bytes) -> tuple[Any, str, str]:
     how = (f"killed by signal {-code}" if isinstance(code, int) and code < 0
            else f"exited with code {code}")
     return worker_id, str(d.get("hostname", "")), f"pid {d.get('pid')} {how}"
+
+
+def timed_out(task_id: int, payload: bytes) -> str:
+    """A STATUS_TIMEOUT payload, as the message of the AppTimeout the task fails with."""
+    d = json.loads(payload)
+    return (f"task {task_id} ran {float(d.get('ran', 0)):.1f} s, past its walltime of "
+            f"{float(d.get('walltime', 0)):g} s: the pool on {d.get('hostname', '?')} ended its worker "
+            f"{d.get('worker_id', '?')} (pid {d.get('pid')}) and the processes it started")
+

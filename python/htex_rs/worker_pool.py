@@ -31,7 +31,7 @@ _SCRIPT_LOAD_TIME = time.time()
 import psutil  # noqa: E402
 import zmq  # noqa: E402
 
-from htex_rs import _core, fd_limits, logs, planner, pool_resources, wire  # noqa: E402
+from htex_rs import _core, block_end, fd_limits, logs, planner, pool_resources, wire  # noqa: E402
 from htex_rs.addresses import tcp_url  # noqa: E402
 
 logger = logging.getLogger("htex_rs.worker_pool")
@@ -73,6 +73,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--hb_period", type=float, default=30)
     p.add_argument("--hb_threshold", type=float, default=120)
     p.add_argument("--drain_period", type=none_or(float), default=None)
+    p.add_argument("--block-walltime", type=none_or(float), default=None,
+                   help="the provider's walltime in seconds (see htex_rs.block_end)")
     p.add_argument("--address_probe_timeout", type=float, default=30)
     p.add_argument("--poll", type=int, default=10, help="accepted for compatibility; unused")
     p.add_argument("--cpu-affinity", type=str.lower, required=True)
@@ -144,6 +146,7 @@ class Pool:
         # ones in one queue, not in per-worker shares.
         self.capacity = self.count + args.prefetch_capacity
         self.drain_time = _SCRIPT_LOAD_TIME + args.drain_period if args.drain_period is not None else None
+        self.block_end = block_end.block_end(args.block_walltime, _SCRIPT_LOAD_TIME)
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
         self.ctx = zmq.Context()
         self.workers: dict[int, Worker] = {}
@@ -220,6 +223,7 @@ class Pool:
             "max_capacity": self.capacity,
             "start_time": _SCRIPT_LOAD_TIME,
             "drain_time": self.drain_time,
+            "block_end": self.block_end,
             "os": platform.system(),
             "dir": os.getcwd(),
             "cpu_count": psutil.cpu_count(logical=False) or 1,
@@ -251,7 +255,9 @@ class Pool:
             cmd += ["--logconf", self.args.logconf]
         if self.args.debug:
             cmd.append("--debug")
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        # Its own session: the core ends a worker whose task ran past its walltime by
+        # signalling its process group, which takes a bash app's children with it.
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         w = Worker(rank, proc, os.pidfd_open(proc.pid))
         self.workers[rank] = w
         logger.info("Started worker %d as pid %d (cpus=%s)", rank, proc.pid, cpus)
@@ -271,7 +277,10 @@ class Pool:
         # A worker that dies soon after starting (a broken environment, an import error) is
         # restarted with growing delays, and the pool gives up after a run of such deaths,
         # so its tasks end as ManagerLost instead of cycling forever.
-        quick = time.monotonic() - w.started < QUICK_DEATH_S
+        # SIGTERM or SIGKILL came from outside (the core ending a task past its walltime,
+        # the OOM killer, a user): not a sign of a broken environment.
+        killed = code in (-signal.SIGTERM, -signal.SIGKILL)
+        quick = time.monotonic() - w.started < QUICK_DEATH_S and not killed
         self.quick_deaths[w.rank] = self.quick_deaths.get(w.rank, 0) + 1 if quick else 0
         n = self.quick_deaths[w.rank]
         if n >= MAX_QUICK_DEATHS:

@@ -47,9 +47,10 @@ pub trait Outbox {
 /// The queued tasks and the pass that hands them to pools.
 #[derive(Default)]
 pub struct Dispatch {
-    /// Tasks without a resource request.
+    /// Tasks without a resource request or a time limit.
     plain: TaskQueue,
-    /// Tasks with a resource request, matched to pools with room before `plain`.
+    /// Tasks with a resource request or a time limit, each matched to a pool with room
+    /// and time for it before `plain`.
     sized: TaskQueue,
     /// A task joined `sized` since the last pass (it may be bigger than every pool).
     sized_new: bool,
@@ -61,7 +62,7 @@ pub struct Dispatch {
 
 impl Dispatch {
     pub fn push(&mut self, task: PendingTask) {
-        if task.request.is_some() {
+        if task.request.is_some() || task.walltime.is_some() {
             self.sized_new = true;
             self.sized.push(task);
         } else {
@@ -156,7 +157,7 @@ impl Dispatch {
         for _ in 0..SIZED_SCAN {
             let Some(mut t) = self.sized.pop() else { break };
             let req = t.request.unwrap_or_default();
-            match pools.place(&req, &kept) {
+            match pools.place(&req, t.walltime, &kept, now) {
                 Placement::Fits(slot) => {
                     pools.assign_at(slot, &[t.task_id], now);
                     pools.grant_at(slot, t.task_id, req);
@@ -284,6 +285,7 @@ mod tests {
             flags: 0,
             payload: bytes::Bytes::new(),
             request: None,
+            walltime: None,
             blocked_since: None,
         }
     }
@@ -392,6 +394,69 @@ mod tests {
         assert_eq!(b.pass(), vec![batch("low", &[1])]);
         assert_eq!(b.d.queued(), 0);
         assert!(b.events.is_empty());
+    }
+
+    fn limited(id: u64, secs: u64) -> PendingTask {
+        PendingTask {
+            walltime: Some(Duration::from_secs(secs)),
+            ..plain(id, f64::INFINITY)
+        }
+    }
+
+    /// A pool whose block ends `secs` from now.
+    fn ending(pools: &mut Pools, uid: &str, block: &str, capacity: u32, secs: f64) {
+        pools.register(
+            uid.as_bytes().to_vec(),
+            Registration {
+                uid: uid.into(),
+                block_id: Some(block.into()),
+                max_capacity: capacity,
+                worker_count: capacity,
+                block_end: Some(crate::interchange::pools::epoch_now() + secs),
+                ..Registration::default()
+            },
+        );
+    }
+
+    #[test]
+    fn a_task_with_a_walltime_goes_only_to_a_block_with_time_left_for_it() {
+        let mut b = Bench::new();
+        // The selector prefers the highest block: "short", which ends in 60 s.
+        ending(&mut b.pools, "long", "1", 4, 3600.0);
+        ending(&mut b.pools, "short", "2", 4, 60.0);
+        b.d.push(limited(1, 1800)); // only "long" has time for it
+        b.d.push(limited(2, 30)); // both have: the selector's choice
+        b.d.push(plain(3, f64::INFINITY)); // no limit: anywhere
+        b.d.push(limited(4, 100_000)); // nobody has: it waits
+        assert_eq!(
+            b.pass(),
+            vec![
+                batch("long", &[1]),
+                batch("short", &[2]),
+                batch("short", &[3])
+            ]
+        );
+        assert_eq!(b.d.queued(), 1);
+        assert!(
+            b.events.is_empty(),
+            "a task no block has time for waits, never fails"
+        );
+        // A pool whose end is unknown (no batch system said) takes it.
+        pool(&mut b.pools, "unknown", "3", 1, None);
+        assert_eq!(b.pass(), vec![batch("unknown", &[4])]);
+    }
+
+    #[test]
+    fn the_margin_covers_a_task_s_start_and_the_two_clocks() {
+        let mut pools = Pools::new(Selector::BlockId, false);
+        ending(&mut pools, "p", "1", 1, 100.0);
+        let now = Instant::now();
+        let p = pools.get(b"p").unwrap();
+        assert!(p.time_left(now).unwrap() <= Duration::from_secs(100));
+        assert!(p.has_time_for(Some(Duration::from_secs(90)), now));
+        // 95 s + 1 s + 95/20 s > 100 s.
+        assert!(!p.has_time_for(Some(Duration::from_secs(95)), now));
+        assert!(p.has_time_for(None, now));
     }
 
     #[test]

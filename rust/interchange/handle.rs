@@ -15,7 +15,7 @@ use super::selector::Selector;
 use super::Interchange;
 use crate::logging::{self, Sink};
 use crate::protocol::{message_limit, PROTOCOL_VERSION};
-use crate::resources::{self, Resources, FLAG_RESOURCES};
+use crate::resources::{self, Head, Resources, FLAG_RESOURCES, FLAG_WALLTIME};
 use crate::socket_thread::SocketThread;
 use crate::transport::Mailbox;
 use crate::zmtp::{curve, router};
@@ -78,26 +78,54 @@ pub struct NewTask {
     pub payload: Bytes,
     /// What it asks for (cores, memory, GPUs); `None`: any free slot will do.
     pub request: Option<Resources>,
+    /// How long it may run; the pool ends it past this.
+    pub walltime: Option<Duration>,
 }
 
 impl NewTask {
-    /// A task asking for `request`: `FLAG_RESOURCES` set, the request written at the head
-    /// of its payload for the pool (the one copy such a task costs).
+    /// A task that asks for nothing and has no limit: its payload goes as it is.
     #[must_use]
-    pub fn sized(
+    pub fn plain(task_id: u64, priority: f64, flags: u8, payload: Bytes) -> NewTask {
+        NewTask {
+            task_id,
+            priority,
+            flags,
+            payload,
+            request: None,
+            walltime: None,
+        }
+    }
+
+    /// A task asking for `request` (`FLAG_RESOURCES`) or limited to `walltime`
+    /// (`FLAG_WALLTIME`), or both: they are written at the head of its payload for the
+    /// pool (the one copy such a task costs).
+    #[must_use]
+    pub fn with_head(
         task_id: u64,
         priority: f64,
         flags: u8,
         payload: &[u8],
-        request: Resources,
+        request: Option<Resources>,
+        walltime: Option<Duration>,
     ) -> NewTask {
-        let head = serde_json::to_vec(&request).expect("three numbers serialize");
+        let head = Head {
+            request: request.unwrap_or_default(),
+            walltime: walltime.map(|w| w.as_secs_f64()),
+        };
+        let mut flags = flags;
+        if request.is_some() {
+            flags |= FLAG_RESOURCES;
+        }
+        if walltime.is_some() {
+            flags |= FLAG_WALLTIME;
+        }
         NewTask {
             task_id,
             priority,
-            flags: flags | FLAG_RESOURCES,
-            payload: resources::join(&head, payload).into(),
-            request: Some(request),
+            flags,
+            payload: resources::join(&head.to_json(), payload).into(),
+            request,
+            walltime,
         }
     }
 }

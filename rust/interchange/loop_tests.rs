@@ -61,13 +61,7 @@ fn recv(s: &zmq::Socket) -> Vec<Vec<u8>> {
 }
 
 fn task(id: u64, priority: f64) -> NewTask {
-    NewTask {
-        task_id: id,
-        priority,
-        flags: 0,
-        payload: id.to_le_bytes().to_vec().into(),
-        request: None,
-    }
+    NewTask::plain(id, priority, 0, id.to_le_bytes().to_vec().into())
 }
 
 fn wait_for<T>(h: &Handle, mut pick: impl FnMut(Event) -> Option<T>) -> T {
@@ -187,7 +181,7 @@ fn typed(id: u64, cores: u32) -> NewTask {
         cores,
         ..resources::Resources::default()
     };
-    NewTask::sized(id, f64::INFINITY, 0, &id.to_le_bytes(), request)
+    NewTask::with_head(id, f64::INFINITY, 0, &id.to_le_bytes(), Some(request), None)
 }
 
 fn sent_ids(p: &zmq::Socket) -> Vec<u64> {

@@ -165,6 +165,7 @@ impl Interchange {
                         flags: t.flags,
                         payload: t.payload,
                         request: t.request,
+                        walltime: t.walltime,
                         blocked_since: None,
                     });
                 }

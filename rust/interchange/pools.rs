@@ -35,9 +35,34 @@ pub struct Pool {
     /// Resources of the tasks it holds that asked for them, and their sum.
     granted: HashMap<u64, Resources>,
     used: Resources,
+    /// When its block ends (from its registration's `block_end`), on this clock.
+    ends_at: Option<Instant>,
+}
+
+/// The time a task limited to `walltime` needs left in a block: its limit, a second to
+/// start it, and a twentieth more (a pool's clock and ours, its worker's start-up).
+#[must_use]
+pub fn time_needed(walltime: Duration) -> Duration {
+    walltime + Duration::from_secs(1) + walltime / 20
 }
 
 impl Pool {
+    /// Time left in its block at `now`; `None`: its end is unknown.
+    #[must_use]
+    pub fn time_left(&self, now: Instant) -> Option<Duration> {
+        self.ends_at.map(|e| e.saturating_duration_since(now))
+    }
+
+    /// Its block has time left at `now` for a task limited to `walltime` (any block
+    /// whose end is unknown, and any for a task without a limit).
+    #[must_use]
+    pub fn has_time_for(&self, walltime: Option<Duration>, now: Instant) -> bool {
+        match (walltime, self.time_left(now)) {
+            (Some(w), Some(left)) => left >= time_needed(w),
+            _ => true,
+        }
+    }
+
     #[must_use]
     pub fn free_capacity(&self) -> usize {
         (self.reg.max_capacity as usize).saturating_sub(self.tasks.len())
@@ -85,6 +110,8 @@ pub struct ManagerInfo {
     pub parsl_version: String,
     pub python_version: String,
     pub hostname: String,
+    /// Seconds left in its block (`None`: its end is unknown).
+    pub time_left: Option<f64>,
 }
 
 /// A manager's record for monitoring (Parsl's NODE_INFO, which fills the `node` table and
@@ -269,7 +296,16 @@ impl Pools {
             last_report: now,
             granted: HashMap::new(),
             used: Resources::default(),
+            ends_at: None,
         };
+        m.ends_at = m.reg.block_end.map(|end| {
+            let left = end - epoch_now();
+            if left > 0.0 {
+                now + Duration::from_secs_f64(left.min(1e9))
+            } else {
+                now
+            }
+        });
         if let Some(r) = &mut self.reports {
             r.report(&mut m, now);
             // The first tasks it is sent are reported at once, not an interval later.
@@ -410,11 +446,19 @@ impl Pools {
     /// for a task ahead of it): the selector's choice among those with a free slot and
     /// room for it (`BlockId`: the highest block; `Random`: any).
     #[must_use]
-    pub fn place(&self, req: &Resources, kept: &[u32]) -> Placement {
-        let fitting = self
-            .map
-            .values()
-            .filter(|m| m.eligible() && req.fits(&m.room()) && !kept.contains(&m.slot));
+    pub fn place(
+        &self,
+        req: &Resources,
+        walltime: Option<Duration>,
+        kept: &[u32],
+        now: Instant,
+    ) -> Placement {
+        let fitting = self.map.values().filter(|m| {
+            m.eligible()
+                && req.fits(&m.room())
+                && m.has_time_for(walltime, now)
+                && !kept.contains(&m.slot)
+        });
         let chosen = match self.selector {
             Selector::BlockId => fitting.max_by(|a, b| a.reg.block_id.cmp(&b.reg.block_id)),
             Selector::Random => {
@@ -428,7 +472,7 @@ impl Pools {
         let could = self
             .map
             .values()
-            .filter(|m| req.fits(&m.total()))
+            .filter(|m| req.fits(&m.total()) && m.has_time_for(walltime, now))
             .filter(|m| m.active && !m.draining)
             .max_by_key(|m| (m.room().cores, m.room().gpus, m.room().memory));
         if could.is_none() && !self.map.values().any(|m| req.fits(&m.total())) {
@@ -551,6 +595,7 @@ impl Pools {
                 parsl_version: m.reg.parsl_version.clone(),
                 python_version: m.reg.python_version.clone(),
                 hostname: m.reg.hostname.clone(),
+                time_left: m.time_left(now).map(|d| d.as_secs_f64()),
             })
             .collect()
     }
@@ -754,23 +799,23 @@ mod tests {
         let mut m = Pools::new(Selector::BlockId, false);
         let none: &[u32] = &[];
         assert_eq!(
-            m.place(&want(1, 0), none),
+            m.place(&want(1, 0), None, none, Instant::now()),
             Placement::Never(Resources::default())
         );
         m.register(b"a".to_vec(), sized("a", "1", 8, 8, 0));
         m.register(b"b".to_vec(), sized("b", "2", 8, 4, 2));
         assert_eq!(
-            m.place(&want(2, 0), none),
+            m.place(&want(2, 0), None, none, Instant::now()),
             Placement::Fits(at(&m, b"b")),
             "highest block"
         );
         assert_eq!(
-            m.place(&want(6, 0), none),
+            m.place(&want(6, 0), None, none, Instant::now()),
             Placement::Fits(at(&m, b"a")),
             "only a has 6"
         );
         assert_eq!(
-            m.place(&want(1, 1), none),
+            m.place(&want(1, 1), None, none, Instant::now()),
             Placement::Fits(at(&m, b"b")),
             "only b has GPUs"
         );
@@ -780,20 +825,23 @@ mod tests {
             gpus: 0,
         });
         assert_eq!(
-            m.place(&want(9, 0), none),
+            m.place(&want(9, 0), None, none, Instant::now()),
             largest,
             "bigger than every pool"
         );
         assign(&mut m, b"a", &[1]);
         m.grant_at(at(&m, b"a"), 1, want(6, 0));
         assert_eq!(
-            m.place(&want(6, 0), none),
+            m.place(&want(6, 0), None, none, Instant::now()),
             Placement::Wait(Some(at(&m, b"a")))
         );
-        assert_eq!(m.place(&want(2, 0), none), Placement::Fits(at(&m, b"b")));
+        assert_eq!(
+            m.place(&want(2, 0), None, none, Instant::now()),
+            Placement::Fits(at(&m, b"b"))
+        );
         let kept = [at(&m, b"b")];
         assert_eq!(
-            m.place(&want(2, 0), &kept),
+            m.place(&want(2, 0), None, &kept, Instant::now()),
             Placement::Fits(at(&m, b"a")),
             "b kept"
         );
@@ -803,10 +851,13 @@ mod tests {
             m.get(b"a").unwrap().total(),
             "released"
         );
-        assert_eq!(m.place(&want(6, 0), none), Placement::Fits(at(&m, b"a")));
+        assert_eq!(
+            m.place(&want(6, 0), None, none, Instant::now()),
+            Placement::Fits(at(&m, b"a"))
+        );
         assert!(m.hold("a"));
         assert_eq!(
-            m.place(&want(6, 0), none),
+            m.place(&want(6, 0), None, none, Instant::now()),
             Placement::Wait(None),
             "only a held pool could"
         );
@@ -834,7 +885,7 @@ mod tests {
                 match op {
                     0 | 1 => {
                         let req = want(cores, gpus);
-                        if let Placement::Fits(slot) = m.place(&req, &[]) {
+                        if let Placement::Fits(slot) = m.place(&req, None, &[], Instant::now()) {
                             m.assign_at(slot, &[next], Instant::now());
                             m.grant_at(slot, next, req);
                             let id = m.at(slot).unwrap().identity.clone();

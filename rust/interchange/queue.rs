@@ -15,6 +15,9 @@ pub struct PendingTask {
     pub payload: bytes::Bytes,
     /// What it asks for (`FLAG_RESOURCES`); `None` for a plain task.
     pub request: Option<Resources>,
+    /// How long it may run (`FLAG_WALLTIME`): it goes only to a pool whose block has
+    /// that much time left.
+    pub walltime: Option<std::time::Duration>,
     /// Since when it has found no pool with room (while others were placed).
     pub blocked_since: Option<Instant>,
 }
@@ -102,6 +105,7 @@ mod tests {
             flags: 0,
             payload: bytes::Bytes::new(),
             request: None,
+            walltime: None,
             blocked_since: None,
         }
     }

@@ -121,6 +121,8 @@ pub struct Counts {
     pub results: u64,
     /// Tasks failed as WorkerLost because their worker died running them.
     pub lost: u64,
+    /// Tasks failed for running past their walltime (their workers were ended).
+    pub timed_out: u64,
     /// Worker deaths reported by the supervisor.
     pub deaths: u64,
     /// Tasks returned unstarted (taken back for an idle worker, or held by a dead one).
@@ -210,6 +212,7 @@ impl Handle {
             results: ResultBatch::default(),
             warned_peers: FirstSeen::default(),
             counts: Counts::default(),
+            kills: Vec::new(),
             stop: None,
         };
         let on_exit = shared.clone();

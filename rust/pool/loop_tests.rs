@@ -411,7 +411,11 @@ fn heartbeats_then_stops_on_shutdown_and_raises_its_signal() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let stopped = loop {
         ep.wait(5000, &mut ready).unwrap();
-        assert_eq!(ready.len(), 1, "woken only by the signal, never by a timeout");
+        assert_eq!(
+            ready.len(),
+            1,
+            "woken only by the signal, never by a timeout"
+        );
         r.events.clear();
         let _ = r.log.take();
         if let Some(s) = r.core.wait_stopped(Duration::ZERO) {

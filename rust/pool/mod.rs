@@ -28,14 +28,15 @@ use std::collections::HashMap;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::epoll::{self, zmq_ready, Epoll};
 use crate::logging::FirstSeen;
-use crate::protocol::{encode_meta, header, Kind, STATUS_WORKER_LOST};
+use crate::protocol::{encode_meta, header, Kind, STATUS_TIMEOUT, STATUS_WORKER_LOST};
 use crate::resources;
+use crate::resources::FLAG_WALLTIME;
 use crate::stream;
 use crate::transport::recv_frames;
 use handle::Shared;
@@ -62,8 +63,28 @@ struct Core {
     /// messages were logged once; later drops are only counted.
     warned_peers: FirstSeen<Option<u64>>,
     counts: Counts,
+    /// Process groups to SIGKILL, and when (workers ended for a task's limit).
+    kills: Vec<(Instant, u32)>,
     stop: Option<Stopped>,
 }
+/// How long past its limit a task may run before the pool ends it: Parsl's own timeout
+/// inside the worker (an `AppTimeout` raised between bytecodes) speaks first when it can.
+const LIMIT_GRACE: Duration = Duration::from_millis(500);
+/// From SIGTERM to SIGKILL for the process group of a worker ended for a task's limit.
+const KILL_AFTER: Duration = Duration::from_millis(500);
+
+/// Send `sig` to the process group `pid` leads (a worker starts its own session, so
+/// a bash app's children are in it), or to `pid` alone if it leads none.
+fn signal_group(pid: u32, sig: i32) {
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill has no memory preconditions; a stale pid gets ESRCH.
+    if unsafe { libc::kill(-pid, sig) } != 0 {
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
 /// Epoll tokens of the core's own fds; a worker stream's token is its key in `conns`
 /// (counted up from 1).
 const IX: u64 = u64::MAX;
@@ -106,6 +127,12 @@ impl Core {
             let mut next = (last_beat + hb).min(last_contact + threshold);
             if self.tasks.has_lookahead() {
                 next = next.min(now + tasks::STALE / 2); // to take a stale one back
+            }
+            if let Some(at) = self.tasks.next_deadline() {
+                next = next.min(at + LIMIT_GRACE);
+            }
+            if let Some(&(at, _)) = self.kills.first() {
+                next = next.min(at);
             }
             // libzmq's fds say only that something may have changed: a message taken in
             // by an earlier send or receive leaves them quiet, so ask before waiting.
@@ -156,6 +183,7 @@ impl Core {
             {
                 self.stop = Some(Stopped::Disconnected);
             }
+            self.enforce_limits(Instant::now());
             self.dispatch();
             // Counts first: whoever sees these results then sees counts that include them.
             self.publish_counts();
@@ -167,6 +195,55 @@ impl Core {
         let mut s = self.shared.stopped.lock().unwrap();
         *s = self.stop.take();
         self.shared.stopped_cv.notify_all();
+    }
+
+    /// End every worker whose task ran past its limit: the task fails with a timeout (its
+    /// limit and the time it ran) and the worker is ended ([`Core::end_worker`]).
+    fn enforce_limits(&mut self, now: Instant) {
+        for o in self.tasks.overdue(now, LIMIT_GRACE) {
+            self.counts.timed_out += 1;
+            let Some(c) = self.conns.get(&o.worker) else {
+                continue;
+            };
+            log::warn!(
+                "task {} ran {:.1} s, past its walltime of {} s: ending its worker (pid {})",
+                o.task_id,
+                o.ran.as_secs_f64(),
+                o.limit.as_secs_f64(),
+                c.pid
+            );
+            let timeout = serde_json::json!({
+                "worker_id": String::from_utf8_lossy(c.rank.as_deref().unwrap_or_default()),
+                "hostname": self.config.hostname,
+                "pid": c.pid,
+                "walltime": o.limit.as_secs_f64(),
+                "ran": o.ran.as_secs_f64(),
+            });
+            self.end_worker(o.worker, now);
+            if self.results.full() {
+                self.results.send(&self.ix);
+            }
+            self.results
+                .push(o.task_id, STATUS_TIMEOUT, timeout.to_string().into_bytes());
+        }
+        while self.kills.first().is_some_and(|(at, _)| *at <= now) {
+            let (_, pid) = self.kills.remove(0);
+            signal_group(pid, libc::SIGKILL);
+        }
+    }
+
+    /// End a worker and everything it started: it is given nothing more (its look-ahead
+    /// goes back to the queue), its stream is closed, its process group gets SIGTERM and,
+    /// [`KILL_AFTER`] later, SIGKILL (for a child that ignores SIGTERM). The supervisor
+    /// restarts it when it reports the death.
+    pub(super) fn end_worker(&mut self, token: u64, now: Instant) {
+        self.tasks.retire(token);
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        c.close();
+        signal_group(c.pid, libc::SIGTERM);
+        self.kills.push((now + KILL_AFTER, c.pid));
     }
 
     /// Watch each open worker stream for output only while it has some to write, and
@@ -293,21 +370,34 @@ impl Core {
         self.tasks.assign(now, |token, given| {
             let given: Vec<&Task<Bytes>> = given.collect();
             *started += given.len() as u64;
-            let meta = encode_meta(&given.iter().map(|t| (t.id, t.flags)).collect::<Vec<_>>());
+            // A worker never sees a time limit: the pool keeps it.
+            let meta = encode_meta(
+                &given
+                    .iter()
+                    .map(|t| (t.id, t.flags & !FLAG_WALLTIME))
+                    .collect::<Vec<_>>(),
+            );
             // Each payload frame is the task's own buffer, queued by reference; a task with
-            // a grant goes with the grant's head in place of its request, then the rest.
+            // a grant goes with the grant's head in place of its request, then the rest; a
+            // task with only a limit, without its head.
             let mut frames: Vec<Vec<Bytes>> = Vec::with_capacity(2 + given.len());
             frames.push(vec![Bytes::copy_from_slice(&head)]);
             frames.push(vec![Bytes::from(meta)]);
             frames.extend(given.iter().map(|t| {
-                let granted = t.grant.as_ref().and_then(|g| {
+                let rest = || {
                     let (_, rest) = resources::split(&t.payload)?;
-                    Some(vec![
-                        Bytes::from(resources::join(&g.head(), &[])),
-                        t.payload.slice_ref(rest),
-                    ])
-                });
-                granted.unwrap_or_else(|| vec![t.payload.clone()])
+                    Some(t.payload.slice_ref(rest))
+                };
+                if let Some(g) = &t.grant {
+                    if let Some(rest) = rest() {
+                        return vec![Bytes::from(resources::join(&g.head(), &[])), rest];
+                    }
+                } else if t.flags & FLAG_WALLTIME != 0 {
+                    if let Some(rest) = rest() {
+                        return vec![rest];
+                    }
+                }
+                vec![t.payload.clone()]
             }));
             let frames: Vec<&[Bytes]> = frames.iter().map(Vec::as_slice).collect();
             if let Some(c) = conns.get_mut(&token) {

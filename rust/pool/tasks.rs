@@ -20,10 +20,16 @@
 //! of it. The interchange sends such a task only when its grants here leave room, so
 //! the wait is for a worker, not for resources.
 //!
+//! A task with a time limit (`walltime`) is watched from the moment it runs (given to
+//! an idle worker, or the result ahead of it arrived): past its limit it is taken from
+//! its worker ([`Tasks::overdue`]), whose look-ahead goes back to the queue, and the core
+//! ends that worker.
+//!
 //! Workers are keys (the core's stream tokens), not identities: a restarted worker that
 //! registers under its predecessor's rank before that death is reported is a new key.
 
-use std::collections::{vec_deque, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{vec_deque, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::resources::{Allocator, Grant, Resources};
@@ -43,6 +49,8 @@ pub struct Task<P> {
     pub payload: P,
     pub request: Option<Resources>,
     pub grant: Option<Grant>,
+    /// How long it may run (`None`: no limit).
+    pub walltime: Option<Duration>,
 }
 
 impl<P> Task<P> {
@@ -54,8 +62,25 @@ impl<P> Task<P> {
             payload,
             request,
             grant: None,
+            walltime: None,
         }
     }
+
+    #[must_use]
+    pub fn limited(mut self, walltime: Option<Duration>) -> Task<P> {
+        self.walltime = walltime;
+        self
+    }
+}
+
+/// A task taken from its worker for running past its limit ([`Tasks::overdue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overdue {
+    pub worker: u64,
+    pub task_id: u64,
+    pub limit: Duration,
+    /// How long it had run.
+    pub ran: Duration,
 }
 
 struct Held<P> {
@@ -83,6 +108,9 @@ pub struct Tasks<P> {
     requeued: u64,
     /// The pool's CPUs, memory and accelerators, for tasks that ask for them.
     alloc: Allocator,
+    /// Running tasks with a limit: (when it runs out, worker, task id), soonest first. An
+    /// entry whose task is no longer its worker's running one is skipped when reached.
+    deadlines: BinaryHeap<Reverse<(Instant, u64, u64)>>,
 }
 
 impl<P> Default for Tasks<P> {
@@ -102,6 +130,7 @@ impl<P> Tasks<P> {
             usable: HashSet::new(),
             requeued: 0,
             alloc,
+            deadlines: BinaryHeap::new(),
         }
     }
 
@@ -212,6 +241,7 @@ impl<P> Tasks<P> {
                 h.since = now;
             }
             self.give(w, 1, &mut send);
+            self.watch_running(w);
         }
         if self.queue.is_empty() || !self.idle_set.is_empty() {
             return;
@@ -327,10 +357,75 @@ impl<P> Tasks<P> {
         if h.tasks.is_empty() && self.usable.contains(&worker) {
             self.make_idle(worker);
         }
+        if at == 0 {
+            self.watch_running(worker);
+        }
         if let Some(g) = grant {
             self.alloc.release(&g);
         }
         true
+    }
+
+    /// Watch the limit of the task `worker` runs now, if it has one.
+    fn watch_running(&mut self, worker: u64) {
+        let Some(h) = self.held.get(&worker) else {
+            return;
+        };
+        if let Some((id, limit)) = h.tasks.front().and_then(|t| Some((t.id, t.walltime?))) {
+            self.deadlines.push(Reverse((h.since + limit, worker, id)));
+        }
+    }
+
+    /// Whether `task_id` is `worker`'s running task and has run its whole limit by `now`.
+    #[must_use]
+    pub fn reached_limit(&self, worker: u64, task_id: u64, now: Instant) -> bool {
+        self.held.get(&worker).is_some_and(|h| {
+            h.tasks.front().is_some_and(|t| {
+                t.id == task_id
+                    && t.walltime
+                        .is_some_and(|w| now.saturating_duration_since(h.since) >= w)
+            })
+        })
+    }
+
+    /// When the soonest limit of a running task runs out (it may have ended since).
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Running tasks whose limit ran out `grace` or more before `now`: each is taken from
+    /// its worker (its grant released), and that worker is retired (its look-ahead goes
+    /// back to the queue, it is given nothing more): the caller ends the worker, and its
+    /// death, when reported, loses no task.
+    pub fn overdue(&mut self, now: Instant, grace: Duration) -> Vec<Overdue> {
+        let mut out = Vec::new();
+        while let Some(&Reverse((at, worker, task_id))) = self.deadlines.peek() {
+            if at + grace > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(h) = self.held.get(&worker) else {
+                continue;
+            };
+            let Some(t) = h.tasks.front().filter(|t| t.id == task_id) else {
+                continue; // it ended in time
+            };
+            let limit = t.walltime.unwrap_or_default();
+            let ran = now.saturating_duration_since(h.since);
+            self.retire(worker);
+            let h = self.held.get_mut(&worker).expect("looked up above");
+            if let Some(mut t) = h.tasks.pop_front() {
+                self.release(&mut t);
+            }
+            out.push(Overdue {
+                worker,
+                task_id,
+                limit,
+                ran,
+            });
+        }
+        out
     }
 
     /// A worker died: forget it, its unstarted tasks back at the front of the queue.
@@ -713,5 +808,70 @@ mod tests {
         assert!(t.finished(2, 3, now()));
         let got = assign(&mut t);
         assert_eq!(got[0], (2, 4), "the idle worker takes the typed task first");
+    }
+
+    fn limited(id: u64, secs: u64) -> Task<()> {
+        task(id).limited(Some(Duration::from_secs(secs)))
+    }
+
+    #[test]
+    fn a_task_past_its_limit_is_taken_from_its_worker_whose_look_ahead_goes_back() {
+        let mut t = Tasks::default();
+        add(&mut t, 1);
+        add(&mut t, 2);
+        t.push(limited(1, 10));
+        t.push(limited(2, 30));
+        t.push(task(3));
+        t.push(task(4));
+        // 1 and 2 run; 3 and 4 are look-aheads, one each.
+        assert_eq!(assign(&mut t), [(1, 1), (2, 2), (1, 3), (2, 4)]);
+        let grace = Duration::from_millis(500);
+        let t0 = now();
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(10)));
+        assert!(
+            t.overdue(t0 + Duration::from_secs(10), grace).is_empty(),
+            "grace"
+        );
+        let late = t0 + Duration::from_millis(10_600);
+        assert_eq!(
+            t.overdue(late, grace),
+            [Overdue {
+                worker: 1,
+                task_id: 1,
+                limit: Duration::from_secs(10),
+                ran: Duration::from_millis(10_600),
+            }]
+        );
+        // Task 3 is back at the head of the queue; worker 1 gets nothing more, and its
+        // death, when reported, loses no task.
+        assert_eq!((t.queued(), t.requeued()), (1, 1));
+        assert_eq!(assign(&mut t), []);
+        assert_eq!(t.remove_worker(1), None);
+        // Worker 2's task 2 finished in time: its limit is forgotten, and task 4, a
+        // look-ahead without a limit, runs on unwatched.
+        assert!(t.finished(2, 2, late));
+        assert!(t.overdue(t0 + Duration::from_secs(3600), grace).is_empty());
+        assert!(t.finished(2, 4, late));
+        assert_eq!(assign(&mut t), [(2, 3)]);
+    }
+
+    #[test]
+    fn a_limit_counts_from_when_the_task_starts_not_when_it_arrives() {
+        let mut t = Tasks::default();
+        add(&mut t, 1);
+        t.push(task(1));
+        t.push(limited(2, 5));
+        assert_eq!(assign(&mut t), [(1, 1), (1, 2)]);
+        assert_eq!(t.next_deadline(), None, "2 waits behind 1: not running yet");
+        let started = now() + Duration::from_secs(100);
+        assert!(t.finished(1, 1, started));
+        assert_eq!(t.next_deadline(), Some(started + Duration::from_secs(5)));
+        let grace = Duration::ZERO;
+        assert!(t
+            .overdue(started + Duration::from_secs(4), grace)
+            .is_empty());
+        let got = t.overdue(started + Duration::from_secs(6), grace);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].task_id, got[0].ran), (2, Duration::from_secs(6)));
     }
 }

@@ -4,7 +4,7 @@
 use super::tasks::Task;
 use super::{Core, Stopped};
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind};
-use crate::resources::{self, FLAG_RESOURCES};
+use crate::resources::{self, FLAG_RESOURCES, FLAG_WALLTIME};
 use crate::stream;
 use crate::transport::send_frames;
 
@@ -57,9 +57,13 @@ impl Core {
                     let request = (flags & FLAG_RESOURCES != 0)
                         .then(|| resources::request_of(&payload))
                         .flatten();
+                    let walltime = (flags & FLAG_WALLTIME != 0)
+                        .then(|| resources::walltime_of(&payload))
+                        .flatten();
                     log::debug!("Received task {id} from the interchange");
                     let payload = stream::message_bytes(payload);
-                    self.tasks.push(Task::new(id, flags, payload, request));
+                    self.tasks
+                        .push(Task::new(id, flags, payload, request).limited(walltime));
                 }
             }
             Ok(Kind::Shutdown) => self.stop = Some(Stopped::Shutdown),

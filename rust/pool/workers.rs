@@ -160,8 +160,20 @@ impl Core {
                             self.drop_junk(Some(token), "a result from an unregistered stream");
                             continue;
                         }
-                        self.tasks.finished(token, task_id, Instant::now());
+                        let now = Instant::now();
+                        // Parsl's own timeout ended it (a python app between bytecodes, a
+                        // bash app's shell): what the task started may still run, so its
+                        // worker is ended all the same.
+                        let reached_limit = self.tasks.reached_limit(token, task_id, now);
+                        self.tasks.finished(token, task_id, now);
                         self.counts.results += 1;
+                        if reached_limit {
+                            log::info!(
+                                "task {task_id} ended at its walltime: ending its worker and \
+                                 what it started"
+                            );
+                            self.end_worker(token, now);
+                        }
                     }
                     if self.results.full() {
                         self.results.send(&self.ix);

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a frame layout or a message meaning changes.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 pub const MAGIC: [u8; 2] = *b"HX";
 /// What a message may carry beyond its payload (the user's `max_message_bytes`): the
 /// header, meta and framing of a batch around it. Every size limit adds it here.
@@ -161,6 +161,10 @@ pub const STATUS_WORKER_LOST: u8 = 3;
 /// The interchange's own answer to a task that asks for more resources than any
 /// connected pool has (payload: the message, UTF-8); never sent by a pool.
 pub const STATUS_UNPLACEABLE: u8 = 4;
+/// The task ran past its walltime and the pool ended its worker. The payload is JSON made
+/// by the pool: `{"worker_id", "hostname", "pid", "walltime", "ran"}` (seconds); the
+/// executor raises Parsl's AppTimeout.
+pub const STATUS_TIMEOUT: u8 = 5;
 
 /// Registration document sent by a worker pool (JSON, second frame of `Register`).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -179,6 +183,9 @@ pub struct Registration {
     pub start_time: f64,
     /// Epoch seconds after which the pool drains; `None` means never.
     pub drain_time: Option<f64>,
+    /// Epoch seconds at which the pool's block ends (its batch job's end); `None`: unknown.
+    /// Tasks with a walltime go only to pools with time left for them.
+    pub block_end: Option<f64>,
     pub os: String,
     pub dir: String,
     pub cpu_count: u32,

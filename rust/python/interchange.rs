@@ -216,11 +216,12 @@ impl Interchange {
         Ok(self.handle()?.port)
     }
 
-    /// Queue one task: id, priority (inf = none), flags, opaque payload, and what it asks
-    /// for as `(cores, memory MB, gpus)` (validated by the executor; `None`: nothing).
-    /// The payload's own buffer goes to the pool: the interchange holds a reference, not
-    /// a copy (a task with a request costs one, to put the request at its head).
-    #[pyo3(signature = (task_id, priority, flags, payload, request=None))]
+    /// Queue one task: id, priority (inf = none), flags, opaque payload, what it asks
+    /// for as `(cores, memory MB, gpus)` and its time limit in seconds (validated by the
+    /// executor; `None`: nothing). The payload's own buffer goes to the pool: the
+    /// interchange holds a reference, not a copy (a task with a request or a limit costs
+    /// one, to put them at its head).
+    #[pyo3(signature = (task_id, priority, flags, payload, request=None, walltime=None))]
     fn submit(
         &self,
         task_id: u64,
@@ -228,32 +229,43 @@ impl Interchange {
         flags: u8,
         payload: Bound<'_, PyBytes>,
         request: Option<(u32, u64, u32)>,
+        walltime: Option<f64>,
     ) -> PyResult<()> {
-        let task = match request {
-            Some((cores, memory, gpus)) => NewTask::sized(
-                task_id,
-                priority,
-                flags,
-                payload.as_bytes(),
-                Resources {
-                    cores,
-                    memory,
-                    gpus,
-                },
-            ),
-            None => NewTask {
+        let walltime = match walltime {
+            Some(w) if w.is_finite() && w > 0.0 => Some(Duration::from_secs_f64(w)),
+            Some(w) => {
+                return Err(PyValueError::new_err(format!(
+                    "walltime must be a positive number of seconds, not {w}"
+                )))
+            }
+            None => None,
+        };
+        let request = request.map(|(cores, memory, gpus)| Resources {
+            cores,
+            memory,
+            gpus,
+        });
+        let task = match (request, walltime) {
+            (None, None) => NewTask::plain(
                 task_id,
                 priority,
                 flags,
                 // A small payload is copied: cheaper than holding the object, which
                 // only a thread with the GIL may release.
-                payload: if payload.as_bytes().len() < crate::stream::BIG_FRAME {
+                if payload.as_bytes().len() < crate::stream::BIG_FRAME {
                     Bytes::copy_from_slice(payload.as_bytes())
                 } else {
                     shared_bytes(payload)
                 },
-                request: None,
-            },
+            ),
+            _ => NewTask::with_head(
+                task_id,
+                priority,
+                flags,
+                payload.as_bytes(),
+                request,
+                walltime,
+            ),
         };
         self.handle()?.submit([task]);
         Ok(())
@@ -304,7 +316,8 @@ impl Interchange {
         self.handle.get().is_some_and(|h| h.alive())
     }
 
-    /// One dict per registered pool, with Parsl's `connected_managers()` keys.
+    /// One dict per registered pool, with Parsl's `connected_managers()` keys and
+    /// `time_left` (seconds left in its block; `None`: unknown).
     fn managers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let infos = self.ask(py, Command::Managers)?;
         let out = PyList::empty(py);
@@ -320,6 +333,7 @@ impl Interchange {
             d.set_item("python_version", m.python_version)?;
             d.set_item("draining", m.draining)?;
             d.set_item("hostname", m.hostname)?;
+            d.set_item("time_left", m.time_left)?;
             out.append(d)?;
         }
         Ok(out)

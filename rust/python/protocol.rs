@@ -114,6 +114,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STATUS_MONITORING", wire::STATUS_MONITORING)?;
     m.add("STATUS_WORKER_LOST", wire::STATUS_WORKER_LOST)?;
     m.add("STATUS_UNPLACEABLE", wire::STATUS_UNPLACEABLE)?;
+    m.add("STATUS_TIMEOUT", wire::STATUS_TIMEOUT)?;
     m.add("FLAG_CONTEXT", wire::FLAG_CONTEXT)?;
     m.add("FLAG_RESOURCES", resources::FLAG_RESOURCES)?;
     m.add_function(wrap_pyfunction!(header, m)?)?;

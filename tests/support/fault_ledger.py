@@ -73,7 +73,8 @@ class Case:
         self.futures: list[Any] = []
         self.before: set[int] = set()
         self.seen: set[int] = set()
-        self._orig: Callable[..., Any] = HighThroughputExecutor.submit_payload
+        # Every submission (submit, submit_payload, the DFK's) goes through _submit.
+        self._orig: Callable[..., Any] = HighThroughputExecutor._submit
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
@@ -86,11 +87,11 @@ class Case:
         self._sampler.start()
         orig, futures = self._orig, self.futures
 
-        def submit_payload(ex: HighThroughputExecutor, *a: Any, **k: Any) -> Any:
+        def _submit(ex: HighThroughputExecutor, *a: Any, **k: Any) -> Any:
             fut = orig(ex, *a, **k)
             futures.append(fut)
             return fut
-        HighThroughputExecutor.submit_payload = submit_payload  # type: ignore[method-assign]
+        HighThroughputExecutor._submit = _submit  # type: ignore[method-assign]
 
     def sample(self) -> None:
         """Note the pool/worker processes running now (a thread does this while the
@@ -100,7 +101,7 @@ class Case:
     def finish(self, grace: float) -> tuple[list[Any], list[int]]:
         """Undo the hook; the futures still pending and the processes still running
         after ``grace`` seconds."""
-        HighThroughputExecutor.submit_payload = self._orig  # type: ignore[method-assign]
+        HighThroughputExecutor._submit = self._orig  # type: ignore[method-assign]
         self._stop.set()
         self._sampler.join()
         self.sample()

@@ -1,0 +1,35 @@
+"""A pool's block end: the override, Slurm's word, the provider's walltime, and the errors
+a user sees for values that are not times."""
+from __future__ import annotations
+
+import pytest
+
+from htex_rs.block_end import BlockEndError, block_end, parse_walltime
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("01:30:00", 5400.0), ("30:00", 1800.0), ("45", 45.0), ("1-00:00:10", 86410.0), (None, None),
+    ("None", None), ("00:00:00", None), (3600, 3600.0),
+])
+def test_provider_walltimes_in_seconds(text, seconds):
+    assert parse_walltime(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["soon", "1:2:3:4", "-5", "01:xx:00"])
+def test_a_walltime_that_is_not_a_duration_says_how_to_write_one(bad):
+    with pytest.raises(BlockEndError, match="HH:MM:SS"):
+        parse_walltime(bad)
+
+
+def test_the_explicit_end_wins_then_slurm_then_the_walltime():
+    env = {"HTEX_RS_BLOCK_END": "2000000000", "SLURM_JOB_END_TIME": "1900000000"}
+    assert block_end(600, 1000.0, env) == 2e9
+    del env["HTEX_RS_BLOCK_END"]
+    assert block_end(600, 1000.0, env) == 1.9e9
+    assert block_end(600, 1000.0, {}) == 1600.0
+    assert block_end(None, 1000.0, {}) is None
+
+
+def test_an_override_that_is_not_a_time_fails_with_the_fix():
+    with pytest.raises(BlockEndError, match="seconds since the epoch"):
+        block_end(None, 0.0, {"HTEX_RS_BLOCK_END": "tomorrow"})
