@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from parsl.errors import ConfigurationError
+from parsl.executors.high_throughput.errors import ManagerLost
 
 # Raised by the native module (defined once, in rust/python/mod.rs): the interchange
 # thread has ended; a query to it got no answer in time; a pool was stopped.
@@ -11,9 +12,25 @@ from htex_rs._core import CommandTimeout, InterchangeStopped, PoolStopped
 # before Parsl, and this module imports Parsl).
 from htex_rs.stream import PoolSocketNotOurs
 
-__all__ = ["CommandTimeout", "HtexRsConfigurationError", "InterchangeDied", "InterchangeStopped",
+__all__ = ["BlockEnded", "CommandTimeout", "HtexRsConfigurationError", "InterchangeDied", "InterchangeStopped",
            "PoolStopped", "PoolSocketNotOurs", "ProtocolVersionMismatch", "ResourceRequestTooLarge",
            "TaskTooLarge"]
+
+
+class BlockEnded(ManagerLost):
+    """Parsl's ManagerLost for a task that was running when its block ended (its walltime,
+    or the batch system's SIGTERM); ``reason`` says which. Tasks the block had not started
+    were handed back and run elsewhere: only a running task ends this way."""
+
+    def __init__(self, manager_id: bytes, hostname: str, reason: str) -> None:
+        super().__init__(manager_id, hostname)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[bytes, str, str]]:
+        return (type(self), (self.manager_id, self.hostname, self.reason))
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: {self.reason}"
 
 
 class ProtocolVersionMismatch(Exception):

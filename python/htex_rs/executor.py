@@ -47,6 +47,7 @@ from parsl.serialize.errors import DeserializationError, SerializationError
 from htex_rs import _core, block_end, fd_limits, validation, wire
 from htex_rs.addresses import is_loopback, local_addresses, resolve_address
 from htex_rs.errors import (
+    BlockEnded,
     CommandTimeout,
     HtexRsConfigurationError,
     InterchangeDied,
@@ -485,7 +486,9 @@ class HighThroughputExecutor(ParslHTEX):
                 self._complete(r.task_id, r.status, r.payload)
         for lost in events.lost:
             for task_id in lost.tasks:
-                _settle(self.tasks.pop(task_id, None), exception=ManagerLost(lost.uid.encode(), lost.hostname))
+                exc = (ManagerLost(lost.uid.encode(), lost.hostname) if lost.reason is None
+                       else BlockEnded(lost.uid.encode(), lost.hostname, lost.reason))
+                _settle(self.tasks.pop(task_id, None), exception=exc)
         for message in events.fatal:
             logger.error("Failing all tasks: %s", message)
             self.set_bad_state_and_fail_all(ProtocolVersionMismatch(message))

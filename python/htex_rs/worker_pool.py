@@ -158,6 +158,7 @@ class Pool:
         self.restart_at: dict[int, float] = {}  # rank -> when to start its next worker
         self.quick_deaths: dict[int, int] = {}
         self.stopping = False
+        self.ending = False  # SIGTERM seen: the core is handing tasks back
         # Planned once for the pool; a bad plan fails the pool here, clearly, instead of
         # every worker crashing at start-up and being restarted forever.
         self.plan = planner.plan_pool(args.cpu_affinity, self.count, args.available_accelerators)
@@ -325,7 +326,8 @@ class Pool:
                                    float(self.args.hb_period), float(self.args.hb_threshold),
                                    socket.gethostname(), self.curve_keys(), self.args.max_message_bytes,
                                    cpu_slots=self.resources.slots, memory_mb=self.resources.memory_mb,
-                                   accelerators=self.resources.accelerators, debug=self.args.debug)
+                                   accelerators=self.resources.accelerators, debug=self.args.debug,
+                                   block_end=self.block_end, drain_time=self.drain_time)
         logger.info("Registered pool %s: block %s, %d workers, capacity %d, resources %s",
                     self.uid, self.block_id, self.count, self.capacity, self.resources.totals())
         self.poller = select.poll()
@@ -358,6 +360,16 @@ class Pool:
         self.stop()
         print("Process worker pool exiting normally", flush=True)
         return exit_code
+
+    def on_sigterm(self) -> None:
+        """The batch system ends the block (or Parsl scales it in): the core hands every
+        unstarted task back to the interchange and stops, and the loop exits. Before the
+        core runs, or at a second SIGTERM, exit at once."""
+        core = getattr(self, "core", None)
+        if core is None or self.ending:
+            raise SystemExit(0)
+        self.ending = True
+        core.end("the batch system ended the block (SIGTERM)")
 
     def stop(self) -> None:
         """Stop the core and every worker (SIGTERM, 1 s grace, SIGKILL); idempotent."""
@@ -397,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logs.setup(pool.logdir, "manager", args.debug, args.logconf)
     logger.info("htex-rs-worker-pool %s (protocol v%s) starting (SCHED_BATCH=%s): %s", _core.VERSION,
                 _core.PROTOCOL_VERSION, batch, " ".join(sys.argv))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
+    signal.signal(signal.SIGTERM, lambda *_: pool.on_sigterm())
     try:
         return pool.run()
     except SystemExit as e:

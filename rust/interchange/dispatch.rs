@@ -221,6 +221,7 @@ fn forget(pools: &mut Pools, slot: u32, requeued: &[u64], events: &mut Vec<Event
             uid: p.reg.uid,
             hostname: p.reg.hostname,
             tasks,
+            reason: None,
         });
     }
 }

@@ -150,6 +150,9 @@ pub enum Event {
         uid: String,
         hostname: String,
         tasks: Vec<u64>,
+        /// What the pool said as it left (its block ended); `None`: it went silent or
+        /// unreachable.
+        reason: Option<String>,
     },
     /// A pool the executor cannot work with (version mismatch): fail everything.
     Fatal(String),

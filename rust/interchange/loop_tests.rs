@@ -265,6 +265,7 @@ fn a_silent_manager_is_lost_with_its_tasks() {
             uid,
             hostname,
             tasks,
+            ..
         } => Some((uid, hostname, tasks)),
         _ => None,
     });
@@ -337,4 +338,53 @@ fn curve_serves_listed_clients_only() {
     assert!(!probe(&rogue));
     assert!(probe(&client));
     assert!(h.stats().dropped.load(Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn a_pool_that_ends_gives_its_unstarted_tasks_back_and_fails_the_rest_with_its_reason() {
+    let h = start(Duration::from_secs(60), None);
+    let ctx = zmq::Context::new();
+    let a = pool(&ctx, h.port, "a", 4, None);
+    h.submit([task(1, 0.0), task(2, 0.0), task(3, 0.0)]);
+    assert_eq!(sent_ids(&a), [1, 2, 3]);
+    // `a` hands back 2 and 3, and 99, which it never held (dropped, not run).
+    let meta = encode_meta(&[(2, 0), (3, 0), (99, 0)]);
+    a.send_multipart(
+        [
+            &header(Kind::GiveBack)[..],
+            b"the block ends in 30 s",
+            &meta,
+            &2u64.to_le_bytes(),
+            &3u64.to_le_bytes(),
+            &99u64.to_le_bytes(),
+        ],
+        0,
+    )
+    .unwrap();
+    // They run elsewhere; `a` is sent nothing more.
+    let b = pool(&ctx, h.port, "b", 4, None);
+    assert_eq!(sent_ids(&b), [2, 3]);
+    h.submit([task(4, 0.0)]);
+    assert_eq!(sent_ids(&b), [4]);
+    // `a` leaves: the task it still ran fails at once, with its reason.
+    a.send_multipart(
+        [&header(Kind::Leaving)[..], b"the block reached its end"],
+        0,
+    )
+    .unwrap();
+    let lost = wait_for(&h, |e| match e {
+        Event::ManagerLost {
+            uid, tasks, reason, ..
+        } => Some((uid, tasks, reason)),
+        _ => None,
+    });
+    assert_eq!(
+        lost,
+        (
+            "a".to_string(),
+            vec![1],
+            Some("the block reached its end".to_string())
+        )
+    );
+    assert!(a.poll(zmq::POLLIN, 200).unwrap() == 0 || recv(&a)[0] != header(Kind::Tasks));
 }

@@ -27,6 +27,7 @@ use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
     PROTOCOL_VERSION,
 };
+use crate::resources::{self, FLAG_RESOURCES, FLAG_WALLTIME};
 use crate::zmtp::router;
 use dispatch::{Dispatch, Outbox};
 pub use handle::{
@@ -246,6 +247,8 @@ impl Interchange {
                 None => self.drop_junk(identity, "heartbeat from an unregistered manager"),
             },
             Kind::Results => self.on_results(identity, peer, frames),
+            Kind::GiveBack => self.on_give_back(identity, peer, frames),
+            Kind::Leaving => self.on_leaving(identity, peer, frames),
             _ => self.drop_junk(identity, "message kind not accepted from a worker pool"),
         }
     }
@@ -342,6 +345,95 @@ impl Interchange {
             );
     }
 
+    /// A pool whose block is ending hands back the tasks it has not started: they go
+    /// back to the queue ahead of everything (they had been chosen to run), the pool gets
+    /// nothing more, and no retry is spent. Only tasks it really held are taken back.
+    fn on_give_back(
+        &mut self,
+        identity: &[u8],
+        peer: router::Peer,
+        frames: &mut Vec<zmq::Message>,
+    ) {
+        let Some(slot) = self.pools.resolve(identity, peer) else {
+            return self.drop_junk(identity, "tasks given back by an unregistered manager");
+        };
+        if frames.len() < 4 {
+            return self.drop_junk(identity, "tasks given back without a reason or meta frame");
+        }
+        let meta = match decode_meta(&frames[3], frames.len() - 4) {
+            Ok(m) => m,
+            Err(e) => return self.drop_junk(identity, &e.to_string()),
+        };
+        let reason = String::from_utf8_lossy(&frames[2]).into_owned();
+        let held: Vec<bool> = self.pools.at(slot).map_or_else(Vec::new, |p| {
+            meta.iter().map(|(id, _)| p.tasks.contains(*id)).collect()
+        });
+        let ids: Vec<u64> = meta
+            .iter()
+            .zip(&held)
+            .filter(|(_, h)| **h)
+            .map(|((id, _), _)| *id)
+            .collect();
+        self.pools.complete_at(slot, ids.iter().copied(), self.now);
+        let uid = self.pools.drain(slot);
+        log::info!(
+            "Manager {uid} is ending ({reason}); {} unstarted tasks back in the queue",
+            ids.len()
+        );
+        for (((task_id, flags), payload), held) in meta.into_iter().zip(frames.drain(4..)).zip(held)
+        {
+            if !held {
+                self.drop_junk(identity, "a task given back that it did not hold");
+                continue;
+            }
+            let payload = crate::stream::message_bytes(payload);
+            let request = (flags & FLAG_RESOURCES != 0)
+                .then(|| resources::request_of(&payload))
+                .flatten();
+            let walltime = (flags & FLAG_WALLTIME != 0)
+                .then(|| resources::walltime_of(&payload))
+                .flatten();
+            self.dispatch.push(PendingTask {
+                task_id,
+                priority: f64::NEG_INFINITY,
+                flags,
+                payload,
+                request,
+                walltime,
+                blocked_since: None,
+            });
+        }
+    }
+
+    /// A pool exits now (its block's end): the tasks it still runs fail as ManagerLost,
+    /// with the reason it gave, at once rather than a heartbeat threshold later.
+    fn on_leaving(&mut self, identity: &[u8], peer: router::Peer, frames: &[zmq::Message]) {
+        let Some(slot) = self.pools.resolve(identity, peer) else {
+            return self.drop_junk(identity, "a goodbye from an unregistered manager");
+        };
+        let reason = frames
+            .get(2)
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .unwrap_or_default();
+        let Some(p) = self.pools.at(slot).map(|p| p.identity.clone()) else {
+            return;
+        };
+        if let Some(p) = self.pools.remove(&p) {
+            log::info!(
+                "Manager {} on {} left ({reason}); failing the {} tasks it ran with ManagerLost",
+                p.reg.uid,
+                p.reg.hostname,
+                p.tasks.len()
+            );
+            self.shared.emit([Event::ManagerLost {
+                uid: p.reg.uid,
+                hostname: p.reg.hostname,
+                tasks: p.tasks.into_sorted(),
+                reason: Some(reason),
+            }]);
+        }
+    }
+
     fn expire(&mut self) {
         let lost = self.pools.expire_silent(self.config.heartbeat_threshold);
         for l in &lost {
@@ -358,6 +450,7 @@ impl Interchange {
                 uid: l.uid,
                 hostname: l.hostname,
                 tasks: l.tasks,
+                reason: None,
             }));
         for id in self.pools.drained() {
             log::info!(

@@ -558,6 +558,18 @@ impl Pools {
         done
     }
 
+    /// The pool in `slot` is ending: it gets nothing more (as if draining), and is told
+    /// to exit once it holds no task. Its uid, for the log.
+    pub fn drain(&mut self, slot: u32) -> String {
+        match self.map.at_mut(slot) {
+            Some(m) => {
+                m.draining = true;
+                m.reg.uid.clone()
+            }
+            None => String::new(),
+        }
+    }
+
     pub fn remove(&mut self, identity: &[u8]) -> Option<Pool> {
         let m = self.map.remove(identity);
         if let Some(m) = &m {

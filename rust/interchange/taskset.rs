@@ -51,6 +51,14 @@ impl TaskSet {
         }
     }
 
+    #[must_use]
+    pub fn contains(&self, id: u64) -> bool {
+        match self {
+            TaskSet::Small(v) => v.contains(&id),
+            TaskSet::Large(s) => s.contains(&id),
+        }
+    }
+
     /// Remove `id`; whether it was held.
     pub fn remove(&mut self, id: u64) -> bool {
         match self {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::tasks::Tasks;
 use super::{Core, ResultBatch};
@@ -44,6 +44,12 @@ pub struct Config {
     /// Where the core's log records go (the pool drains a queue sink into Python's
     /// `logging`); `None`: nowhere.
     pub log: Option<Arc<Sink>>,
+    /// Epoch seconds at which the pool's block ends (`None`: unknown): the pool hands its
+    /// unstarted tasks back shortly before, and leaves at that time.
+    pub block_end: Option<f64>,
+    /// Epoch seconds at which the pool drains (`drain_period`): it hands its unstarted
+    /// tasks back and runs what it has started.
+    pub drain_time: Option<f64>,
     /// Raised when the core stops (and, through the log sink, when it logs): the
     /// supervisor waits on its fd instead of asking every so often.
     pub events: Arc<Signal>,
@@ -65,6 +71,9 @@ pub enum Stopped {
     Requested,
     /// The core thread ended without a reason: a bug (a panic); see the pool's stderr.
     Crashed,
+    /// The block ended (its end time, or the batch system's SIGTERM): unstarted tasks were
+    /// handed back; the text says why.
+    Ended(String),
 }
 
 impl Stopped {
@@ -73,7 +82,7 @@ impl Stopped {
     #[must_use]
     pub fn exit_code(&self) -> i32 {
         match self {
-            Stopped::Shutdown | Stopped::Requested => 0,
+            Stopped::Shutdown | Stopped::Requested | Stopped::Ended(_) => 0,
             Stopped::Silent | Stopped::Disconnected => 1,
             Stopped::Refused(_) => 3,
             Stopped::Crashed => 4,
@@ -94,6 +103,7 @@ impl Stopped {
                  interchange fails this pool's tasks as ManagerLost instead of losing them"
                 .into(),
             Stopped::Crashed => "The pool's Rust core stopped unexpectedly (a bug); exiting".into(),
+            Stopped::Ended(why) => format!("{why}; unstarted tasks were handed back, exiting"),
         }
     }
 }
@@ -107,6 +117,9 @@ pub enum Command {
         exit_code: i32,
     },
     Stop,
+    /// The block ends now (the batch system's SIGTERM): hand every unstarted task back,
+    /// tell the interchange why, and stop.
+    End(String),
 }
 
 /// What the core has done: counted by the core as it goes, published once a turn (read
@@ -123,6 +136,8 @@ pub struct Counts {
     pub lost: u64,
     /// Tasks failed for running past their walltime (their workers were ended).
     pub timed_out: u64,
+    /// Unstarted tasks handed back to the interchange as the block ended.
+    pub given_back: u64,
     /// Worker deaths reported by the supervisor.
     pub deaths: u64,
     /// Tasks returned unstarted (taken back for an idle worker, or held by a dead one).
@@ -196,6 +211,7 @@ impl Handle {
             config.memory,
             std::mem::take(&mut config.accelerators),
         );
+        let (ends_at, hand_back_at) = block_clock(config.block_end, config.drain_time);
         let mut core = Core {
             config,
             _ctx: ctx,
@@ -213,6 +229,9 @@ impl Handle {
             warned_peers: FirstSeen::default(),
             counts: Counts::default(),
             kills: Vec::new(),
+            ends_at,
+            hand_back_at,
+            ending: None,
             stop: None,
         };
         let on_exit = shared.clone();
@@ -263,6 +282,34 @@ impl Handle {
     pub fn stop(&self) {
         self.thread.stop();
     }
+}
+
+/// Most time before its block's end that a pool hands its unstarted tasks back.
+pub const HAND_BACK_BEFORE_END: Duration = Duration::from_secs(60);
+
+/// When the block ends and when to hand unstarted tasks back, on this clock, from epoch
+/// seconds: a tenth of the time left before the end (between 1 s and
+/// [`HAND_BACK_BEFORE_END`]), or at the drain time if that comes first.
+fn block_clock(
+    block_end: Option<f64>,
+    drain_time: Option<f64>,
+) -> (Option<Instant>, Option<Instant>) {
+    let now = Instant::now();
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let at = |t: f64| now + Duration::from_secs_f64((t - epoch).clamp(0.0, 1e9));
+    let ends_at = block_end.map(at);
+    let notice = ends_at.map(|end| {
+        let before = (end.saturating_duration_since(now) / 10)
+            .clamp(Duration::from_secs(1), HAND_BACK_BEFORE_END);
+        end.checked_sub(before).unwrap_or(now)
+    });
+    let hand_back_at = match (notice, drain_time.map(at)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    (ends_at, hand_back_at)
 }
 
 fn bind_workers(url: &str) -> std::io::Result<UnixListener> {

@@ -121,6 +121,11 @@ fn results(ix: &zmq::Socket, n: usize) -> Vec<(u64, u8, Vec<u8>)> {
 }
 
 fn rig(threshold: Duration) -> Rig {
+    rig_ending(threshold, None)
+}
+
+/// A rig whose block ends at `block_end` (epoch seconds).
+fn rig_ending(threshold: Duration, block_end: Option<f64>) -> Rig {
     let ctx = zmq::Context::new();
     let ix = ctx.socket(zmq::ROUTER).unwrap();
     ix.set_linger(0).unwrap();
@@ -148,6 +153,8 @@ fn rig(threshold: Duration) -> Rig {
         accelerators: Vec::new(),
         log: Some(log.clone()),
         events: events.clone(),
+        block_end,
+        drain_time: None,
     })
     .unwrap();
     let addr = {
@@ -167,17 +174,22 @@ fn rig(threshold: Duration) -> Rig {
 }
 
 fn recv_kind(sock: &zmq::Socket, kind: Kind) -> Vec<Vec<u8>> {
+    recv_kind_any(sock, &[kind])
+}
+
+/// The next message of one of `kinds` (from its header frame on); others are skipped.
+fn recv_kind_any(sock: &zmq::Socket, kinds: &[Kind]) -> Vec<Vec<u8>> {
     loop {
         assert!(
             sock.poll(zmq::POLLIN, 5000).unwrap() > 0,
-            "timed out waiting for {kind:?}"
+            "timed out waiting for {kinds:?}"
         );
         let frames = sock.recv_multipart(0).unwrap();
         let at = frames
             .iter()
             .position(|f| f.len() == 4 && f[..2] == *b"HX")
             .unwrap();
-        if decode_header(&frames[at]) == Ok(kind) {
+        if decode_header(&frames[at]).is_ok_and(|k| kinds.contains(&k)) {
             return frames[at..].to_vec();
         }
     }
@@ -455,4 +467,82 @@ fn stops_when_the_interchange_is_silent_or_refuses() {
         r.core.wait_stopped(Duration::from_secs(5)),
         Some(Stopped::Refused("other version".into()))
     );
+}
+
+fn epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The task ids of a GiveBack message, and its reason.
+fn given_back(f: &[Vec<u8>]) -> (String, Vec<u64>) {
+    let meta = decode_meta(&f[2], f.len() - 3).unwrap();
+    (
+        String::from_utf8(f[1].clone()).unwrap(),
+        meta.into_iter().map(|(id, _)| id).collect(),
+    )
+}
+
+#[test]
+fn a_block_near_its_end_hands_unstarted_tasks_back_then_leaves_with_its_reason() {
+    let mut r = rig_ending(Duration::from_secs(30), Some(epoch() + 3.0));
+    recv_kind(&r.ix, Kind::Register);
+    send_tasks(&r, &[1, 2, 3]);
+    assert_eq!(r.worker.next_task().0, 1);
+    // A tenth of the 3 s left (at least 1 s) before the end: the queue goes back, the
+    // running task runs on.
+    let f = recv_kind(&r.ix, Kind::GiveBack);
+    let (why, ids) = given_back(&f);
+    assert!(why.contains("the block ends in"), "{why}");
+    assert_eq!(ids, [2, 3]);
+    // A task that arrives while ending goes straight back.
+    send_tasks(&r, &[4]);
+    let (_, ids) = given_back(&recv_kind(&r.ix, Kind::GiveBack));
+    assert_eq!(ids, [4]);
+    r.worker.finish(1, b"done");
+    assert_eq!(results(&r.ix, 1), [(1, STATUS_RESULT, b"done".to_vec())]);
+    // At the end: a (last, empty) GiveBack, then Leaving with the reason, and the core
+    // stops.
+    let f = recv_kind(&r.ix, Kind::Leaving);
+    assert!(String::from_utf8_lossy(&f[1]).contains("reached its end"));
+    match r.core.wait_stopped(Duration::from_secs(5)) {
+        Some(Stopped::Ended(why)) => assert!(why.contains("reached its end"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let c = r.core.counts();
+    assert_eq!((c.given_back, c.results), (3, 1));
+}
+
+#[test]
+fn ending_now_hands_back_look_aheads_too() {
+    let mut r = rig(Duration::from_secs(30));
+    recv_kind(&r.ix, Kind::Register);
+    // A quick first task, so the worker gets a look-ahead behind the second.
+    send_tasks(&r, &[1]);
+    assert_eq!(r.worker.next_task().0, 1);
+    r.worker.finish(1, b"");
+    results(&r.ix, 1);
+    send_tasks(&r, &[2, 3, 4]);
+    assert_eq!(r.worker.next_task().0, 2);
+    let c = wait_counts(&r.core, "a look-ahead given", |c| c.held >= 2);
+    assert!(c.held >= 2, "{c:?}");
+    r.core
+        .command(Command::End("SIGTERM from the batch system".into()));
+    let mut back = Vec::new();
+    loop {
+        let f = recv_kind_any(&r.ix, &[Kind::GiveBack, Kind::Leaving]);
+        if decode_header(&f[0]) == Ok(Kind::Leaving) {
+            assert_eq!(f[1], b"SIGTERM from the batch system");
+            break;
+        }
+        back.extend(given_back(&f).1);
+    }
+    back.sort_unstable();
+    assert_eq!(back, [3, 4], "all but the running task");
+    assert!(matches!(
+        r.core.wait_stopped(Duration::from_secs(5)),
+        Some(Stopped::Ended(_))
+    ));
 }

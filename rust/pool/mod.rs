@@ -38,7 +38,7 @@ use crate::protocol::{encode_meta, header, Kind, STATUS_TIMEOUT, STATUS_WORKER_L
 use crate::resources;
 use crate::resources::FLAG_WALLTIME;
 use crate::stream;
-use crate::transport::recv_frames;
+use crate::transport::{recv_frames, send_frames};
 use handle::Shared;
 pub use handle::{ClientKeys, Command, Config, Counts, Handle, Stopped};
 use tasks::{Task, Tasks};
@@ -65,6 +65,11 @@ struct Core {
     counts: Counts,
     /// Process groups to SIGKILL, and when (workers ended for a task's limit).
     kills: Vec<(Instant, u32)>,
+    /// The block's end, and when to hand unstarted tasks back before it (or at the drain
+    /// time); `ending` says why once that has begun.
+    ends_at: Option<Instant>,
+    hand_back_at: Option<Instant>,
+    ending: Option<String>,
     stop: Option<Stopped>,
 }
 /// How long past its limit a task may run before the pool ends it: Parsl's own timeout
@@ -134,6 +139,11 @@ impl Core {
             if let Some(&(at, _)) = self.kills.first() {
                 next = next.min(at);
             }
+            for at in [self.ends_at, self.hand_back_at].into_iter().flatten() {
+                if at > now {
+                    next = next.min(at);
+                }
+            }
             // libzmq's fds say only that something may have changed: a message taken in
             // by an earlier send or receive leaves them quiet, so ask before waiting.
             let (ix_waiting, monitor_waiting) = (zmq_ready(&self.ix), zmq_ready(&self.monitor));
@@ -183,8 +193,13 @@ impl Core {
             {
                 self.stop = Some(Stopped::Disconnected);
             }
-            self.enforce_limits(Instant::now());
+            let now = Instant::now();
+            self.enforce_limits(now);
+            self.watch_block_end(now);
             self.dispatch();
+            if self.ending.is_some() {
+                self.give_back(false);
+            }
             // Counts first: whoever sees these results then sees counts that include them.
             self.publish_counts();
             self.results.send(&self.ix);
@@ -230,6 +245,78 @@ impl Core {
             let (_, pid) = self.kills.remove(0);
             signal_group(pid, libc::SIGKILL);
         }
+    }
+
+    /// At the hand-back time (shortly before the block's end, or the drain time) begin
+    /// ending; at the block's end, leave.
+    fn watch_block_end(&mut self, now: Instant) {
+        if self.ending.is_none() && self.hand_back_at.is_some_and(|t| now >= t) {
+            let why = match self.ends_at {
+                Some(end) if end > now => format!(
+                    "the block ends in {:.0} s (its walltime)",
+                    (end - now).as_secs_f64()
+                ),
+                _ => "drain_period reached".to_string(),
+            };
+            self.begin_end(why);
+        }
+        if self.stop.is_none() && self.ends_at.is_some_and(|t| now >= t) {
+            self.leave("the block reached its end (its walltime)".into());
+        }
+    }
+
+    /// Begin ending: start no more tasks, ask workers for their look-aheads back, and hand
+    /// the queue back to the interchange (which sends nothing more). Tasks already running
+    /// go on; the interchange tells the pool to exit once they are done.
+    fn begin_end(&mut self, why: String) {
+        if self.ending.is_some() {
+            return;
+        }
+        log::info!("{why}: handing unstarted tasks back to the interchange");
+        self.ending = Some(why);
+        let reclaim = stream::encode(&[&header(Kind::Reclaim)[..]]).expect("one 4-byte frame");
+        for token in self.tasks.reclaim_all() {
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.out.push(reclaim.clone());
+            }
+            self.flush(token);
+        }
+        self.give_back(true);
+    }
+
+    /// Hand the unstarted tasks back (the queue; look-aheads come back from their workers
+    /// into it). `always`: send the message even with no task in it, so the interchange
+    /// learns the pool is ending.
+    fn give_back(&mut self, always: bool) {
+        self.give_back_tasks(always, false);
+    }
+
+    fn give_back_tasks(&mut self, always: bool, lookaheads: bool) {
+        let tasks = self.tasks.take_unstarted(lookaheads);
+        if tasks.is_empty() && !always {
+            return;
+        }
+        self.counts.given_back += tasks.len() as u64;
+        let why = self.ending.clone().unwrap_or_default();
+        let meta = encode_meta(&tasks.iter().map(|t| (t.id, t.flags)).collect::<Vec<_>>());
+        let head = [header(Kind::GiveBack).to_vec(), why.into_bytes(), meta];
+        let payloads = tasks.iter().map(|t| &t.payload[..]);
+        let _ = send_frames(&self.ix, head.iter().map(Vec::as_slice).chain(payloads));
+    }
+
+    /// Leave now: hand back every unstarted task, look-aheads included (the workers end
+    /// with the pool), tell the interchange why (the tasks still running fail as
+    /// ManagerLost with that reason), and stop.
+    fn leave(&mut self, why: String) {
+        self.ending.get_or_insert_with(|| why.clone());
+        // The socket closes as the core stops: give what is sent from here a moment to
+        // leave (its linger is 0 otherwise, which would drop the tasks handed back).
+        let _ = self.ix.set_linger(2000);
+        self.give_back_tasks(true, true);
+        self.results.send(&self.ix);
+        let _ = send_frames(&self.ix, [&header(Kind::Leaving)[..], why.as_bytes()]);
+        log::info!("{why}: leaving");
+        self.stop = Some(Stopped::Ended(why));
     }
 
     /// End a worker and everything it started: it is given nothing more (its look-ahead
@@ -280,6 +367,7 @@ impl Core {
             match c {
                 Command::WorkerDied { pid, exit_code } => self.worker_died(pid, exit_code),
                 Command::Stop => self.stop = Some(Stopped::Requested),
+                Command::End(why) => self.leave(why),
             }
         }
     }
@@ -362,6 +450,9 @@ impl Core {
     /// Give out queued tasks (idle workers first, then look-aheads) and take back
     /// look-aheads when a worker is idle with nothing queued.
     pub(super) fn dispatch(&mut self) {
+        if self.ending.is_some() {
+            return; // nothing more starts; unstarted tasks go back to the interchange
+        }
         let head = header(Kind::Tasks);
         let mut touched = Vec::new();
         let conns = &mut self.conns;

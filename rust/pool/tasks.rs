@@ -321,6 +321,41 @@ impl<P> Tasks<P> {
         out
     }
 
+    /// Every worker holding a look-ahead, asked for it back (the pool is ending). Each is
+    /// asked once until it answers.
+    pub fn reclaim_all(&mut self) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .held
+            .iter_mut()
+            .filter(|(_, h)| !h.reclaiming && h.tasks.len() > 1)
+            .map(|(w, h)| {
+                h.reclaiming = true;
+                *w
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Take the tasks no worker has started, to hand back: the queue, and with
+    /// `lookaheads` every worker's look-ahead too (for a pool that stops now: its workers
+    /// are ended with it, so none of those will start). Grants are released.
+    pub fn take_unstarted(&mut self, lookaheads: bool) -> Vec<Task<P>> {
+        let mut out: Vec<Task<P>> = self.queue.drain(..).collect();
+        if lookaheads {
+            let mut workers: Vec<u64> = self.held.keys().copied().collect();
+            workers.sort_unstable();
+            for w in workers {
+                let h = self.held.get_mut(&w).expect("listed above");
+                out.extend(h.tasks.drain(1.min(h.tasks.len())..));
+            }
+        }
+        for t in &mut out {
+            self.release(t);
+        }
+        out
+    }
+
     /// `worker` answered a reclaim with the tasks it had not started: they go back to the
     /// front of the queue, in their order.
     pub fn returned(&mut self, worker: u64, ids: &[u64]) {

@@ -34,6 +34,12 @@ pub enum Kind {
     Results = 4,
     /// Worker -> pool only: the tasks it had not started, answering a `Reclaim`.
     Returned = 5,
+    /// Pool -> interchange: its block is ending; the tasks it had not started, to run
+    /// elsewhere (`[header, reason, meta, payloads...]`). It is given nothing more.
+    GiveBack = 6,
+    /// Pool -> interchange: it exits now (`[header, reason]`); the tasks it still runs
+    /// fail as ManagerLost with the reason.
+    Leaving = 7,
     ProbeAck = 65,
     Tasks = 66,
     HeartbeatReply = 67,
@@ -53,6 +59,8 @@ impl Kind {
             3 => Kind::Heartbeat,
             4 => Kind::Results,
             5 => Kind::Returned,
+            6 => Kind::GiveBack,
+            7 => Kind::Leaving,
             65 => Kind::ProbeAck,
             66 => Kind::Tasks,
             67 => Kind::HeartbeatReply,

@@ -36,6 +36,8 @@ struct ManagerLost {
     uid: String,
     hostname: String,
     tasks: Vec<u64>,
+    /// Why the pool left, when it said (its block ended); `None`: silent or unreachable.
+    reason: Option<String>,
 }
 
 /// What one wait for events brought: results, lost pools, fatal errors (a pool the
@@ -295,10 +297,12 @@ impl Interchange {
                     uid,
                     hostname,
                     tasks,
+                    reason,
                 } => lost.append(ManagerLost {
                     uid,
                     hostname,
                     tasks,
+                    reason,
                 })?,
                 Event::Fatal(msg) => fatal.append(msg)?,
                 Event::Node(n) => nodes.append(node_dict(py, n)?)?,

@@ -51,6 +51,7 @@ struct PoolCounts {
     results: u64,
     lost: u64,
     timed_out: u64,
+    given_back: u64,
     deaths: u64,
     requeued: u64,
     queued: u64,
@@ -89,7 +90,7 @@ impl Pool {
     #[pyo3(signature = (interchange_url, identity, worker_url, registration, heartbeat_period,
                         heartbeat_threshold, hostname, curve_keys=None,
                         max_message_bytes=1 << 30, cpu_slots=Vec::new(), memory_mb=0,
-                        accelerators=Vec::new(), debug=false))]
+                        accelerators=Vec::new(), debug=false, block_end=None, drain_time=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -106,6 +107,8 @@ impl Pool {
         memory_mb: u64,
         accelerators: Vec<String>,
         debug: bool,
+        block_end: Option<f64>,
+        drain_time: Option<f64>,
     ) -> PyResult<Self> {
         let events = Arc::new(Signal::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
         let log = Sink::queue(debug, Some(events.clone()));
@@ -131,6 +134,8 @@ impl Pool {
             accelerators,
             log: Some(log.clone()),
             events: events.clone(),
+            block_end,
+            drain_time,
         };
         let h = py
             .detach(|| pool::Handle::start(config))
@@ -191,6 +196,7 @@ impl Pool {
             results: c.results,
             lost: c.lost,
             timed_out: c.timed_out,
+            given_back: c.given_back,
             deaths: c.deaths,
             requeued: c.requeued,
             queued: c.queued,
@@ -209,6 +215,14 @@ impl Pool {
             message: s.message(),
             refused: matches!(s, pool::Stopped::Refused(_)),
         }))
+    }
+
+    /// The block ends now (the batch system's SIGTERM, `why`): the core hands every
+    /// unstarted task back to the interchange, says why, and stops. Returns at once.
+    fn end(&self, why: String) {
+        if let Ok(h) = self.handle() {
+            h.command(pool::Command::End(why));
+        }
     }
 
     fn stop(&self, py: Python<'_>) {

@@ -149,21 +149,69 @@ def block_of(seconds: float = 0.0, walltime: float | None = None) -> str:
 
 
 def test_tasks_go_only_to_blocks_with_time_left_for_them(load_dfk, tmp_path):
-    # Two blocks: block 0 ends in 40 s, block 1 in an hour (HTEX_RS_BLOCK_END, set per
-    # block by the launch command).
-    ex = HighThroughputExecutor(
-        label="ends", address="127.0.0.1", encrypted=False, max_workers_per_node=2, cores_per_worker=0.01,
-        heartbeat_period=1, heartbeat_threshold=10,
-        launch_cmd="HTEX_RS_BLOCK_END=$(( $(date +%s) + 40 + {{block_id}} * 3600 )) " + DEFAULT_LAUNCH_CMD,
-        provider=LocalProvider(init_blocks=2, min_blocks=0, max_blocks=2))
+    ex = two_blocks(tmp_path, 40, max_workers_per_node=2)
     load_dfk(Config(executors=[ex], run_dir=str(tmp_path / "runinfo"), strategy="none"))
-    deadline = time.monotonic() + 60
-    while len(ex.connected_managers()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = {m["block_id"]: m["time_left"] for m in ex.connected_managers()}
+    left = wait_for_blocks(ex, 2)
     assert 0 < left["0"] <= 40 and 3000 < left["1"] <= 3640, left
     # 600 s: only block 1 has the time. 2 s: either. No limit: either.
     long_ones = [block_of(0.5, walltime=600) for _ in range(6)]
     short_ones = [block_of(0.5, walltime=2) for _ in range(6)]
     assert {f.result(timeout=60) for f in long_ones} == {"1"}
     assert {f.result(timeout=60) for f in short_ones} <= {"0", "1"}
+
+
+def two_blocks(tmp_path, first_ends_in: float, **kw) -> HighThroughputExecutor:
+    """An executor of two blocks: block 0 ends `first_ends_in` s from its start, block 1
+    in an hour (HTEX_RS_BLOCK_END, set per block by the launch command)."""
+    end = f"$(( $(date +%s) + {int(first_ends_in)} + {{{{block_id}}}} * 3600 ))"
+    return HighThroughputExecutor(
+        label="ends", address="127.0.0.1", encrypted=False, cores_per_worker=0.01,
+        heartbeat_period=1, heartbeat_threshold=10,
+        launch_cmd=f"HTEX_RS_BLOCK_END={end} " + DEFAULT_LAUNCH_CMD,
+        provider=LocalProvider(init_blocks=2, min_blocks=0, max_blocks=2), **kw)
+
+
+def wait_for_blocks(ex: HighThroughputExecutor, n: int) -> dict[str, float]:
+    deadline = time.monotonic() + 60
+    while len(ex.connected_managers()) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {m["block_id"]: m["time_left"] for m in ex.connected_managers()}
+
+
+def test_a_block_that_ends_hands_its_queue_back_and_spends_no_retry(load_dfk, tmp_path):
+    # Block 0 ends 12 s after it starts, holding queued tasks (prefetch); they are handed
+    # back before its end and run on block 1. Every task completes, none is retried.
+    ex = two_blocks(tmp_path, 12, max_workers_per_node=1, prefetch_capacity=6)
+    load_dfk(Config(executors=[ex], run_dir=str(tmp_path / "runinfo"), strategy="none", retries=2))
+    wait_for_blocks(ex, 2)
+    futs = [block_of(1.0, walltime=2) for _ in range(16)]
+    ran = [f.result(timeout=90) for f in futs]
+    assert set(ran) == {"0", "1"}, ran
+    assert [f.task_record["fail_count"] for f in futs] == [0] * len(futs)
+    deadline = time.monotonic() + 20
+    while len(ex.connected_managers()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [m["block_id"] for m in ex.connected_managers()] == ["1"], "block 0 left at its end"
+
+
+def test_sigterm_hands_unstarted_tasks_back_and_fails_only_the_running_one(load_dfk, tmp_path):
+    from htex_rs.errors import BlockEnded
+    ex = two_blocks(tmp_path, 3600, max_workers_per_node=1, prefetch_capacity=4)
+    load_dfk(Config(executors=[ex], run_dir=str(tmp_path / "runinfo"), strategy="none"))
+    wait_for_blocks(ex, 2)
+    futs = [block_of(3.0) for _ in range(8)]
+    time.sleep(1.5)  # both blocks run one and hold a few
+    cmdlines = ((p, " ".join(p.info["cmdline"] or ())) for p in psutil.process_iter(["cmdline"]))
+    pool0 = [p for p, cmd in cmdlines  # this test's block 0 (its logdir is under tmp_path)
+             if "htex-rs-worker-pool" in cmd and "--block_id=0" in cmd and str(tmp_path) in cmd]
+    assert len(pool0) == 1
+    pool0[0].terminate()
+    outcomes = []
+    for f in futs:
+        try:
+            outcomes.append(f.result(timeout=90))
+        except BlockEnded as e:
+            assert "SIGTERM" in str(e), str(e)
+            outcomes.append("ended")
+    assert outcomes.count("ended") == 1, outcomes
+    assert outcomes.count("1") >= 6, outcomes
