@@ -21,6 +21,7 @@ Heartbeats are 1 s / 5 s for both executors, so Parsl notices a dead block withi
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -89,16 +90,29 @@ def unload() -> None:
     parsl.clear()
 
 
-def killed_by_block_end(record: dict[str, Any]) -> int:
-    """Tries of a task that ended with ManagerLost (BlockEnded is one)."""
-    history = [str(h) for h in record.get("fail_history", [])]
-    return sum("loss of manager" in h or "ManagerLost" in h for h in history)
+def count_tries(ex: Any) -> collections.Counter[str]:
+    """Count each try's outcome as the executor reports it (the DFK keeps only the last
+    try's history): the exception's class name, or "result"."""
+    counts: collections.Counter[str] = collections.Counter()
+    orig = ex.submit
+
+    def submit(*a: Any, **k: Any) -> Any:
+        fut = orig(*a, **k)
+
+        def done(f: Any) -> None:
+            e = f.exception()
+            counts["result" if e is None else type(e).__name__] += 1
+        fut.add_done_callback(done)
+        return fut
+    ex.submit = submit
+    return counts
 
 
 def blocks_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     lengths = [round(rng.uniform(0.2, 2.0), 2) for _ in range(args.tasks)]
-    load(kind, len(BLOCK_ENDS), 2, True, retries=3)
+    ex = load(kind, len(BLOCK_ENDS), 2, True, retries=3)
+    tries = count_tries(ex)
     t0 = time.monotonic()
     futs = [work(s, walltime=1.5 * s + 0.5) for s in lengths]
     failed = 0
@@ -111,7 +125,9 @@ def blocks_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     records = [f.task_record for f in futs]
     unload()
     return {
-        "tries_killed_by_block_end": sum(killed_by_block_end(r) for r in records),
+        # BlockEnded is a ManagerLost: a try that ran when its block ended.
+        "tries_killed_by_block_end": tries["ManagerLost"] + tries["BlockEnded"],
+        "tries": dict(tries),
         "retries_spent": sum(r["fail_count"] for r in records) - failed,
         "tasks_failed": failed,
         "makespan_s": round(makespan, 2),
