@@ -59,6 +59,13 @@ def _slurm_end(env: Mapping[str, str]) -> Optional[float]:
 def block_end(walltime: Optional[float], started: float,
               env: Mapping[str, str] = os.environ) -> Optional[float]:
     """This block's end in epoch seconds, or None when nothing says."""
+    return block_end_and_source(walltime, started, env)[0]
+
+
+def block_end_and_source(walltime: Optional[float], started: float,
+                         env: Mapping[str, str] = os.environ) -> tuple[Optional[float], str]:
+    """This block's end and what said so: ``HTEX_RS_BLOCK_END``, ``slurm``, ``walltime``
+    (the provider's, from the pool's start) or ``unknown``."""
     explicit = env.get("HTEX_RS_BLOCK_END", "").strip()
     if explicit:
         try:
@@ -68,8 +75,13 @@ def block_end(walltime: Optional[float], started: float,
                                 "seconds since the epoch, e.g. $(date -d '+1 hour' +%s)") from None
         if not math.isfinite(end):
             raise BlockEndError(f"HTEX_RS_BLOCK_END={explicit!r} is not a time")
-        return end
+        return end, "HTEX_RS_BLOCK_END"
     slurm = _slurm_end(env)
     if slurm is not None:
-        return slurm
-    return started + walltime if walltime else None
+        return slurm, "slurm"
+    return (started + walltime, "walltime") if walltime else (None, "unknown")
+
+
+def describe(end: Optional[float], source: str, now: float) -> str:
+    """``"ends in 3540 s (slurm)"``, or ``"end unknown"``."""
+    return "end unknown" if end is None else f"ends in {end - now:.0f} s ({source})"

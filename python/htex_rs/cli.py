@@ -7,9 +7,10 @@ import argparse
 import json
 import math
 import sys
+import time
 from typing import Callable, Optional
 
-from htex_rs import _core, planner, pool_resources
+from htex_rs import _core, block_end, planner, pool_resources
 
 
 def _workers(args: argparse.Namespace, allowed: list[int]) -> int:
@@ -42,9 +43,15 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"htex-rs plan: {e}", file=sys.stderr)
         return 2
     resources = {"totals": res.totals(), "cpu_slots": res.slots, "accelerators": res.accelerators}
+    try:
+        end, source = block_end.block_end_and_source(block_end.parse_walltime(args.walltime), time.time())
+    except ValueError as e:
+        print(f"htex-rs plan: {e}", file=sys.stderr)
+        return 2
+    block = {"end": end, "source": source, "time_left": None if end is None else end - time.time()}
     if args.json:
         json.dump({"cpu_affinity": args.cpu_affinity, "allowed_cpus": allowed, "workers": plan,
-                   "resources": resources}, sys.stdout, indent=2)
+                   "resources": resources, "block": block}, sys.stdout, indent=2)
         print()
         return 0
     print(f"cpu_affinity={args.cpu_affinity!r}  workers={workers}  "
@@ -53,6 +60,7 @@ def plan_command(args: argparse.Namespace) -> int:
     print(f"resources for tasks that ask (cores, memory, gpus): {len(res.slots)} CPU slots "
           f"(CPUs {slot_cpus}), {res.memory_mb} MB memory, {len(res.accelerators)} GPUs "
           f"({','.join(res.accelerators) or '-'})")
+    print(f"block: {block_end.describe(end, source, time.time())}")
     rows = [("worker", "CPUs", "physical cores (pkg:core)", "NUMA", "accelerator", "environment")]
     for w in plan:
         cpus = "-" if w["cpus"] is None else _core.format_cpu_list(w["cpus"])
@@ -82,6 +90,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     pl.add_argument("--num-gpus", type=int, default=None,
                     help="physical GPU count for oversubscription (default: /proc/driver/nvidia/gpus)")
     pl.add_argument("--sysfs-root", default="/", help="read topology from ROOT/sys (fake trees, other nodes)")
+    pl.add_argument("--walltime", default=None,
+                    help="the provider's walltime (HH:MM:SS), for the block's end where the batch system says none")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=plan_command)
     try:  # `htex-rs globus-auth`, when globus-sdk is installed (the `globus` extra)

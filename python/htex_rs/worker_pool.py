@@ -146,7 +146,8 @@ class Pool:
         # ones in one queue, not in per-worker shares.
         self.capacity = self.count + args.prefetch_capacity
         self.drain_time = _SCRIPT_LOAD_TIME + args.drain_period if args.drain_period is not None else None
-        self.block_end = block_end.block_end(args.block_walltime, _SCRIPT_LOAD_TIME)
+        self.block_end, self.block_end_source = block_end.block_end_and_source(args.block_walltime,
+                                                                             _SCRIPT_LOAD_TIME)
         self.logdir = os.path.join(args.logdir, f"block-{self.block_id}", self.uid)
         self.ctx = zmq.Context()
         self.workers: dict[int, Worker] = {}
@@ -328,8 +329,9 @@ class Pool:
                                    cpu_slots=self.resources.slots, memory_mb=self.resources.memory_mb,
                                    accelerators=self.resources.accelerators, debug=self.args.debug,
                                    block_end=self.block_end, drain_time=self.drain_time)
-        logger.info("Registered pool %s: block %s, %d workers, capacity %d, resources %s",
-                    self.uid, self.block_id, self.count, self.capacity, self.resources.totals())
+        logger.info("Registered pool %s: block %s (%s), %d workers, capacity %d, resources %s",
+                    self.uid, self.block_id, block_end.describe(self.block_end, self.block_end_source, time.time()),
+                    self.count, self.capacity, self.resources.totals())
         self.poller = select.poll()
         for rank in range(self.count):
             self.poller.register(self.start_worker(rank).pidfd, select.POLLIN)

@@ -56,10 +56,10 @@ def slurm_executor(cluster, label: str, workers: int, **provider: object) -> Hig
     jobs (so several blocks fit on the small nodes); ``provider`` sets the block shape."""
     from parsl.launchers import SrunLauncher
     from parsl.providers import SlurmProvider
+    provider.setdefault("walltime", "00:05:00")
     return HighThroughputExecutor(
         label=label, address=cluster.address, max_workers_per_node=workers, heartbeat_period=2,
-        provider=SlurmProvider(partition="debug", walltime="00:05:00", exclusive=False,
-                               launcher=SrunLauncher(), **provider))
+        provider=SlurmProvider(partition="debug", exclusive=False, launcher=SrunLauncher(), **provider))
 
 
 def test_slurm_provider_with_srun_launcher_runs_tasks_in_the_batch_job(slurm_env, load_dfk, try_assert):
@@ -76,6 +76,39 @@ def test_slurm_provider_with_srun_launcher_runs_tasks_in_the_batch_job(slurm_env
     assert [s.state.name for s in ex.status().values()] == ["RUNNING"]  # from squeue via the provider
     parsl.dfk().cleanup()
     try_assert(lambda: slurm_env.jobs() == [], "the block's Slurm job outlived the DFK", timeout_ms=30_000)
+
+
+def limited(seconds: float, walltime: float | None = None):
+    import os
+    import time
+    time.sleep(seconds)
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def test_a_block_knows_its_end_from_slurm_and_takes_only_tasks_it_can_finish(slurm_env, load_dfk, try_assert):
+    """A one-minute job: the pool reads its end from Slurm; a task whose walltime the
+    block cannot cover waits (never sent, never failed) while short ones run in the job;
+    before the job's end the pool leaves, and the waiting task is still only waiting."""
+    import glob
+
+    import parsl
+    from parsl.config import Config
+    ex = slurm_executor(slurm_env, "slurm_end", 1, nodes_per_block=1, init_blocks=1, min_blocks=0, max_blocks=1,
+                        walltime="00:01:00")
+    load_dfk(Config(executors=[ex], strategy="none"))
+    try_assert(lambda: len(ex.connected_managers()) == 1, "the block's pool should register", timeout_ms=90_000)
+    left = ex.connected_managers()[0]["time_left"]
+    assert left is not None and 10 < left <= 60, left
+    logs = "".join(open(p).read() for p in glob.glob(f"{ex.logdir}/**/manager.log", recursive=True))
+    assert "(slurm)" in logs, "the pool should take its end from Slurm"
+    app = parsl.python_app(limited)
+    too_long = app(0, walltime=3600)
+    short = [f.result(timeout=60) for f in [app(0.2, walltime=5) for _ in range(5)]]
+    assert set(short) == set(slurm_env.jobs()), short
+    assert not too_long.done()
+    try_assert(lambda: not ex.connected_managers(), "the pool should leave before its job ends",
+               timeout_ms=90_000)
+    assert not too_long.done(), "a task no block could finish waits; it does not fail"
 
 
 def test_auto_scaling_submits_blocks_with_sbatch_and_cancels_idle_ones(slurm_env, load_dfk, try_assert):

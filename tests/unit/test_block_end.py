@@ -33,3 +33,21 @@ def test_the_explicit_end_wins_then_slurm_then_the_walltime():
 def test_an_override_that_is_not_a_time_fails_with_the_fix():
     with pytest.raises(BlockEndError, match="seconds since the epoch"):
         block_end(None, 0.0, {"HTEX_RS_BLOCK_END": "tomorrow"})
+
+
+def test_plan_shows_the_block_end_and_where_it_came_from():
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, HTEX_RS_BLOCK_END=str(int(time.time()) + 600))
+    out = subprocess.run([sys.executable, "-m", "htex_rs.cli", "plan", "--workers", "1", "--json"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    block = json.loads(out)["block"]
+    assert block["source"] == "HTEX_RS_BLOCK_END" and 590 < block["time_left"] <= 600
+    env.pop("HTEX_RS_BLOCK_END")
+    env.pop("SLURM_JOB_ID", None)
+    text = subprocess.run([sys.executable, "-m", "htex_rs.cli", "plan", "--workers", "1", "--walltime", "00:10:00"],
+                          env=env, capture_output=True, text=True, check=True).stdout
+    assert "block: ends in 600 s (walltime)" in text, text
