@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +39,6 @@ from parsl.providers import LocalProvider
 from htex_rs import HighThroughputExecutor as RustHTEX
 from htex_rs.executor import DEFAULT_LAUNCH_CMD as RUST_LAUNCH_CMD
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 #: When each block's job ends, seconds after it starts; the last runs on.
 BLOCK_ENDS = (8, 14, 20, 3600)
 
@@ -155,30 +150,10 @@ def stuck_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"held_past_limit_s": round(held, 2), "capped": capped, "stuck_task_outcome": outcome}
 
 
-def git(*cmd: str) -> str:
-    return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=HERE, check=False).stdout.strip()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def environment() -> dict[str, Any]:
-    from htex_rs import __version__ as htex_rs_version
-    return {
-        "bench": "walltime",
-        "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"cpu": cpu_model(), "cpus": os.cpu_count(), "kernel": platform.release()},
-        "versions": {"python": platform.python_version(), "parsl": parsl.__version__, "htex_rs": htex_rs_version},
-    }
+    """attack.py's record (commit, date, host, versions), named for this bench."""
+    import attack
+    return {"bench": "walltime", **attack.environment()}
 
 
 def main() -> None:

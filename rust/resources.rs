@@ -34,6 +34,19 @@ impl Head {
     }
 }
 
+/// What a task's head says, by its meta flags: its request (`FLAG_RESOURCES`) and its
+/// time limit (`FLAG_WALLTIME`); `None` for what is not flagged, or malformed.
+#[must_use]
+pub fn head_of(flags: u8, payload: &[u8]) -> (Option<Resources>, Option<std::time::Duration>) {
+    let request = (flags & FLAG_RESOURCES != 0)
+        .then(|| request_of(payload))
+        .flatten();
+    let walltime = (flags & FLAG_WALLTIME != 0)
+        .then(|| walltime_of(payload))
+        .flatten();
+    (request, walltime)
+}
+
 /// The time limit in a flagged payload's head (`None`: none, or malformed).
 #[must_use]
 pub fn walltime_of(payload: &[u8]) -> Option<std::time::Duration> {

@@ -303,21 +303,31 @@ mod tests {
     }
 
     fn pool(pools: &mut Pools, uid: &str, block: &str, capacity: u32, cores: Option<u32>) {
-        pools.register(
-            uid.as_bytes().to_vec(),
+        register(
+            pools,
             Registration {
-                uid: uid.into(),
-                block_id: Some(block.into()),
-                max_capacity: capacity,
-                worker_count: capacity,
                 resources: cores.map(|cores| Resources {
                     cores,
                     memory: 1000,
                     gpus: 0,
                 }),
-                ..Registration::default()
+                ..registration(uid, block, capacity)
             },
         );
+    }
+
+    fn registration(uid: &str, block: &str, capacity: u32) -> Registration {
+        Registration {
+            uid: uid.into(),
+            block_id: Some(block.into()),
+            max_capacity: capacity,
+            worker_count: capacity,
+            ..Registration::default()
+        }
+    }
+
+    fn register(pools: &mut Pools, reg: Registration) {
+        pools.register(reg.uid.as_bytes().to_vec(), reg);
     }
 
     fn done(pools: &mut Pools, uid: &str, ids: &[u64], now: Instant) {
@@ -406,15 +416,11 @@ mod tests {
 
     /// A pool whose block ends `secs` from now.
     fn ending(pools: &mut Pools, uid: &str, block: &str, capacity: u32, secs: f64) {
-        pools.register(
-            uid.as_bytes().to_vec(),
+        register(
+            pools,
             Registration {
-                uid: uid.into(),
-                block_id: Some(block.into()),
-                max_capacity: capacity,
-                worker_count: capacity,
                 block_end: Some(crate::interchange::pools::epoch_now() + secs),
-                ..Registration::default()
+                ..registration(uid, block, capacity)
             },
         );
     }

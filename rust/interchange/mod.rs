@@ -27,7 +27,7 @@ use crate::protocol::{
     decode_header, decode_meta, encode_meta, header, DecodeError, Kind, Registration,
     PROTOCOL_VERSION,
 };
-use crate::resources::{self, FLAG_RESOURCES, FLAG_WALLTIME};
+use crate::resources;
 use crate::zmtp::router;
 use dispatch::{Dispatch, Outbox};
 pub use handle::{
@@ -387,12 +387,7 @@ impl Interchange {
                 continue;
             }
             let payload = crate::stream::message_bytes(payload);
-            let request = (flags & FLAG_RESOURCES != 0)
-                .then(|| resources::request_of(&payload))
-                .flatten();
-            let walltime = (flags & FLAG_WALLTIME != 0)
-                .then(|| resources::walltime_of(&payload))
-                .flatten();
+            let (request, walltime) = resources::head_of(flags, &payload);
             self.dispatch.push(PendingTask {
                 task_id,
                 priority: f64::NEG_INFINITY,

@@ -4,7 +4,7 @@
 use super::tasks::Task;
 use super::{Core, Stopped};
 use crate::protocol::{decode_header, decode_meta, encode_meta, header, Kind};
-use crate::resources::{self, FLAG_RESOURCES, FLAG_WALLTIME};
+use crate::resources;
 use crate::stream;
 use crate::transport::send_frames;
 
@@ -54,12 +54,7 @@ impl Core {
                 };
                 self.counts.received += payloads.len() as u64;
                 for ((id, flags), payload) in meta.into_iter().zip(payloads) {
-                    let request = (flags & FLAG_RESOURCES != 0)
-                        .then(|| resources::request_of(&payload))
-                        .flatten();
-                    let walltime = (flags & FLAG_WALLTIME != 0)
-                        .then(|| resources::walltime_of(&payload))
-                        .flatten();
+                    let (request, walltime) = resources::head_of(flags, &payload);
                     log::debug!("Received task {id} from the interchange");
                     let payload = stream::message_bytes(payload);
                     self.tasks
