@@ -230,6 +230,9 @@ class HighThroughputExecutor(ParslHTEX):
 
         self._task_counter = 0
         self._submit_lock = threading.Lock()
+        # This thread's last specification checked by validate_resource_spec and its
+        # parse, so that submit parses a specification once.
+        self._checked_spec = threading.local()
         self.remote_monitoring_radio = remote_monitoring_radio if remote_monitoring_radio is not None \
             else HTEXRadio()
         self.worker_port = worker_port
@@ -386,15 +389,24 @@ class HighThroughputExecutor(ParslHTEX):
 
     # ------------------------------------------------------------------ tasks
     def validate_resource_spec(self, resource_specification: dict[str, Any]) -> None:
-        validation.check_resource_spec(resource_specification)
+        self._checked_spec.last = (resource_specification, self._parse_spec(resource_specification))
 
-    def _parsed_spec(self, spec: Optional[dict[str, Any]]) -> tuple[float, Optional[dict[str, int]]]:
+    def _parse_spec(self, spec: Optional[dict[str, Any]]) -> tuple[float, Optional[dict[str, int]]]:
         """(priority, request) of a task's resource specification, as it travels.
-        MPI mode's keys (num_nodes, ...) are checked by ``validate_resource_spec`` in
-        ``submit``; they carry no priority and no request for the interchange."""
+        MPI mode's keys (num_nodes, ...) are checked by its ``validate_resource_spec``;
+        they carry no priority and no request for the interchange."""
         if self.enable_mpi_mode:
             return math.inf, None
         return validation.parse_resource_spec(spec)
+
+    def _parsed_spec(self, spec: Optional[dict[str, Any]]) -> tuple[float, Optional[dict[str, int]]]:
+        """The parse of ``spec``: the one ``validate_resource_spec`` just made on this
+        thread for this very object, else a new one."""
+        last = getattr(self._checked_spec, "last", None)
+        if last is not None and last[0] is spec:
+            self._checked_spec.last = None
+            return last[1]  # type: ignore[no-any-return]
+        return self._parse_spec(spec)
 
     def submit(self, func: Callable[..., Any], resource_specification: dict[str, Any], *args: Any,
                **kwargs: Any) -> HTEXFuture:

@@ -47,11 +47,6 @@ def check_launch_cmd(launch_cmd: Optional[str]) -> None:
         )
 
 
-def check_resource_spec(spec: Optional[dict[str, Any]]) -> float:
-    """Validate a task's resource specification; return its priority (inf if none)."""
-    return parse_resource_spec(spec)[0]
-
-
 def parse_resource_spec(spec: Optional[dict[str, Any]]) -> Tuple[float, Optional[dict[str, int]]]:
     """Validate a task's resource specification: (priority, inf if none; the cores/memory/
     gpus request, None if it names none of them)."""
