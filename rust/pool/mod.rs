@@ -114,6 +114,10 @@ impl Core {
             log::error!("the pool cannot watch its sockets: {e}; stopping");
             self.stop = Some(Stopped::Crashed);
         }
+        // Asking a libzmq socket whether it has a message is what makes its next message
+        // signal the fd (a pipe nobody has found empty wakes nobody): the monitor is asked
+        // once here, then read only when its fd fires.
+        let _ = zmq_ready(&self.monitor);
         let mut last_beat = Instant::now();
         let mut last_contact = Instant::now();
         let hb = self.config.heartbeat_period;
@@ -144,10 +148,11 @@ impl Core {
                     next = next.min(at);
                 }
             }
-            // libzmq's fds say only that something may have changed: a message taken in
-            // by an earlier send or receive leaves them quiet, so ask before waiting.
-            let (ix_waiting, monitor_waiting) = (zmq_ready(&self.ix), zmq_ready(&self.monitor));
-            let timeout = if ix_waiting || monitor_waiting {
+            // libzmq's fds say only that something may have changed: a message the
+            // DEALER took in during this turn's sends leaves its fd quiet, so ask it
+            // before waiting. The monitor is only ever read when its fd fires.
+            let ix_waiting = zmq_ready(&self.ix);
+            let timeout = if ix_waiting {
                 0
             } else {
                 next.saturating_duration_since(now)
@@ -159,10 +164,11 @@ impl Core {
                 self.stop = Some(Stopped::Crashed);
                 break;
             }
-            let mut wake_ready = false;
+            let (mut ix_fired, mut monitor_fired, mut wake_ready) = (ix_waiting, false, false);
             for r in &ready {
                 match r.token {
-                    IX | MONITOR => {} // asked below, whether their fd fired or not
+                    IX => ix_fired = true,
+                    MONITOR => monitor_fired = true,
                     LISTENER => self.accept(),
                     INBOX => wake_ready = true,
                     token => {
@@ -175,22 +181,13 @@ impl Core {
                     }
                 }
             }
-            if zmq_ready(&self.ix) {
+            if ix_fired && self.read_interchange() {
                 last_contact = Instant::now();
-                for _ in 0..1024 {
-                    match recv_frames(&self.ix) {
-                        Some(f) => self.on_interchange(f),
-                        None => break,
-                    }
-                }
             }
             if wake_ready {
                 self.take_inbox();
             }
-            if zmq_ready(&self.monitor)
-                && recv_frames(&self.monitor).is_some()
-                && self.stop.is_none()
-            {
+            if monitor_fired && recv_frames(&self.monitor).is_some() && self.stop.is_none() {
                 self.stop = Some(Stopped::Disconnected);
             }
             let now = Instant::now();
@@ -245,6 +242,22 @@ impl Core {
             let (_, pid) = self.kills.remove(0);
             signal_group(pid, libc::SIGKILL);
         }
+    }
+
+    /// Act on what the interchange sent (at most 1024 messages a turn); whether there was
+    /// any.
+    fn read_interchange(&mut self) -> bool {
+        let mut heard = false;
+        for _ in 0..1024 {
+            match recv_frames(&self.ix) {
+                Some(f) => {
+                    heard = true;
+                    self.on_interchange(f);
+                }
+                None => break,
+            }
+        }
+        heard
     }
 
     /// At the hand-back time (shortly before the block's end, or the drain time) begin
