@@ -62,7 +62,7 @@ pub struct Dispatch {
 
 impl Dispatch {
     pub fn push(&mut self, task: PendingTask) {
-        if task.request.is_some() || task.walltime.is_some() {
+        if task.placed.is_some() {
             self.sized_new = true;
             self.sized.push(task);
         } else {
@@ -156,19 +156,25 @@ impl Dispatch {
         let mut batches: Vec<(u32, Vec<PendingTask>)> = Vec::new();
         for _ in 0..SIZED_SCAN {
             let Some(mut t) = self.sized.pop() else { break };
-            let req = t.request.unwrap_or_default();
-            match pools.place(&req, t.walltime, &kept, now) {
+            let placed = t.placed.as_deref().copied().unwrap_or_default();
+            let req = placed.request.unwrap_or_default();
+            match pools.place(&req, placed.walltime, &kept, now) {
                 Placement::Fits(slot) => {
                     pools.assign_at(slot, &[t.task_id], now);
                     pools.grant_at(slot, t.task_id, req);
-                    t.blocked_since = None;
+                    if let Some(p) = t.placed.as_mut() {
+                        p.blocked_since = None;
+                    }
                     match batches.iter_mut().find(|(s, _)| *s == slot) {
                         Some((_, v)) => v.push(t),
                         None => batches.push((slot, vec![t])),
                     }
                 }
                 Placement::Wait(keep) => {
-                    let since = *t.blocked_since.get_or_insert(now);
+                    let since = t
+                        .placed
+                        .as_mut()
+                        .map_or(now, |p| *p.blocked_since.get_or_insert(now));
                     if let Some(k) = keep.filter(|_| now.duration_since(since) >= BACKFILL_WINDOW) {
                         if !kept.contains(&k) {
                             kept.push(k);
@@ -280,26 +286,23 @@ mod tests {
     }
 
     fn plain(id: u64, priority: f64) -> PendingTask {
-        PendingTask {
-            task_id: id,
-            priority,
-            flags: 0,
-            payload: bytes::Bytes::new(),
-            request: None,
-            walltime: None,
-            blocked_since: None,
-        }
+        PendingTask::new(id, priority, 0, bytes::Bytes::new(), None, None)
     }
 
     fn sized(id: u64, cores: u32) -> PendingTask {
-        PendingTask {
-            request: Some(Resources {
-                cores,
-                memory: 0,
-                gpus: 0,
-            }),
-            ..plain(id, f64::INFINITY)
-        }
+        let request = Resources {
+            cores,
+            memory: 0,
+            gpus: 0,
+        };
+        PendingTask::new(
+            id,
+            f64::INFINITY,
+            0,
+            bytes::Bytes::new(),
+            Some(request),
+            None,
+        )
     }
 
     fn pool(pools: &mut Pools, uid: &str, block: &str, capacity: u32, cores: Option<u32>) {
@@ -408,10 +411,8 @@ mod tests {
     }
 
     fn limited(id: u64, secs: u64) -> PendingTask {
-        PendingTask {
-            walltime: Some(Duration::from_secs(secs)),
-            ..plain(id, f64::INFINITY)
-        }
+        let walltime = Some(Duration::from_secs(secs));
+        PendingTask::new(id, f64::INFINITY, 0, bytes::Bytes::new(), None, walltime)
     }
 
     /// A pool whose block ends `secs` from now.

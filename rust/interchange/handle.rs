@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::pools::{ManagerInfo, NodeInfo};
+use super::queue::Placed;
 use super::selector::Selector;
 use super::Interchange;
 use crate::logging::{self, Sink};
@@ -73,13 +74,12 @@ pub struct NewTask {
     pub priority: f64,
     pub flags: u8,
     /// The serialized task, shared (a Python `bytes` object's own buffer, say): it is
-    /// written to the pool from where it is, not copied. With `request`, it starts with
-    /// the request as the pool reads it ([`NewTask::sized`]).
+    /// written to the pool from where it is, not copied. With a request or a time
+    /// limit, it starts with them as the pool reads them ([`NewTask::with_head`]).
     pub payload: Bytes,
-    /// What it asks for (cores, memory, GPUs); `None`: any free slot will do.
-    pub request: Option<Resources>,
-    /// How long it may run; the pool ends it past this.
-    pub walltime: Option<Duration>,
+    /// What it asks for (cores, memory, GPUs) and how long it may run; `None`: any free
+    /// slot will do, for as long as it takes.
+    pub placed: Option<Box<Placed>>,
 }
 
 impl NewTask {
@@ -91,8 +91,7 @@ impl NewTask {
             priority,
             flags,
             payload,
-            request: None,
-            walltime: None,
+            placed: None,
         }
     }
 
@@ -124,8 +123,11 @@ impl NewTask {
             priority,
             flags,
             payload: resources::join(&head.to_json(), payload).into(),
-            request,
-            walltime,
+            placed: Some(Box::new(Placed {
+                request,
+                walltime,
+                blocked_since: None,
+            })),
         }
     }
 }

@@ -165,9 +165,7 @@ impl Interchange {
                         priority: t.priority,
                         flags: t.flags,
                         payload: t.payload,
-                        request: t.request,
-                        walltime: t.walltime,
-                        blocked_since: None,
+                        placed: t.placed,
                     });
                 }
                 Input::Command(c) => self.on_command(c),
@@ -388,15 +386,14 @@ impl Interchange {
             }
             let payload = crate::stream::message_bytes(payload);
             let (request, walltime) = resources::head_of(flags, &payload);
-            self.dispatch.push(PendingTask {
+            self.dispatch.push(PendingTask::new(
                 task_id,
-                priority: f64::NEG_INFINITY,
+                f64::NEG_INFINITY,
                 flags,
                 payload,
                 request,
                 walltime,
-                blocked_since: None,
-            });
+            ));
         }
     }
 

@@ -13,13 +13,48 @@ pub struct PendingTask {
     pub priority: f64,
     pub flags: u8,
     pub payload: bytes::Bytes,
-    /// What it asks for (`FLAG_RESOURCES`); `None` for a plain task.
+    /// What a task placed one by one carries (a request, a time limit); `None` for a
+    /// plain task. Boxed: plain tasks are most tasks, and a queue of a million moves less.
+    pub placed: Option<Box<Placed>>,
+}
+
+/// A task placed one by one (see `dispatch.rs`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placed {
+    /// What it asks for (`FLAG_RESOURCES`).
     pub request: Option<Resources>,
     /// How long it may run (`FLAG_WALLTIME`): it goes only to a pool whose block has
     /// that much time left.
     pub walltime: Option<std::time::Duration>,
     /// Since when it has found no pool with room (while others were placed).
     pub blocked_since: Option<Instant>,
+}
+
+impl PendingTask {
+    #[must_use]
+    pub fn new(
+        task_id: u64,
+        priority: f64,
+        flags: u8,
+        payload: bytes::Bytes,
+        request: Option<Resources>,
+        walltime: Option<std::time::Duration>,
+    ) -> PendingTask {
+        let placed = (request.is_some() || walltime.is_some()).then(|| {
+            Box::new(Placed {
+                request,
+                walltime,
+                blocked_since: None,
+            })
+        });
+        PendingTask {
+            task_id,
+            priority,
+            flags,
+            payload,
+            placed,
+        }
+    }
 }
 
 impl PartialEq for PendingTask {
@@ -104,9 +139,7 @@ mod tests {
             priority: prio,
             flags: 0,
             payload: bytes::Bytes::new(),
-            request: None,
-            walltime: None,
-            blocked_since: None,
+            placed: None,
         }
     }
 
