@@ -81,6 +81,11 @@ const KILL_AFTER: Duration = Duration::from_millis(500);
 /// Send `sig` to the process group `pid` leads (a worker starts its own session, so
 /// a bash app's children are in it), or to `pid` alone if it leads none.
 fn signal_group(pid: u32, sig: i32) {
+    // 0 (a peer in another pid namespace) would signal our own group, 1 init's; a
+    // worker is neither, nor this process.
+    if pid <= 1 || pid == std::process::id() {
+        return;
+    }
     let Ok(pid) = i32::try_from(pid) else {
         return;
     };
