@@ -200,7 +200,7 @@ impl Core {
             self.watch_block_end(now);
             self.dispatch();
             if self.ending.is_some() {
-                self.give_back(false);
+                self.give_back(false, false);
             }
             // Counts first: whoever sees these results then sees counts that include them.
             self.publish_counts();
@@ -299,17 +299,14 @@ impl Core {
             }
             self.flush(token);
         }
-        self.give_back(true);
+        self.give_back(true, false);
     }
 
-    /// Hand the unstarted tasks back (the queue; look-aheads come back from their workers
-    /// into it). `always`: send the message even with no task in it, so the interchange
-    /// learns the pool is ending.
-    fn give_back(&mut self, always: bool) {
-        self.give_back_tasks(always, false);
-    }
-
-    fn give_back_tasks(&mut self, always: bool, lookaheads: bool) {
+    /// Hand the unstarted tasks back: the queue, and with `lookaheads` every worker's
+    /// look-ahead too (else they come back from their workers into the queue).
+    /// `always`: send the message even with no task in it, so the interchange learns
+    /// the pool is ending.
+    fn give_back(&mut self, always: bool, lookaheads: bool) {
         let tasks = self.tasks.take_unstarted(lookaheads);
         if tasks.is_empty() && !always {
             return;
@@ -330,7 +327,7 @@ impl Core {
         // The socket closes as the core stops: give what is sent from here a moment to
         // leave (its linger is 0 otherwise, which would drop the tasks handed back).
         let _ = self.ix.set_linger(2000);
-        self.give_back_tasks(true, true);
+        self.give_back(true, true);
         self.results.send(&self.ix);
         let _ = send_frames(&self.ix, [&header(Kind::Leaving)[..], why.as_bytes()]);
         log::info!("{why}: leaving");
